@@ -1,0 +1,1 @@
+"""a2ad: the A2A delivery daemon."""

@@ -1,0 +1,658 @@
+"""SQLite store: every SQL statement a2ad runs, behind one class.
+
+One writer connection and one reader connection, each on its own aiosqlite
+thread. Every write is a function that runs whole on the writer thread (one
+hop, since each extra await inside a transaction costs about 100 µs), and
+writes that arrive together share one transaction and one commit (group
+commit): each caller's future resolves only after that commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiosqlite
+
+from .errors import StoreUnavailable
+
+log = logging.getLogger("a2ad.store")
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], T]
+
+LIVE_STATES = ("queued", "dispatching")
+FINAL_STATES = ("delivered", "failed", "expired", "cancelled")
+STATES = LIVE_STATES + FINAL_STATES
+State = Literal["queued", "dispatching", "delivered", "failed", "expired", "cancelled"]
+
+PRIORITIES = {"critical": 100, "task": 50, "info": 10}
+PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
+# Promotion moves an item up one level per full promote_after_seconds waited.
+_LEVEL = "(CASE priority WHEN 100 THEN 2 WHEN 50 THEN 1 ELSE 0 END)"
+
+
+def new_queue_id() -> str:
+    return "q-" + uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class NewItem:
+    """What the proxy hands the store to enqueue."""
+
+    workspace: str
+    method: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    caller: str = ""
+    message_id: str | None = None
+    context_id: str | None = None
+    request_id: str | None = None
+    priority: int = 50
+    ttl_seconds: float | None = None
+    expires_at: float | None = None
+    id: str = field(default_factory=new_queue_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One stored row."""
+
+    seq: int
+    id: str
+    workspace: str
+    caller: str
+    method: str
+    body: bytes
+    headers: dict[str, str]
+    message_id: str | None
+    context_id: str | None
+    request_id: str | None
+    priority: int
+    state: State
+    attempts: int
+    busy_answers: int
+    ttl_seconds: float | None
+    not_before: float
+    expires_at: float | None
+    lease_until: float | None
+    claim_token: str | None
+    result: bytes | None
+    last_error: str | None
+    agent_task_id: str | None
+    agent_context_id: str | None
+    enqueued_at: float
+    updated_at: float
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Item:
+        values = dict(row)
+        values["headers"] = json.loads(values["headers"])
+        values["body"] = bytes(values["body"])
+        if values["result"] is not None:
+            values["result"] = bytes(values["result"])
+        return cls(**values)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    item: Item
+    created: bool  # False: an existing item answered for this messageId
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """An item a sweep moved out of `dispatching` or `queued`."""
+
+    id: str
+    workspace: str
+    state: State
+
+
+class StoreLocked(Exception):
+    """Another process owns this store."""
+
+
+class StoreLock:
+    """The exclusive lock on `<store.path>.lock` that makes one process the owner."""
+
+    def __init__(self, db_path: str | os.PathLike[str]) -> None:
+        self.path = Path(f"{os.fspath(db_path)}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLocked(
+                f"{self.path} is held by another a2ad (pid {holder}); "
+                "stop it first, or give this one another store.path"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def bundled_migrations() -> list[Migration]:
+    """The numbered migrations shipped in a2ad/migrations, in order."""
+    folder = resources.files("a2ad") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            number, _, rest = entry.name.partition("_")
+            found.append(Migration(int(number), rest.removesuffix(".sql"), entry.read_text()))
+    return sorted(found, key=lambda m: m.version)
+
+
+def _is_store_failure(exc: BaseException) -> bool:
+    # Disk full, I/O errors, a lock held past busy_timeout, a read-only file:
+    # conditions of the store, not bugs. Constraint violations are bugs.
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError)
+
+
+def _run_batch(conn: sqlite3.Connection, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
+    """Run every op in one transaction, each in a savepoint, then commit once."""
+    results: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                results.append((True, op(conn)))
+            except Exception as exc:
+                if _is_store_failure(exc):
+                    raise
+                conn.execute("ROLLBACK TO op")
+                results.append((False, exc))
+            conn.execute("RELEASE op")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _connect(path: str, synchronous: str, busy_timeout: float) -> aiosqlite.Connection:
+    def configure() -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        return conn
+
+    return aiosqlite.Connection(configure, iter_chunk_size=64)
+
+
+_CLAIM_HEAD = """
+    SELECT * FROM (SELECT seq, priority, enqueued_at FROM items
+        WHERE workspace = :workspace AND state = 'queued' AND priority = {priority}
+          AND not_before <= :now AND (expires_at IS NULL OR expires_at > :now)
+        ORDER BY seq LIMIT 1)"""
+
+_CLAIM = f"""
+UPDATE items
+SET state = 'dispatching', claim_token = :token, lease_until = :lease_until, updated_at = :now
+WHERE seq = (
+    SELECT seq FROM ({" UNION ALL ".join(_CLAIM_HEAD.format(priority=p) for p in (100, 50, 10))})
+    ORDER BY MIN(2, {_LEVEL} + CAST((:now - enqueued_at) / :promote_after AS INTEGER)) DESC, seq
+    LIMIT 1)
+RETURNING *
+"""
+
+_INSERT = """
+INSERT INTO items (id, workspace, caller, method, body, headers, message_id, context_id,
+                   request_id, priority, ttl_seconds, expires_at, enqueued_at, updated_at)
+VALUES (:id, :workspace, :caller, :method, :body, :headers, :message_id, :context_id,
+        :request_id, :priority, :ttl_seconds, :expires_at, :now, :now)
+RETURNING *
+"""
+
+# Items whose claimer is gone go back to queued with an attempt counted, or
+# end in failed once the attempts are spent, so an agent that crashes on a
+# message cannot loop on it forever.
+_RELEASE_DISPATCHING = """
+UPDATE items
+SET attempts = attempts + 1,
+    state = CASE WHEN attempts + 1 >= :max_attempts THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN attempts + 1 >= :max_attempts THEN :now END,
+    last_error = :reason, claim_token = NULL, lease_until = NULL, updated_at = :now
+WHERE state = 'dispatching' {condition}
+RETURNING id, workspace, state
+"""
+
+
+class Store:
+    """The SQLite store. `open()` it, `migrate()` it, use it, `close()` it."""
+
+    def __init__(self, path: str, *, synchronous: str = "full", busy_timeout: float = 5.0):
+        self.path = path
+        self.synchronous = synchronous
+        self.busy_timeout = busy_timeout
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.last_write_error: str | None = None
+        self.commits = 0  # transactions committed by this process, for tests and metrics
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        self._writer = await _connect(self.path, self.synchronous, self.busy_timeout)
+        self._reader = await _connect(self.path, self.synchronous, self.busy_timeout)
+        self._writer_task = asyncio.create_task(self._run_writer(), name="a2ad-store-writer")
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._writer_task is not None:
+            await self._writer_task
+            self._writer_task = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the two hops --------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        reader = self._reader
+        assert reader is not None, "store is not open"
+        try:
+            # aiosqlite's _execute runs one function on the connection's thread:
+            # the whole query and row conversion in one hop.
+            return await reader._execute(lambda: fn(reader._conn))  # type: ignore[no-any-return]
+        except sqlite3.Error as exc:
+            if _is_store_failure(exc):
+                raise StoreUnavailable(f"the store cannot be read: {exc}", retry_after=1) from exc
+            raise
+
+    async def _write(self, op: Op[T]) -> T:
+        if self._closing or self._writer is None:
+            raise StoreUnavailable("the store is closed", retry_after=1)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        self._wake.set()
+        return await future
+
+    async def _run_writer(self) -> None:
+        writer = self._writer
+        assert writer is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._pending:
+                if self._closing:
+                    return
+                continue
+            batch, self._pending = self._pending, []
+            ops = [op for op, _ in batch]
+            try:
+                outcomes = await writer._execute(lambda: _run_batch(writer._conn, ops))
+            except Exception as exc:
+                error: BaseException = exc
+                if _is_store_failure(exc):
+                    self.last_write_error = str(exc)
+                    log.error("store write failed: %s", exc)
+                    error = StoreUnavailable(
+                        f"the store cannot write: {exc}", retry_after=1
+                    )
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+            else:
+                self.commits += 1
+                self.last_write_error = None
+                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+            if self._pending:
+                self._wake.set()
+
+    # -- migrations --------------------------------------------------------
+
+    async def schema_version(self) -> int:
+        def read(conn: sqlite3.Connection) -> int:
+            exists = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+            ).fetchone()
+            if not exists:
+                return 0
+            row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+            return int(row[0] or 0)
+
+        return await self._read(read)
+
+    async def migrate(self, migrations: Iterable[Migration] | None = None) -> list[Migration]:
+        """Apply the migrations the database has not seen, in order; return them."""
+        pending = list(migrations if migrations is not None else bundled_migrations())
+        writer = self._writer
+        assert writer is not None
+
+        def apply(conn: sqlite3.Connection, now: float) -> list[Migration]:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            applied = []
+            for migration in pending:
+                if migration.version in done:
+                    continue
+                try:
+                    # executescript runs the file's statements; the transaction
+                    # around them makes each migration all or nothing.
+                    conn.executescript(
+                        f"BEGIN IMMEDIATE;\n{migration.sql}\n;"
+                        f"INSERT INTO schema_migrations VALUES "
+                        f"({migration.version}, '{migration.name}', {now});\nCOMMIT;"
+                    )
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                applied.append(migration)
+            return applied
+
+        return await writer._execute(lambda: apply(writer._conn, time.time()))  # type: ignore[no-any-return]
+
+    # -- writes ------------------------------------------------------------
+
+    async def enqueue(self, new: NewItem, *, now: float, replay_window: float) -> Enqueued:
+        """Store a new item, or answer with the live (or recently delivered) one
+        that already has this messageId."""
+
+        def op(conn: sqlite3.Connection) -> Enqueued:
+            if new.message_id is not None:
+                row = conn.execute(
+                    "SELECT * FROM items WHERE workspace = ? AND caller = ? AND message_id = ?"
+                    " ORDER BY seq DESC LIMIT 1",
+                    (new.workspace, new.caller, new.message_id),
+                ).fetchone()
+                if row is not None:
+                    state, finished = row["state"], row["finished_at"]
+                    replayable = state == "delivered" and finished >= now - replay_window
+                    if state in LIVE_STATES or replayable:
+                        return Enqueued(Item.from_row(row), created=False)
+            values = {
+                "id": new.id,
+                "workspace": new.workspace,
+                "caller": new.caller,
+                "method": new.method,
+                "body": new.body,
+                "headers": json.dumps(new.headers),
+                "message_id": new.message_id,
+                "context_id": new.context_id,
+                "request_id": new.request_id,
+                "priority": new.priority,
+                "ttl_seconds": new.ttl_seconds,
+                "expires_at": new.expires_at,
+                "now": now,
+            }
+            return Enqueued(Item.from_row(conn.execute(_INSERT, values).fetchone()), True)
+
+        return await self._write(op)
+
+    async def claim(
+        self, workspace: str, *, now: float, lease_seconds: float, promote_after: float,
+        limit: int = 1,
+    ) -> list[Item]:
+        """Claim up to `limit` due items of one workspace, best first, each with its own token."""
+
+        def op(conn: sqlite3.Connection) -> list[Item]:
+            claimed = []
+            for _ in range(limit):
+                row = conn.execute(
+                    _CLAIM,
+                    {
+                        "workspace": workspace,
+                        "now": now,
+                        "token": uuid.uuid4().hex,
+                        "lease_until": now + lease_seconds,
+                        "promote_after": promote_after,
+                    },
+                ).fetchone()
+                if row is None:
+                    break
+                claimed.append(Item.from_row(row))
+            return claimed
+
+        return await self._write(op)
+
+    async def renew(self, item_id: str, token: str, *, lease_until: float, now: float) -> bool:
+        """Extend a claim's lease; False when the claim is no longer ours."""
+        return await self._write_checked(
+            "UPDATE items SET lease_until = ?, updated_at = ?"
+            " WHERE id = ? AND claim_token = ? AND state = 'dispatching'",
+            (lease_until, now, item_id, token),
+        )
+
+    async def settle(
+        self, item_id: str, token: str, *, state: State, now: float,
+        result: bytes | None = None, last_error: str | None = None,
+        agent_task_id: str | None = None, agent_context_id: str | None = None,
+        attempt_used: bool = False,
+    ) -> bool:
+        """End a claim in a final state; False (and nothing written) for a stale token."""
+        assert state in FINAL_STATES
+        return await self._write_checked(
+            "UPDATE items SET state = ?, result = ?, last_error = ?, agent_task_id = ?,"
+            " agent_context_id = ?, attempts = attempts + ?, finished_at = ?, updated_at = ?,"
+            " claim_token = NULL, lease_until = NULL"
+            " WHERE id = ? AND claim_token = ? AND state = 'dispatching'",
+            (state, result, last_error, agent_task_id, agent_context_id, int(attempt_used),
+             now, now, item_id, token),
+        )
+
+    async def hand_back(
+        self, item_id: str, token: str, *, now: float, not_before: float = 0.0,
+        attempt_used: bool = False, busy: bool = False, last_error: str | None = None,
+    ) -> bool:
+        """Return a claimed item to `queued` (the same row); False for a stale token."""
+        return await self._write_checked(
+            "UPDATE items SET state = 'queued', attempts = attempts + ?,"
+            " busy_answers = busy_answers + ?, not_before = ?,"
+            " last_error = COALESCE(?, last_error), claim_token = NULL, lease_until = NULL,"
+            " updated_at = ? WHERE id = ? AND claim_token = ? AND state = 'dispatching'",
+            (int(attempt_used), int(busy), not_before, last_error, now, item_id, token),
+        )
+
+    async def _write_checked(self, sql: str, params: tuple[Any, ...]) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            return conn.execute(sql, params).rowcount == 1
+
+        return await self._write(op)
+
+    async def recover_dispatching(self, *, now: float, max_attempts: int) -> list[Released]:
+        """At start-up, under the owner's lock: every `dispatching` row belongs to a
+        dead process; back to `queued` with an attempt counted."""
+        return await self._release(
+            "", {"now": now, "max_attempts": max_attempts,
+                 "reason": "a2ad stopped while delivering (recovered at start-up)"},
+        )
+
+    async def sweep_leases(self, *, now: float, max_attempts: int) -> list[Released]:
+        """Items whose lease ran out go back to `queued`, counting an attempt."""
+        return await self._release(
+            "AND lease_until < :now",
+            {"now": now, "max_attempts": max_attempts, "reason": "claim lease expired"},
+        )
+
+    async def _release(self, condition: str, params: dict[str, Any]) -> list[Released]:
+        sql = _RELEASE_DISPATCHING.format(condition=condition)
+
+        def op(conn: sqlite3.Connection) -> list[Released]:
+            return [Released(*row) for row in conn.execute(sql, params).fetchall()]
+
+        return await self._write(op)
+
+    async def expire_due(self, *, now: float) -> list[Released]:
+        """Queued items past their expiry become `expired`."""
+
+        def op(conn: sqlite3.Connection) -> list[Released]:
+            rows = conn.execute(
+                "UPDATE items SET state = 'expired', finished_at = :now, updated_at = :now,"
+                " last_error = 'expired before it could be delivered'"
+                " WHERE state = 'queued' AND expires_at <= :now RETURNING id, workspace, state",
+                {"now": now},
+            ).fetchall()
+            return [Released(*row) for row in rows]
+
+        return await self._write(op)
+
+    async def cancel(self, item_id: str, *, now: float) -> bool:
+        """A queued item → `cancelled`; False when it is not queued."""
+        return await self._write_checked(
+            "UPDATE items SET state = 'cancelled', finished_at = ?, updated_at = ?,"
+            " last_error = 'cancelled' WHERE id = ? AND state = 'queued'",
+            (now, now, item_id),
+        )
+
+    async def delete_finished(self, *, before: float) -> int:
+        """Retention: delete final items that became final before `before`."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM items WHERE finished_at < ?", (before,)).rowcount
+
+        return await self._write(op)
+
+    # -- reads -------------------------------------------------------------
+
+    async def get(self, item_id: str) -> Item | None:
+        def read(conn: sqlite3.Connection) -> Item | None:
+            row = conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+            return Item.from_row(row) if row is not None else None
+
+        return await self._read(read)
+
+    async def find_live(self, workspace: str, caller: str, message_id: str) -> Item | None:
+        """The live item for this messageId, if any."""
+
+        def read(conn: sqlite3.Connection) -> Item | None:
+            row = conn.execute(
+                "SELECT * FROM items WHERE workspace = ? AND caller = ? AND message_id = ?"
+                " AND state IN ('queued', 'dispatching')",
+                (workspace, caller, message_id),
+            ).fetchone()
+            return Item.from_row(row) if row is not None else None
+
+        return await self._read(read)
+
+    async def list_items(
+        self, *, workspace: str | None = None, state: str | None = None,
+        limit: int = 100, after: int = 0,
+    ) -> list[Item]:
+        """Items in insertion order, paged by `seq` (the cursor)."""
+        clauses, params = ["seq > ?"], [after]
+        if workspace is not None:
+            clauses.append("workspace = ?")
+            params.append(workspace)  # type: ignore[arg-type]
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(state)  # type: ignore[arg-type]
+        sql = f"SELECT * FROM items WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT ?"
+
+        def read(conn: sqlite3.Connection) -> list[Item]:
+            rows = conn.execute(sql, (*params, limit)).fetchall()
+            return [Item.from_row(r) for r in rows]
+
+        return await self._read(read)
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """{workspace: {state: n}} for every workspace with items."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for ws, state, n in conn.execute(
+                "SELECT workspace, state, COUNT(*) FROM items GROUP BY workspace, state"
+            ):
+                out.setdefault(ws, {})[state] = n
+            return out
+
+        return await self._read(read)
+
+    async def queued_by_priority(self) -> dict[str, dict[int, int]]:
+        """{workspace: {priority: queued count}}, for the in-memory depth counters."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, dict[int, int]]:
+            out: dict[str, dict[int, int]] = {}
+            for ws, priority, n in conn.execute(
+                "SELECT workspace, priority, COUNT(*) FROM items WHERE state = 'queued'"
+                " GROUP BY workspace, priority"
+            ):
+                out.setdefault(ws, {})[priority] = n
+            return out
+
+        return await self._read(read)
+
+    async def next_due(self, workspace: str, *, now: float) -> float | None:
+        """The earliest future not-before among the workspace's queued items."""
+
+        def read(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(not_before) FROM items"
+                " WHERE workspace = ? AND state = 'queued' AND not_before > ?",
+                (workspace, now),
+            ).fetchone()
+            return float(row[0]) if row[0] is not None else None
+
+        return await self._read(read)
+
+    async def data_version(self) -> int:
+        """Changes when another process (the queue CLI) commits to the file."""
+        writer = self._writer
+        assert writer is not None
+        row = await writer._execute(lambda: writer._conn.execute("PRAGMA data_version").fetchone())
+        return int(row[0])
