@@ -173,10 +173,10 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
-    store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
-    queue: QueueSettings = Field(default_factory=QueueSettings)  # type: ignore[arg-type]
-    liveness: LivenessSettings = Field(default_factory=LivenessSettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    liveness: LivenessSettings = Field(default_factory=LivenessSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     workspaces: list[WorkspaceSettings] = Field(default_factory=list)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
@@ -207,6 +207,11 @@ def _run_batch(conn: sqlite3.Connection, ops: list[Op[Any]]) -> list[tuple[bool,
     return results
 
 
+async def _on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run one function on the connection's own thread: a whole transaction in one hop."""
+    return cast(T, await conn._execute(fn, *args))  # type: ignore[no-untyped-call]
+
+
 def _connect(path: str, synchronous: str, busy_timeout: float) -> aiosqlite.Connection:
     def configure() -> sqlite3.Connection:
         conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
@@ -307,9 +312,7 @@ class Store:
         reader = self._reader
         assert reader is not None, "store is not open"
         try:
-            # aiosqlite's _execute runs one function on the connection's thread:
-            # the whole query and row conversion in one hop.
-            return await reader._execute(lambda: fn(reader._conn))  # type: ignore[no-any-return]
+            return await _on_thread(reader, fn, reader._conn)
         except sqlite3.Error as exc:
             if _is_store_failure(exc):
                 raise StoreUnavailable(f"the store cannot be read: {exc}", retry_after=1) from exc
@@ -336,15 +339,13 @@ class Store:
             batch, self._pending = self._pending, []
             ops = [op for op, _ in batch]
             try:
-                outcomes = await writer._execute(lambda: _run_batch(writer._conn, ops))
+                outcomes = await _on_thread(writer, _run_batch, writer._conn, ops)
             except Exception as exc:
                 error: BaseException = exc
                 if _is_store_failure(exc):
                     self.last_write_error = str(exc)
                     log.error("store write failed: %s", exc)
-                    error = StoreUnavailable(
-                        f"the store cannot write: {exc}", retry_after=1
-                    )
+                    error = StoreUnavailable(f"the store cannot write: {exc}", retry_after=1)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
@@ -406,7 +407,7 @@ class Store:
                 applied.append(migration)
             return applied
 
-        return await writer._execute(lambda: apply(writer._conn, time.time()))  # type: ignore[no-any-return]
+        return await _on_thread(writer, apply, writer._conn, time.time())
 
     # -- writes ------------------------------------------------------------
 
@@ -446,7 +447,12 @@ class Store:
         return await self._write(op)
 
     async def claim(
-        self, workspace: str, *, now: float, lease_seconds: float, promote_after: float,
+        self,
+        workspace: str,
+        *,
+        now: float,
+        lease_seconds: float,
+        promote_after: float,
         limit: int = 1,
     ) -> list[Item]:
         """Claim up to `limit` due items of one workspace, best first, each with its own token."""
@@ -480,9 +486,16 @@ class Store:
         )
 
     async def settle(
-        self, item_id: str, token: str, *, state: State, now: float,
-        result: bytes | None = None, last_error: str | None = None,
-        agent_task_id: str | None = None, agent_context_id: str | None = None,
+        self,
+        item_id: str,
+        token: str,
+        *,
+        state: State,
+        now: float,
+        result: bytes | None = None,
+        last_error: str | None = None,
+        agent_task_id: str | None = None,
+        agent_context_id: str | None = None,
         attempt_used: bool = False,
     ) -> bool:
         """End a claim in a final state; False (and nothing written) for a stale token."""
@@ -492,13 +505,30 @@ class Store:
             " agent_context_id = ?, attempts = attempts + ?, finished_at = ?, updated_at = ?,"
             " claim_token = NULL, lease_until = NULL"
             " WHERE id = ? AND claim_token = ? AND state = 'dispatching'",
-            (state, result, last_error, agent_task_id, agent_context_id, int(attempt_used),
-             now, now, item_id, token),
+            (
+                state,
+                result,
+                last_error,
+                agent_task_id,
+                agent_context_id,
+                int(attempt_used),
+                now,
+                now,
+                item_id,
+                token,
+            ),
         )
 
     async def hand_back(
-        self, item_id: str, token: str, *, now: float, not_before: float = 0.0,
-        attempt_used: bool = False, busy: bool = False, last_error: str | None = None,
+        self,
+        item_id: str,
+        token: str,
+        *,
+        now: float,
+        not_before: float = 0.0,
+        attempt_used: bool = False,
+        busy: bool = False,
+        last_error: str | None = None,
     ) -> bool:
         """Return a claimed item to `queued` (the same row); False for a stale token."""
         return await self._write_checked(
@@ -519,8 +549,12 @@ class Store:
         """At start-up, under the owner's lock: every `dispatching` row belongs to a
         dead process; back to `queued` with an attempt counted."""
         return await self._release(
-            "", {"now": now, "max_attempts": max_attempts,
-                 "reason": "a2ad stopped while delivering (recovered at start-up)"},
+            "",
+            {
+                "now": now,
+                "max_attempts": max_attempts,
+                "reason": "a2ad stopped while delivering (recovered at start-up)",
+            },
         )
 
     async def sweep_leases(self, *, now: float, max_attempts: int) -> list[Released]:
@@ -591,8 +625,12 @@ class Store:
         return await self._read(read)
 
     async def list_items(
-        self, *, workspace: str | None = None, state: str | None = None,
-        limit: int = 100, after: int = 0,
+        self,
+        *,
+        workspace: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: int = 0,
     ) -> list[Item]:
         """Items in insertion order, paged by `seq` (the cursor)."""
         clauses, params = ["seq > ?"], [after]
@@ -654,5 +692,7 @@ class Store:
         """Changes when another process (the queue CLI) commits to the file."""
         writer = self._writer
         assert writer is not None
-        row = await writer._execute(lambda: writer._conn.execute("PRAGMA data_version").fetchone())
+        row = await _on_thread(
+            writer, lambda: writer._conn.execute("PRAGMA data_version").fetchone()
+        )
         return int(row[0])

@@ -1,0 +1,197 @@
+"""The a2ad command line: serve, check, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import aiohttp
+from aiohttp import web
+
+from . import __version__
+from .app import create_app
+from .settings import ConfigError, Settings, load_settings
+from .store import Store, StoreLock, StoreLocked, bundled_migrations
+
+EXIT_CONFIG = 2
+
+log = logging.getLogger("a2ad")
+
+
+class CliError(Exception):
+    """A one-line error for the operator; exits with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_CONFIG) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or os.environ.get("A2AD_CONFIG") or None
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        raise CliError(f"config error: {exc}") from None
+
+
+def _refuse_open(settings: Settings) -> None:
+    """Open endpoints are for loopback only, unless the operator says otherwise."""
+    open_groups = settings.open_endpoints
+    if open_groups and not settings.server.is_loopback and not settings.auth.allow_open:
+        raise CliError(
+            f"refusing to serve {', '.join(open_groups)} without tokens on "
+            f"{settings.server.host}, which is not a loopback address; configure tokens "
+            "or set auth.allow_open = true"
+        )
+
+
+def _take_lock(settings: Settings, action: str) -> StoreLock:
+    lock = StoreLock(settings.store.path)
+    try:
+        lock.acquire()
+    except StoreLocked as exc:
+        raise CliError(f"cannot {action}: {exc}") from None
+    except OSError as exc:
+        raise CliError(f"cannot {action}: {lock.path}: {exc.strerror}") from None
+    return lock
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _refuse_open(settings)
+    lock = _take_lock(settings, "serve")
+    app = create_app(settings, lock=lock)
+    server = settings.server
+    log.info(
+        "a2ad %s listening on %s (store %s)", __version__, server.base_url, settings.store.path
+    )
+    try:
+        web.run_app(
+            app,
+            host=server.host,
+            port=server.port,
+            print=None,
+            shutdown_timeout=server.shutdown_grace_seconds,
+            access_log=None,
+        )
+    except OSError as exc:
+        raise CliError(
+            f"cannot listen on {server.host}:{server.port}: {exc.strerror}", code=1
+        ) from None
+    finally:
+        lock.release()
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    lock = _take_lock(settings, "migrate (is a2ad serve running on this store?)")
+
+    async def run() -> list[str]:
+        async with Store(settings.store.path, synchronous=settings.store.synchronous) as store:
+            applied = await store.migrate()
+            return [f"{m.version:04d} {m.name}" for m in applied]
+
+    try:
+        applied = asyncio.run(run())
+    finally:
+        lock.release()
+    if applied:
+        for line in applied:
+            print(f"applied {line}")
+    else:
+        print(f"{settings.store.path}: up to date")
+    return 0
+
+
+async def _probe_card(session: aiohttp.ClientSession, url: str) -> str:
+    card_url = url.rstrip("/") + "/.well-known/agent-card.json"
+    try:
+        async with session.get(card_url, allow_redirects=False) as resp:
+            return "ok" if resp.status < 300 else f"card answered HTTP {resp.status}"
+    except TimeoutError:
+        return "no answer within 3 s"
+    except aiohttp.ClientError as exc:
+        return f"unreachable ({type(exc).__name__})"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _refuse_open(settings)
+    problems = 0
+    print(f"config      ok ({args.config or 'defaults'})")
+
+    async def run() -> tuple[str, list[tuple[str, str, str]]]:
+        path = settings.store.path
+        if not os.path.exists(path):
+            store_line = f"{path} does not exist yet; a2ad serve creates it"
+        else:
+            async with Store(path, synchronous=settings.store.synchronous) as store:
+                version = await store.schema_version()
+                latest = bundled_migrations()[-1].version
+                store_line = f"{path}, schema {version} of {latest}"
+                if version < latest:
+                    store_line += " (a2ad serve or a2ad migrate applies the rest)"
+        rows = []
+        timeout = aiohttp.ClientTimeout(total=3)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for ws in settings.workspaces:
+                rows.append((ws.id, ws.url, await _probe_card(session, ws.url)))
+        return store_line, rows
+
+    store_line, rows = asyncio.run(run())
+    print(f"store       {store_line}")
+    if not rows:
+        print("workspaces  none configured")
+    width = max([len(r[0]) for r in rows] + [9])
+    for ws_id, url, status in rows:
+        if status != "ok":
+            problems += 1
+        print(f"workspace   {ws_id:<{width}}  {url}  {status}")
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="a2ad", description="The A2A delivery daemon.")
+    parser.add_argument("--version", action="version", version=f"a2ad {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("A2AD_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+        ("serve", cmd_serve, "run the daemon"),
+        ("check", cmd_check, "validate the config, open the store, probe each workspace"),
+        ("migrate", cmd_migrate, "apply pending store migrations (refused while serving)"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", "-c", help="path to a2ad.toml (or A2AD_CONFIG)")
+        cmd.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        code = args.func(args)
+    except CliError as exc:
+        print(f"a2ad: {exc}", file=sys.stderr)
+        code = exc.code
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

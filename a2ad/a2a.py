@@ -1,0 +1,299 @@
+"""A2A shapes: read a JSON-RPC request, tell message methods from others, and
+write Tasks in the A2A 1.0 or v0.3 form, whichever the request speaks."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from .errors import InvalidRequest, ParseError
+
+Protocol = Literal["1.0", "0.3"]
+
+SEND_METHODS = frozenset({"SendMessage", "message/send"})
+STREAM_METHODS = frozenset({"SendStreamingMessage", "message/stream"})
+MESSAGE_METHODS = SEND_METHODS | STREAM_METHODS
+GET_TASK_METHODS = frozenset({"GetTask", "tasks/get"})
+CANCEL_TASK_METHODS = frozenset({"CancelTask", "tasks/cancel"})
+SUBSCRIBE_METHODS = frozenset({"SubscribeToTask", "tasks/resubscribe"})
+
+# Error codes of the A2A specification.
+TASK_NOT_FOUND = -32001
+TASK_NOT_CANCELABLE = -32002
+
+# The headers a2ad passes to agents and stores with each queued item.
+FORWARDED_HEADERS = ("A2A-Version", "A2A-Extensions", "Content-Type", "Accept")
+STORED_HEADERS = ("A2A-Version", "A2A-Extensions", "Accept")
+
+# state → (1.0 enum name, v0.3 name)
+_STATES = {
+    "submitted": ("TASK_STATE_SUBMITTED", "submitted"),
+    "working": ("TASK_STATE_WORKING", "working"),
+    "input-required": ("TASK_STATE_INPUT_REQUIRED", "input-required"),
+    "completed": ("TASK_STATE_COMPLETED", "completed"),
+    "canceled": ("TASK_STATE_CANCELED", "canceled"),
+    "failed": ("TASK_STATE_FAILED", "failed"),
+    "rejected": ("TASK_STATE_REJECTED", "rejected"),
+    "auth-required": ("TASK_STATE_AUTH_REQUIRED", "auth-required"),
+    "unknown": ("TASK_STATE_UNSPECIFIED", "unknown"),
+}
+_STATE_FROM_ANY = {name: key for key, names in _STATES.items() for name in names}
+FINAL_TASK_STATES = frozenset({"completed", "canceled", "failed", "rejected"})
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRequest:
+    """A JSON-RPC 2.0 request as a2ad needs it."""
+
+    id: str | int | None
+    method: str
+    params: dict[str, Any]
+
+    @property
+    def is_message(self) -> bool:
+        return self.method in MESSAGE_METHODS
+
+    @property
+    def is_stream(self) -> bool:
+        return self.method in STREAM_METHODS
+
+    @property
+    def message(self) -> dict[str, Any]:
+        message = self.params.get("message")
+        return message if isinstance(message, dict) else {}
+
+    @property
+    def message_id(self) -> str | None:
+        value = self.message.get("messageId")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def context_id(self) -> str | None:
+        value = self.message.get("contextId")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def task_id(self) -> str | None:
+        """The task a GetTask, CancelTask or SubscribeToTask names."""
+        value = self.params.get("id")
+        return value if isinstance(value, str) else None
+
+
+def readable_id(body: Any) -> str | int | None:
+    """The request id to echo in an error, when one can be read."""
+    if isinstance(body, dict):
+        value = body.get("id")
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body as JSON; raise ParseError."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ParseError("the body is not valid JSON") from None
+
+
+def parse_request(body: Any) -> RpcRequest:
+    """Check a parsed body is a JSON-RPC 2.0 request; raise InvalidRequest."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("a JSON-RPC request must be a JSON object")
+    if body.get("jsonrpc") != "2.0":
+        raise InvalidRequest('the request needs "jsonrpc": "2.0"')
+    method = body.get("method")
+    if not isinstance(method, str) or not method:
+        raise InvalidRequest('the request needs a "method" string')
+    rpc_id = body.get("id")
+    if rpc_id is not None and (not isinstance(rpc_id, (str, int)) or isinstance(rpc_id, bool)):
+        raise InvalidRequest('"id" must be a string, a number or null')
+    params = body.get("params", {})
+    if not isinstance(params, dict):
+        raise InvalidRequest('"params" must be a JSON object')
+    if method in MESSAGE_METHODS and not isinstance(params.get("message"), dict):
+        raise InvalidRequest(f'{method} needs "params.message" as an object')
+    return RpcRequest(rpc_id, method, params)
+
+
+def protocol_of(headers: Mapping[str, str]) -> Protocol:
+    """1.0 when A2A-Version is 1.x, else v0.3 (absent or 0.x)."""
+    version = headers.get("A2A-Version", "").strip()
+    return "1.0" if version.startswith("1") else "0.3"
+
+
+def timestamp(seconds: float) -> str:
+    """RFC 3339 UTC with milliseconds."""
+    return (
+        datetime.fromtimestamp(seconds, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def state_name(state: str, protocol: Protocol) -> str:
+    names = _STATES[_STATE_FROM_ANY.get(state, "unknown")]
+    return names[0] if protocol == "1.0" else names[1]
+
+
+def canonical_state(name: str) -> str:
+    """Either protocol's state name → the v0.3-style key used inside a2ad."""
+    return _STATE_FROM_ANY.get(name, "unknown")
+
+
+def new_context_id() -> str:
+    return str(uuid.uuid4())
+
+
+def text_message(
+    text: str,
+    protocol: Protocol,
+    *,
+    role: str = "agent",
+    task_id: str | None = None,
+    context_id: str | None = None,
+) -> dict[str, Any]:
+    """A Message with one text part."""
+    message: dict[str, Any] = {"messageId": str(uuid.uuid4())}
+    if protocol == "1.0":
+        message |= {"role": f"ROLE_{role.upper()}", "parts": [{"text": text}]}
+    else:
+        message |= {"kind": "message", "role": role, "parts": [{"kind": "text", "text": text}]}
+    if task_id:
+        message["taskId"] = task_id
+    if context_id:
+        message["contextId"] = context_id
+    return message
+
+
+def task(
+    task_id: str,
+    context_id: str,
+    state: str,
+    protocol: Protocol,
+    *,
+    at: float,
+    message: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Task that a2ad writes itself."""
+    status: dict[str, Any] = {"state": state_name(state, protocol), "timestamp": timestamp(at)}
+    if message is not None:
+        status["message"] = message
+    out: dict[str, Any] = {"id": task_id, "contextId": context_id, "status": status}
+    if protocol == "0.3":
+        out = {"kind": "task", **out}
+    if metadata:
+        out["metadata"] = metadata
+    return out
+
+
+def send_result(task_obj: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
+    """A send's result: `{"task": …}` in 1.0, the Task itself in v0.3."""
+    return {"task": task_obj} if protocol == "1.0" else task_obj
+
+
+def rpc_result(rpc_id: Any, result: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rpc_id, "result": result}
+
+
+def rpc_error(rpc_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": rpc_id, "error": error}
+
+
+# -- reading and converting agents' answers ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAnswer:
+    """What an agent's JSON-RPC response to a send holds."""
+
+    kind: Literal["task", "message", "error", "other"]
+    value: dict[str, Any]
+
+
+def read_answer(response: Any) -> AgentAnswer:
+    """Classify a JSON-RPC response to a send (either protocol)."""
+    if not isinstance(response, dict):
+        return AgentAnswer("other", {})
+    error = response.get("error")
+    if isinstance(error, dict):
+        return AgentAnswer("error", error)
+    result = response.get("result")
+    if not isinstance(result, dict):
+        return AgentAnswer("other", {})
+    for key in ("task", "message"):  # 1.0 wraps the answer
+        if isinstance(result.get(key), dict):
+            return AgentAnswer(key, result[key])
+    if result.get("kind") in ("task", "message"):
+        return AgentAnswer(result["kind"], result)
+    if "status" in result and "id" in result:
+        return AgentAnswer("task", result)
+    if "parts" in result and "role" in result:
+        return AgentAnswer("message", result)
+    return AgentAnswer("other", result)
+
+
+def _convert_part(part: Any, protocol: Protocol) -> Any:
+    if not isinstance(part, dict):
+        return part
+    if protocol == "1.0":
+        out = {k: v for k, v in part.items() if k != "kind"}
+        return out
+    if "kind" in part:
+        return part
+    for kind in ("text", "data", "file"):
+        if kind in part:
+            return {"kind": kind, **part}
+    if "url" in part or "raw" in part:
+        return {"kind": "file", **part}
+    return part
+
+
+def convert_message(message: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
+    """Best-effort conversion of a Message between the two protocol versions."""
+    out = dict(message)
+    role = str(out.get("role", "agent")).lower().removeprefix("role_")
+    if protocol == "1.0":
+        out.pop("kind", None)
+        out["role"] = f"ROLE_{role.upper()}"
+    else:
+        out = {"kind": "message", **out}
+        out["role"] = role
+    if isinstance(out.get("parts"), list):
+        out["parts"] = [_convert_part(p, protocol) for p in out["parts"]]
+    return out
+
+
+def convert_task(agent_task: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
+    """Best-effort conversion of an agent's Task to the caller's protocol version."""
+    out = {k: v for k, v in agent_task.items() if k != "kind"}
+    if protocol == "0.3":
+        out = {"kind": "task", **out}
+    status = dict(out.get("status") or {})
+    status["state"] = state_name(str(status.get("state", "unknown")), protocol)
+    if isinstance(status.get("message"), dict):
+        status["message"] = convert_message(status["message"], protocol)
+    out["status"] = status
+    if isinstance(out.get("history"), list):
+        out["history"] = [
+            convert_message(m, protocol) if isinstance(m, dict) else m for m in out["history"]
+        ]
+    if isinstance(out.get("artifacts"), list):
+        artifacts = []
+        for artifact in out["artifacts"]:
+            if isinstance(artifact, dict) and isinstance(artifact.get("parts"), list):
+                artifact = {
+                    **artifact,
+                    "parts": [_convert_part(p, protocol) for p in artifact["parts"]],
+                }
+            artifacts.append(artifact)
+        out["artifacts"] = artifacts
+    return out

@@ -1,0 +1,132 @@
+"""Operator endpoints: workspaces, queue items, health and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .a2a import timestamp
+from .daemon import DAEMON, Daemon
+from .errors import InvalidRequest, NotFound
+from .proxy import json_response
+from .results import item_view
+from .store import STATES
+from .workspaces import Workspace
+
+MAX_WAIT_SECONDS = 300.0
+MAX_PAGE = 1000
+
+
+def workspace_view(daemon: Daemon, ws: Workspace, counts: dict[str, int]) -> dict[str, Any]:
+    now = daemon.clock.now()
+    hb = ws.heartbeat
+    last = ws.last_sign_of_life
+    return {
+        "id": ws.id,
+        "url": ws.config.url,
+        "state": ws.state.value,
+        "capacity": ws.capacity(now),
+        "in_flight": ws.in_flight,
+        "free_slots": ws.free_slots(now),
+        "active_tasks": hb.active_tasks if hb is not None else None,
+        "last_sign_of_life_age_seconds": round(now - last, 3) if last is not None else None,
+        "queue": {state: counts.get(state, 0) for state in STATES},
+        "restarts": ws.restarts,
+        "paused_until": timestamp(ws.paused_until) if ws.paused(now) else None,
+    }
+
+
+def _float_param(request: web.Request, name: str, default: float, maximum: float) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= maximum:
+        raise InvalidRequest(f"?{name}= must be a number from 0 to {maximum:g}")
+    return value
+
+
+def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 0 <= int(raw) <= maximum:
+        raise InvalidRequest(f"?{name}= must be an integer from 0 to {maximum}")
+    return int(raw)
+
+
+async def list_workspaces(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    counts = await daemon.store.counts()
+    return json_response(
+        {
+            "workspaces": [
+                workspace_view(daemon, ws, counts.get(ws.id, {})) for ws in daemon.registry
+            ]
+        }
+    )
+
+
+async def get_workspace(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    ws = daemon.registry.get(request.match_info["workspace"])
+    counts = await daemon.store.counts()
+    return json_response(workspace_view(daemon, ws, counts.get(ws.id, {})))
+
+
+async def list_queue(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    ws = daemon.registry.get(request.match_info["workspace"])
+    state = request.query.get("state")
+    if state is not None and state not in STATES:
+        raise InvalidRequest(f"?state= must be one of {', '.join(STATES)}")
+    limit = _int_param(request, "limit", 100, MAX_PAGE) or 100
+    after = _int_param(request, "after", 0, 2**62)
+    bodies = request.query.get("bodies") in ("1", "true")
+    items = await daemon.store.list_items(
+        workspace=ws.id, state=state, limit=limit + 1, after=after
+    )
+    page = items[:limit]
+    return json_response(
+        {
+            "items": [item_view(i, with_body=bodies, with_result=bodies) for i in page],
+            "next": str(page[-1].seq) if len(items) > limit else None,
+        }
+    )
+
+
+async def get_item(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    caller = daemon.auth.reader(request)
+    wait = _float_param(request, "wait", 0.0, MAX_WAIT_SECONDS)
+    item_id = request.match_info["qid"]
+    if wait > 0:
+        item = await daemon.dispatcher.wait_final(item_id, wait)
+    else:
+        item = await daemon.store.get(item_id)
+    if item is None or (caller is not None and item.caller != caller):
+        raise NotFound(f"no queue item {item_id!r}")
+    return json_response(item_view(item))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    problems = []
+    if not daemon.loops_running:
+        problems.append("background loops are not running")
+    if daemon.store.last_write_error:
+        problems.append(f"the store cannot write: {daemon.store.last_write_error}")
+    if problems:
+        return json_response({"status": "unavailable", "problems": problems}, status=503)
+    return json_response({"status": "ready"})

@@ -1,0 +1,99 @@
+"""create_app: builds the Daemon, wires routes and the error middleware, and
+starts and stops the background work with the application."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from . import admin, proxy
+from .clock import Clock
+from .daemon import DAEMON, Daemon
+from .errors import RPC_ID, A2adError, MethodNotAllowed, NotFound
+from .settings import Settings
+from .store import StoreLock
+
+log = logging.getLogger("a2ad.http")
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def _is_rpc_path(request: web.Request) -> bool:
+    return request.method == "POST" and request.path.endswith("/a2a")
+
+
+def _error_response(request: web.Request, error: A2adError) -> web.Response:
+    body = error.rpc_body(request.get(RPC_ID)) if _is_rpc_path(request) else error.body()
+    return web.Response(
+        body=json.dumps(body).encode(),
+        status=error.status,
+        content_type="application/json",
+        headers=error.headers(),
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes a JSON body with a stable code; never a traceback."""
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex[:16]
+    request[proxy.REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except A2adError as exc:
+        response = _error_response(request, exc)
+    except web.HTTPNotFound:
+        response = _error_response(request, NotFound(f"no endpoint {request.path[:200]}"))
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        response = _error_response(
+            request, MethodNotAllowed(f"{request.method} is not allowed here; use {allowed}")
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = A2adError(exc.reason)
+        error.status = exc.status  # type: ignore[misc]
+        response = _error_response(request, error)
+    except Exception:
+        log.exception("request %s %s %s failed", request_id, request.method, request.path)
+        response = _error_response(
+            request,
+            A2adError(f"internal error; the log has the details under request id {request_id}"),
+        )
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def create_app(
+    settings: Settings, *, clock: Clock | None = None, lock: StoreLock | None = None
+) -> web.Application:
+    """The aiohttp application for one a2ad; its start-up takes the store's lock."""
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
+    )
+    daemon = Daemon(settings, clock=clock, lock=lock)
+    app[DAEMON] = daemon
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await daemon.start()
+        yield
+        await daemon.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/healthz", admin.healthz)
+    app.router.add_get("/readyz", admin.readyz)
+    app.router.add_post("/workspaces/{workspace}/a2a", proxy.handle_rpc)
+    app.router.add_post("/workspaces/{workspace}/heartbeat", proxy.handle_heartbeat)
+    app.router.add_get("/workspaces", admin.list_workspaces)
+    app.router.add_get("/workspaces/{workspace}", admin.get_workspace)
+    app.router.add_get("/workspaces/{workspace}/queue", admin.list_queue)
+    app.router.add_get("/queue/{qid}", admin.get_item)
+    return app

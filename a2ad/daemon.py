@@ -1,0 +1,126 @@
+"""The Daemon: builds a2ad's parts from Settings, starts and stops them in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from .auth import Auth
+from .clock import Clock
+from .delivery import Dispatcher
+from .errors import StoreUnavailable
+from .settings import Settings
+from .store import Store, StoreLock
+from .upstream import Upstream
+from .workspaces import Registry
+
+log = logging.getLogger("a2ad")
+
+HOUSEKEEPING_SECONDS = 1.0
+RETENTION_EVERY_SECONDS = 60.0
+
+
+class Daemon:
+    """Everything one running a2ad holds: store, registry, dispatcher, upstream, auth."""
+
+    def __init__(
+        self, settings: Settings, *, clock: Clock | None = None, lock: StoreLock | None = None
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or Clock()
+        self.lock = lock
+        self.store = Store(
+            settings.store.path,
+            synchronous=settings.store.synchronous,
+            busy_timeout=settings.store.busy_timeout_seconds,
+        )
+        self.registry = Registry(settings.liveness, self.clock)
+        for ws in settings.workspaces:
+            self.registry.add(ws)
+        self.auth = Auth(settings)
+        self.upstream = Upstream(max_result_bytes=settings.server.max_result_bytes)
+        self.dispatcher = Dispatcher(settings, self.store, self.registry, self.upstream, self.clock)
+        self._loops: list[asyncio.Task[None]] = []
+        self._owns_lock = False
+        self._data_version: int | None = None
+        self.loops_running = False
+
+    async def start(self) -> None:
+        """Take the store (lock, migrations, recovery), then start the loops."""
+        if self.lock is None:
+            self.lock = StoreLock(self.settings.store.path)
+            self.lock.acquire()
+            self._owns_lock = True
+        await self.store.open()
+        applied = await self.store.migrate()
+        for migration in applied:
+            log.info("store migrated to version %d (%s)", migration.version, migration.name)
+        # Under the owner's lock, every dispatching row belongs to a dead process.
+        recovered = await self.store.recover_dispatching(
+            now=self.clock.now(), max_attempts=self.settings.queue.max_attempts
+        )
+        if recovered:
+            log.warning("recovered %d items a previous a2ad was delivering", len(recovered))
+        await self.upstream.start()
+        await self.dispatcher.start()
+        self._loops = [
+            asyncio.create_task(
+                self._every(HOUSEKEEPING_SECONDS, self._housekeeping), name="a2ad-housekeeping"
+            ),
+            asyncio.create_task(
+                self._every(RETENTION_EVERY_SECONDS, self._retention), name="a2ad-retention"
+            ),
+        ]
+        self.loops_running = True
+        log.info(
+            "a2ad ready: %d workspaces, store %s", len(self.registry), self.settings.store.path
+        )
+
+    async def stop(self) -> None:
+        """Stop claiming, let deliveries finish within the grace period, close the store."""
+        self.loops_running = False
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self.dispatcher.stop(self.settings.server.shutdown_grace_seconds)
+        await self.upstream.close()
+        await self.store.close()
+        if self._owns_lock and self.lock is not None:
+            self.lock.release()
+        log.info("a2ad stopped")
+
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        # Background loops never die silently: they log and go on.
+        while True:
+            await self.clock.sleep(seconds)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailable as exc:
+                log.warning("%s: %s", job.__name__.strip("_"), exc.message)
+            except Exception:
+                log.exception("%s failed; continuing", job.__name__.strip("_"))
+
+    async def _housekeeping(self) -> None:
+        now = self.clock.now()
+        for ws in self.registry:
+            ws.check_heartbeat_timeout(now)
+        await self.dispatcher.sweep()
+        # Another process (the queue CLI) wrote to the file: recount and look again.
+        version = await self.store.data_version()
+        if self._data_version is not None and version != self._data_version:
+            await self.dispatcher.recount()
+        self._data_version = version
+
+    async def _retention(self) -> None:
+        cutoff = self.clock.now() - self.settings.queue.retention_seconds
+        deleted = await self.store.delete_finished(before=cutoff)
+        if deleted:
+            log.info("retention: deleted %d final items", deleted)
+
+
+DAEMON = web.AppKey("a2ad_daemon", Daemon)

@@ -1,0 +1,458 @@
+"""The dispatcher: enqueue, triggers, claim, send, settle; and waiting for results.
+
+Each workspace has one pump task. It sleeps until a trigger sets the
+workspace's wakeup event (a heartbeat with free slots, a request finishing,
+a sign of life after offline, new work) or until its next timer (end of a
+busy pause, a due not-before), then claims as many items as there are free
+slots and starts one delivery task per item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from . import a2a
+from .clock import Clock
+from .errors import QueueFull, StoreUnavailable
+from .settings import Settings
+from .store import Enqueued, Item, NewItem, Store
+from .upstream import Answer, Outcome, Upstream
+from .workspaces import Registry, Workspace
+
+log = logging.getLogger("a2ad.delivery")
+
+IDLE_RECHECK_SECONDS = 5.0  # a pump with queued items re-checks at least this often
+STORE_RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """The answer to a queued send: the item and where it stands."""
+
+    item: Item
+    created: bool
+    depth: int
+    position: int
+
+
+def result_for(answer: Answer, max_result_bytes: int) -> bytes:
+    """What is stored as an item's result for a final answer."""
+    if answer.too_large:
+        error = a2a.rpc_error(
+            None,
+            -32000,
+            f"the agent's answer was over max_result_bytes ({max_result_bytes})",
+            {"code": "result_too_large"},
+        )
+        return json.dumps(error).encode()
+    return answer.body
+
+
+def agent_ids(result: bytes) -> tuple[str | None, str | None]:
+    """The agent's own task and context ids in its answer, when it made a Task."""
+    try:
+        answer = a2a.read_answer(json.loads(result))
+    except (ValueError, RecursionError):
+        return None, None
+    if answer.kind != "task":
+        return None, None
+    task_id, context_id = answer.value.get("id"), answer.value.get("contextId")
+    return (
+        task_id if isinstance(task_id, str) else None,
+        context_id if isinstance(context_id, str) else None,
+    )
+
+
+class Dispatcher:
+    """Moves queued items to agents, one pump per workspace."""
+
+    def __init__(
+        self, settings: Settings, store: Store, registry: Registry, upstream: Upstream, clock: Clock
+    ) -> None:
+        self.settings = settings
+        self.queue_settings = settings.queue
+        self.store = store
+        self.registry = registry
+        self.upstream = upstream
+        self.clock = clock
+        self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._wake_at: dict[str, float] = {}
+        self._stopping = False
+
+    # -- life --------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.recount()
+        for ws in self.registry:
+            self.add_workspace(ws)
+
+    def add_workspace(self, ws: Workspace) -> None:
+        self._pumps[ws.id] = asyncio.create_task(self._pump(ws), name=f"a2ad-pump-{ws.id}")
+        ws.wakeup.set()  # start-up is a trigger
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let deliveries finish for `grace` seconds, then hand them back."""
+        self._stopping = True
+        for pump in self._pumps.values():
+            pump.cancel()
+        await asyncio.gather(*self._pumps.values(), return_exceptions=True)
+        self._pumps.clear()
+        if self._deliveries:
+            log.info("waiting up to %g s for %d deliveries", grace, len(self._deliveries))
+            _, pending = await asyncio.wait(set(self._deliveries), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def in_flight_deliveries(self) -> int:
+        return len(self._deliveries)
+
+    # -- counters ----------------------------------------------------------
+
+    async def recount(self) -> None:
+        """Set every workspace's counters from the store (start-up, CLI writes)."""
+        queued = await self.store.queued_by_priority()
+        counts = await self.store.counts()
+        for ws in self.registry:
+            ws.queued = dict(queued.get(ws.id, {}))
+            ws.dispatching = counts.get(ws.id, {}).get("dispatching", 0)
+            ws.wakeup.set()
+
+    def total_live(self) -> int:
+        return sum(ws.queued_total + ws.dispatching for ws in self.registry)
+
+    # -- enqueue -------------------------------------------------------------
+
+    async def enqueue(self, ws: Workspace, new: NewItem) -> Queued:
+        """Store one item durably (the caller answers 202 only after this returns)."""
+        q = self.queue_settings
+        if ws.queued_total + ws.dispatching >= q.max_depth_per_workspace:
+            raise QueueFull(
+                f"workspace {ws.id!r} has {q.max_depth_per_workspace} items waiting"
+                " (queue.max_depth_per_workspace); try again later",
+                retry_after=5,
+            )
+        if self.total_live() >= q.max_depth:
+            raise QueueFull(
+                f"a2ad holds {q.max_depth} items (queue.max_depth); try again later", retry_after=5
+            )
+        # Counted before the write, so concurrent sends cannot overshoot a cap.
+        ws.queued[new.priority] = ws.queued.get(new.priority, 0) + 1
+        try:
+            done: Enqueued = await self.store.enqueue(
+                new, now=self.clock.now(), replay_window=q.replay_window_seconds
+            )
+        except BaseException:
+            ws.queued[new.priority] -= 1
+            raise
+        if not done.created:
+            ws.queued[new.priority] -= 1
+        ws.wakeup.set()
+        position = sum(n for p, n in ws.queued.items() if p >= done.item.priority)
+        return Queued(done.item, done.created, ws.queued_total, position)
+
+    # -- the direct path -------------------------------------------------------
+
+    async def send_direct(self, ws: Workspace, body: bytes, headers: Mapping[str, str]) -> Answer:
+        """Forward a message send in a slot of its own; its end frees the slot at once."""
+        ws.in_flight += 1
+        try:
+            answer = await self.upstream.send(ws.config, body, headers)
+        finally:
+            ws.in_flight -= 1
+        now = self.clock.now()
+        if answer.outcome is Outcome.BUSY:
+            ws.note_busy(answer.retry_after, now)
+        elif answer.reached_agent:
+            ws.note_answer(now)
+        ws.wakeup.set()
+        return answer
+
+    # -- results -------------------------------------------------------------
+
+    def notify(self, item_id: str) -> None:
+        for future in self._waiters.pop(item_id, ()):
+            if not future.done():
+                future.set_result(None)
+
+    async def wait_final(self, item_id: str, seconds: float) -> Item | None:
+        """The item, once final or after `seconds` (None if it does not exist)."""
+        deadline = self.clock.now() + seconds
+        while True:
+            item = await self.store.get(item_id)
+            remaining = deadline - self.clock.now()
+            if item is None or item.is_final or remaining <= 0:
+                return item
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(item_id, set()).add(future)
+            try:
+                # Re-read at least once a second: the queue CLI may settle it.
+                await asyncio.wait_for(future, min(remaining, 1.0))
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(item_id)
+                if waiters is not None:
+                    waiters.discard(future)
+                    if not waiters:
+                        del self._waiters[item_id]
+
+    # -- the pump ------------------------------------------------------------
+
+    async def _pump(self, ws: Workspace) -> None:
+        while True:
+            try:
+                await self._sleep_until_trigger(ws)
+                ws.wakeup.clear()
+                await self._fill(ws)
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailable as exc:
+                log.warning("workspace %s: cannot claim: %s", ws.id, exc.message)
+                self._wake_at[ws.id] = self.clock.now() + STORE_RETRY_SECONDS
+            except Exception:
+                log.exception("workspace %s: dispatcher error; continuing", ws.id)
+                self._wake_at[ws.id] = self.clock.now() + STORE_RETRY_SECONDS
+
+    async def _sleep_until_trigger(self, ws: Workspace) -> None:
+        if ws.wakeup.is_set():
+            return
+        now = self.clock.now()
+        timers = [self._wake_at.get(ws.id, now + IDLE_RECHECK_SECONDS)]
+        if ws.paused(now):
+            timers.append(ws.paused_until)
+        delay = max(0.0, min(timers) - now)
+        if ws.queued_total == 0 and not ws.paused(now):
+            delay = IDLE_RECHECK_SECONDS * 12
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        waker = asyncio.ensure_future(ws.wakeup.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    async def _fill(self, ws: Workspace) -> None:
+        """Claim while slots are free and items are due."""
+        self._wake_at.pop(ws.id, None)
+        while not self._stopping:
+            now = self.clock.now()
+            if ws.queued_total <= 0 or not ws.can_deliver(now):
+                return
+            slots = ws.free_slots(now)
+            ws.in_flight += slots  # reserved while the claim runs
+            try:
+                items = await self.store.claim(
+                    ws.id,
+                    now=now,
+                    lease_seconds=self.queue_settings.lease_seconds,
+                    promote_after=self.queue_settings.promote_after_seconds,
+                    limit=slots,
+                )
+            finally:
+                ws.in_flight -= slots
+            for item in items:
+                self._start_delivery(ws, item)
+            if len(items) < slots:
+                await self._plan_next(ws, now)
+                return
+
+    async def _plan_next(self, ws: Workspace, now: float) -> None:
+        """Nothing more is due now: wake at the next not-before, or recount."""
+        due = await self.store.next_due(ws.id, now=now)
+        if due is not None:
+            self._wake_at[ws.id] = due
+        elif ws.queued_total > 0:
+            # The counters say items wait but none is due and none is in
+            # backoff: another process changed the store. Trust the store.
+            queued = await self.store.queued_by_priority()
+            ws.queued = dict(queued.get(ws.id, {}))
+
+    # -- one delivery --------------------------------------------------------
+
+    def _start_delivery(self, ws: Workspace, item: Item) -> None:
+        ws.in_flight += 1
+        ws.queued[item.priority] = max(0, ws.queued.get(item.priority, 0) - 1)
+        ws.dispatching += 1
+        task = asyncio.create_task(self._deliver(ws, item), name=f"a2ad-deliver-{item.id}")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, ws: Workspace, item: Item) -> None:
+        token = item.claim_token
+        assert token is not None
+        slot_held = True
+
+        def free_slot() -> None:
+            nonlocal slot_held
+            if slot_held:
+                slot_held = False
+                ws.in_flight -= 1
+                ws.wakeup.set()  # a slot freed: the next item goes now
+
+        renewer = asyncio.create_task(self._renew(item.id, token), name=f"a2ad-lease-{item.id}")
+        try:
+            headers = dict(item.headers)
+            headers.setdefault("Content-Type", "application/json")
+            if item.request_id:
+                headers["X-Request-Id"] = item.request_id
+            answer = await self.upstream.send(ws.config, item.body, headers)
+            renewer.cancel()
+            now = self.clock.now()
+            if answer.outcome is Outcome.BUSY:
+                # Pause before the slot frees, so the wakeup finds the pause.
+                pause = ws.note_busy(answer.retry_after, now)
+                free_slot()
+                log.info(
+                    "item %s: %s; workspace %s paused %.1f s", item.id, answer.error, ws.id, pause
+                )
+                await self._settle_back(
+                    ws, item, token, now=now, busy=True, last_error=answer.error
+                )
+                return
+            if answer.reached_agent:
+                ws.note_answer(now)
+            free_slot()
+            if answer.outcome is Outcome.FAILURE:
+                await self._failed_attempt(ws, item, token, answer, now)
+                return
+            result = result_for(answer, self.upstream.max_result_bytes)
+            task_id, context_id = agent_ids(result)
+            await self.store.settle(
+                item.id,
+                token,
+                state="delivered",
+                now=now,
+                result=result,
+                agent_task_id=task_id,
+                agent_context_id=context_id,
+                last_error=answer.error,
+            )
+            log.info("item %s delivered to %s (HTTP %s)", item.id, ws.id, answer.status)
+            self._settled(ws, item)
+        except asyncio.CancelledError:
+            # Shutdown past the grace period: hand it back without using an attempt.
+            renewer.cancel()
+            free_slot()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self._settle_back(
+                        ws, item, token, now=self.clock.now(), last_error="a2ad shut down"
+                    )
+                )
+            raise
+        except StoreUnavailable as exc:
+            # The answer could not be recorded: the lease runs out and the
+            # sweeper hands the item back, so it is delivered again later.
+            log.error("item %s: cannot record the outcome: %s", item.id, exc.message)
+            free_slot()
+        except Exception:
+            log.exception("item %s: delivery error", item.id)
+            free_slot()
+        finally:
+            renewer.cancel()
+
+    async def _failed_attempt(
+        self, ws: Workspace, item: Item, token: str, answer: Answer, now: float
+    ) -> None:
+        attempts = item.attempts + 1
+        if attempts >= self.queue_settings.max_attempts:
+            await self.store.settle(
+                item.id, token, state="failed", now=now, last_error=answer.error, attempt_used=True
+            )
+            log.warning("item %s failed after %d attempts: %s", item.id, attempts, answer.error)
+            self._settled(ws, item)
+            return
+        delay = self.backoff(attempts)
+        log.info(
+            "item %s: attempt %d failed (%s); next in %.1f s",
+            item.id,
+            attempts,
+            answer.error,
+            delay,
+        )
+        await self._settle_back(
+            ws,
+            item,
+            token,
+            now=now,
+            not_before=now + delay,
+            attempt_used=True,
+            last_error=answer.error,
+        )
+
+    def backoff(self, attempts: int) -> float:
+        """Exponential backoff with full jitter in its upper half."""
+        q = self.queue_settings
+        ceiling = min(q.backoff_max_seconds, q.backoff_base_seconds * 2 ** (attempts - 1))
+        return float(ceiling / 2 + random.random() * ceiling / 2)
+
+    async def _settle_back(
+        self,
+        ws: Workspace,
+        item: Item,
+        token: str,
+        *,
+        now: float,
+        not_before: float = 0.0,
+        attempt_used: bool = False,
+        busy: bool = False,
+        last_error: str | None = None,
+    ) -> None:
+        if await self.store.hand_back(
+            item.id,
+            token,
+            now=now,
+            not_before=not_before,
+            attempt_used=attempt_used,
+            busy=busy,
+            last_error=last_error,
+        ):
+            ws.queued[item.priority] = ws.queued.get(item.priority, 0) + 1
+        ws.dispatching = max(0, ws.dispatching - 1)
+        if not_before:
+            self._wake_at[ws.id] = min(self._wake_at.get(ws.id, not_before), not_before)
+        ws.wakeup.set()
+
+    def _settled(self, ws: Workspace, item: Item) -> None:
+        ws.dispatching = max(0, ws.dispatching - 1)
+        self.notify(item.id)
+
+    async def _renew(self, item_id: str, token: str) -> None:
+        lease = self.queue_settings.lease_seconds
+        while True:
+            await self.clock.sleep(lease / 3)
+            now = self.clock.now()
+            try:
+                if not await self.store.renew(item_id, token, lease_until=now + lease, now=now):
+                    log.warning("item %s: claim lost while delivering", item_id)
+                    return
+            except StoreUnavailable as exc:
+                log.warning("item %s: cannot renew lease: %s", item_id, exc.message)
+
+    # -- housekeeping ---------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """Expire due items and return items with lapsed leases (once a second)."""
+        now = self.clock.now()
+        expired = await self.store.expire_due(now=now)
+        swept = await self.store.sweep_leases(
+            now=now, max_attempts=self.queue_settings.max_attempts
+        )
+        for released in expired:
+            log.info("item %s expired before delivery", released.id)
+            self.notify(released.id)
+        for released in swept:
+            log.warning("item %s: lease expired; now %s", released.id, released.state)
+            self.notify(released.id)
+        if expired or swept:
+            await self.recount()

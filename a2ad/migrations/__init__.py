@@ -1,1 +1,0 @@
-"""Numbered SQL migrations, applied in order and recorded in schema_migrations."""

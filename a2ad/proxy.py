@@ -1,0 +1,354 @@
+"""Handlers for callers and agents: POST /workspaces/{id}/a2a and heartbeats."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from . import a2a
+from .daemon import DAEMON, Daemon
+from .errors import (
+    RPC_ID,
+    BodyTooLarge,
+    InvalidBody,
+    InvalidHeader,
+    QueueFull,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
+from .results import item_task
+from .store import PRIORITIES, Item, NewItem
+from .upstream import Answer, Outcome
+from .workspaces import Workspace
+
+log = logging.getLogger("a2ad.proxy")
+
+REQUEST_ID = "a2ad_request_id"
+QUEUE_ID_PREFIX = "q-"
+MAX_TTL_SECONDS = 10 * 365 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class SendOptions:
+    """The A2AD-* request headers."""
+
+    priority: int = PRIORITIES["task"]
+    ttl: float | None = None
+    never_queue: bool = False
+
+
+def read_options(headers: Mapping[str, str]) -> SendOptions:
+    priority_name = headers.get("A2AD-Priority", "task").strip().lower()
+    if priority_name not in PRIORITIES:
+        raise InvalidHeader(
+            f"A2AD-Priority must be one of critical, task, info (got {priority_name[:40]!r})"
+        )
+    ttl: float | None = None
+    if "A2AD-TTL" in headers:
+        raw = headers["A2AD-TTL"].strip()
+        try:
+            ttl = float(raw)
+        except ValueError:
+            ttl = None
+        if ttl is None or not 0 < ttl <= MAX_TTL_SECONDS:
+            raise InvalidHeader(f"A2AD-TTL must be a number of seconds above 0 (got {raw[:40]!r})")
+    queue = headers.get("A2AD-Queue", "").strip().lower()
+    if queue not in ("", "never", "allow"):
+        raise InvalidHeader(f"A2AD-Queue must be never or allow (got {queue[:40]!r})")
+    return SendOptions(PRIORITIES[priority_name], ttl, queue == "never")
+
+
+def forwarded_headers(headers: CIMultiDictProxy[str], request_id: str) -> dict[str, str]:
+    """Only the headers SPEC passes on; hop-by-hop headers and tokens stay here."""
+    out = {name: headers[name] for name in a2a.FORWARDED_HEADERS if name in headers}
+    out.setdefault("Content-Type", "application/json")
+    out["X-Request-Id"] = request_id
+    return out
+
+
+def is_queue_id(value: str | None) -> bool:
+    return value is not None and value.startswith(QUEUE_ID_PREFIX)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, content_type="application/json"
+    )
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"the body is over {limit} bytes (server.max_body_bytes)")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"the body is over {limit} bytes (server.max_body_bytes)") from None
+
+
+def relay(answer: Answer) -> web.Response:
+    """The agent's status and body, unchanged."""
+    return web.Response(
+        body=answer.body, status=answer.status or 502, headers={"Content-Type": answer.content_type}
+    )
+
+
+# -- POST /workspaces/{id}/a2a ------------------------------------------------
+
+
+async def handle_rpc(request: web.Request) -> web.StreamResponse:
+    daemon = request.app[DAEMON]
+    caller = daemon.auth.caller(request)
+    ws = daemon.registry.get(request.match_info["workspace"])
+    raw = await read_body(request, daemon.settings.server.max_body_bytes)
+    body = a2a.parse_json(raw)
+    request[RPC_ID] = a2a.readable_id(body)
+    rpc = a2a.parse_request(body)
+    protocol = a2a.protocol_of(request.headers)
+    if rpc.is_message:
+        return await _send_message(request, daemon, ws, rpc, raw, caller, protocol)
+    if is_queue_id(rpc.task_id):
+        if rpc.method in a2a.GET_TASK_METHODS:
+            return await _get_task(daemon, rpc, caller, protocol)
+        if rpc.method in a2a.CANCEL_TASK_METHODS:
+            return await _cancel_task(request, daemon, ws, rpc, caller, protocol)
+    return await _forward(request, daemon, ws, rpc, body, raw, caller)
+
+
+async def _send_message(
+    request: web.Request,
+    daemon: Daemon,
+    ws: Workspace,
+    rpc: a2a.RpcRequest,
+    raw: bytes,
+    caller: str,
+    protocol: a2a.Protocol,
+) -> web.StreamResponse:
+    if rpc.is_stream:
+        # Streaming lands with the interop work; say so plainly rather than half-do it.
+        return json_response(
+            a2a.rpc_error(
+                rpc.id,
+                -32004,
+                "streaming through a2ad is not supported yet; use "
+                "SendMessage / message/send (the a2a-sdk client: ClientConfig(streaming=False))",
+            )
+        )
+    options = read_options(request.headers)
+    request_id: str = request[REQUEST_ID]
+    now = daemon.clock.now()
+    if ws.goes_direct(now) and not await _live_duplicate(daemon, ws, caller, rpc):
+        answer = await daemon.dispatcher.send_direct(
+            ws, raw, forwarded_headers(request.headers, request_id)
+        )
+        if answer.outcome is Outcome.FINAL:
+            return relay(answer)
+        if answer.outcome is Outcome.FAILURE:
+            log.warning("request %s to %s failed: %s", request_id, ws.id, answer.error)
+            if answer.timed_out:
+                raise UpstreamTimeout(f"workspace {ws.id!r}: {answer.error}")
+            raise UpstreamFailed(f"workspace {ws.id!r}: {answer.error}")
+        log.info("request %s: %s busy (%s); queueing", request_id, ws.id, answer.error)
+    if options.never_queue:
+        wait = max(1.0, ws.paused_until - now)
+        raise QueueFull(
+            f"workspace {ws.id!r} has no free slot and A2AD-Queue: never was given",
+            retry_after=wait,
+        )
+    queue = daemon.settings.queue
+    ttl = options.ttl
+    if ttl is None and options.priority == PRIORITIES["info"]:
+        ttl = queue.info_ttl_seconds
+    ttl = min(ttl, queue.max_age_seconds) if ttl is not None else queue.max_age_seconds
+    new = NewItem(
+        workspace=ws.id,
+        method=rpc.method,
+        body=raw,
+        headers={k: request.headers[k] for k in a2a.STORED_HEADERS if k in request.headers},
+        caller=caller,
+        message_id=rpc.message_id,
+        context_id=rpc.context_id or a2a.new_context_id(),
+        request_id=request_id,
+        priority=options.priority,
+        ttl_seconds=ttl,
+        expires_at=now + ttl,
+    )
+    queued = await daemon.dispatcher.enqueue(ws, new)
+    item = queued.item
+    if not queued.created and item.state == "delivered":
+        return _replay(item, rpc)
+    log.info(
+        "request %s queued as %s for %s (position %d)", request_id, item.id, ws.id, queued.position
+    )
+    task = item_task(item, protocol)
+    task["metadata"]["a2ad"].update(
+        {"queued": True, "queue_depth": queued.depth, "position": queued.position}
+    )
+    return json_response(a2a.rpc_result(rpc.id, a2a.send_result(task, protocol)), status=202)
+
+
+async def _live_duplicate(daemon: Daemon, ws: Workspace, caller: str, rpc: a2a.RpcRequest) -> bool:
+    """A send repeating the messageId of an item being delivered must not go direct."""
+    if not ws.dispatching or rpc.message_id is None:
+        return False
+    return await daemon.store.find_live(ws.id, caller, rpc.message_id) is not None
+
+
+def _replay(item: Item, rpc: a2a.RpcRequest) -> web.Response:
+    """The stored answer of an already delivered messageId, under the new request's id."""
+    try:
+        stored = json.loads(item.result or b"null")
+    except ValueError:
+        stored = None
+    if isinstance(stored, dict):
+        stored["id"] = rpc.id
+    return json_response(stored)
+
+
+async def _find_item(daemon: Daemon, item_id: str, caller: str) -> Item | None:
+    item = await daemon.store.get(item_id)
+    if item is None or (not daemon.auth.proxy_open and item.caller != caller):
+        return None
+    return item
+
+
+def _task_not_found(rpc: a2a.RpcRequest) -> web.Response:
+    return json_response(a2a.rpc_error(rpc.id, a2a.TASK_NOT_FOUND, f"task {rpc.task_id} not found"))
+
+
+async def _get_task(
+    daemon: Daemon, rpc: a2a.RpcRequest, caller: str, protocol: a2a.Protocol
+) -> web.Response:
+    item = await _find_item(daemon, rpc.task_id or "", caller)
+    if item is None:
+        return _task_not_found(rpc)
+    return json_response(a2a.rpc_result(rpc.id, item_task(item, protocol)))
+
+
+async def _cancel_task(
+    request: web.Request,
+    daemon: Daemon,
+    ws: Workspace,
+    rpc: a2a.RpcRequest,
+    caller: str,
+    protocol: a2a.Protocol,
+) -> web.StreamResponse:
+    item = await _find_item(daemon, rpc.task_id or "", caller)
+    if item is None:
+        return _task_not_found(rpc)
+    if item.state == "queued" and await daemon.store.cancel(item.id, now=daemon.clock.now()):
+        await daemon.dispatcher.recount()
+        daemon.dispatcher.notify(item.id)
+        item = await daemon.store.get(item.id) or item
+        return json_response(a2a.rpc_result(rpc.id, item_task(item, protocol)))
+    if item.state == "delivered" and item.agent_task_id:
+        body = {
+            "jsonrpc": "2.0",
+            "id": rpc.id,
+            "method": rpc.method,
+            "params": {**rpc.params, "id": item.agent_task_id},
+        }
+        return await _forward(request, daemon, ws, rpc, body, None, caller)
+    if item.state in ("queued", "dispatching"):
+        return json_response(
+            a2a.rpc_error(rpc.id, a2a.TASK_NOT_CANCELABLE, f"task {item.id} is being delivered")
+        )
+    return json_response(
+        a2a.rpc_error(rpc.id, a2a.TASK_NOT_CANCELABLE, f"task {item.id} is already {item.state}")
+    )
+
+
+async def _forward(
+    request: web.Request,
+    daemon: Daemon,
+    ws: Workspace,
+    rpc: a2a.RpcRequest,
+    body: Any,
+    raw: bytes | None,
+    caller: str,
+) -> web.StreamResponse:
+    """Any other method goes straight to the agent, queue ids swapped for the agent's."""
+    rewritten = await _agent_ids(daemon, body, caller)
+    if rewritten is not None or raw is None:
+        raw = json.dumps(rewritten if rewritten is not None else body).encode()
+    answer = await daemon.upstream.send(
+        ws.config,
+        raw,
+        forwarded_headers(request.headers, request[REQUEST_ID]),
+        expect_jsonrpc=False,
+    )
+    now = daemon.clock.now()
+    if answer.reached_agent:
+        ws.note_answer(now)
+    if answer.status is None:
+        if answer.timed_out:
+            raise UpstreamTimeout(f"workspace {ws.id!r}: {answer.error}")
+        raise UpstreamFailed(f"workspace {ws.id!r}: {answer.error}")
+    if answer.too_large:
+        raise UpstreamFailed(f"workspace {ws.id!r}: {answer.error}")
+    return web.Response(
+        body=answer.body, status=answer.status, headers={"Content-Type": answer.content_type}
+    )
+
+
+async def _agent_ids(daemon: Daemon, body: Any, caller: str) -> dict[str, Any] | None:
+    """The request with queue ids (and contexts a2ad made) replaced by the agent's ids."""
+    params = body.get("params") if isinstance(body, dict) else None
+    if not isinstance(params, dict):
+        return None
+    changed = False
+    new_params = dict(params)
+    for key in ("id", "taskId"):
+        value = params.get(key)
+        if isinstance(value, str) and is_queue_id(value):
+            item = await _find_item(daemon, value, caller)
+            if item is not None and item.agent_task_id:
+                new_params[key] = item.agent_task_id
+                changed = True
+    if not changed:
+        return None
+    return {**body, "params": new_params}
+
+
+# -- POST /workspaces/{id}/heartbeat -------------------------------------------
+
+
+def _heartbeat_fields(body: Any) -> tuple[int, int | None]:
+    if not isinstance(body, dict):
+        raise InvalidBody(
+            "a heartbeat is a JSON object: "
+            '{"active_tasks": int >= 0, "max_concurrent_tasks": int >= 1}'
+        )
+    unknown = sorted(set(body) - {"active_tasks", "max_concurrent_tasks"})
+    if unknown:
+        raise InvalidBody(f"unknown heartbeat fields: {', '.join(unknown)[:200]}")
+    active = body.get("active_tasks")
+    if not isinstance(active, int) or isinstance(active, bool) or not 0 <= active <= 1_000_000:
+        raise InvalidBody("active_tasks must be an integer >= 0")
+    capacity = body.get("max_concurrent_tasks")
+    if capacity is not None and (
+        not isinstance(capacity, int)
+        or isinstance(capacity, bool)
+        or not 1 <= capacity <= 1_000_000
+    ):
+        raise InvalidBody("max_concurrent_tasks must be an integer >= 1")
+    return active, capacity
+
+
+async def handle_heartbeat(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    workspace_id = request.match_info["workspace"]
+    daemon.auth.workspace(request, workspace_id)
+    ws = daemon.registry.get(workspace_id)
+    raw = await read_body(request, 65536)
+    active, capacity = _heartbeat_fields(a2a.parse_json(raw))
+    now = daemon.clock.now()
+    ws.record_heartbeat(active, capacity, now)
+    if ws.free_slots(now) > 0 and ws.queued_total > 0:
+        ws.wakeup.set()  # fill every free slot now, not at the next timer
+    return json_response({"queue_depth": ws.queued_total})
