@@ -134,9 +134,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = 0
     print(f"config      ok ({args.config or 'defaults'})")
 
+    path = settings.store.path
+    store_exists = os.path.exists(path)
+
     async def run() -> tuple[str, list[tuple[str, str, str]]]:
-        path = settings.store.path
-        if not os.path.exists(path):
+        if not store_exists:
             store_line = f"{path} does not exist yet; a2ad serve creates it"
         else:
             async with Store(path, synchronous=settings.store.synchronous) as store:
