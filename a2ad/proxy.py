@@ -142,6 +142,7 @@ async def _send_message(
     options = read_options(request.headers)
     request_id: str = request[REQUEST_ID]
     now = daemon.clock.now()
+    busy_answers = 0
     if ws.goes_direct(now) and not await _live_duplicate(daemon, ws, caller, rpc):
         answer = await daemon.dispatcher.send_direct(
             ws, raw, forwarded_headers(request.headers, request_id)
@@ -154,6 +155,7 @@ async def _send_message(
                 raise UpstreamTimeout(f"workspace {ws.id!r}: {answer.error}")
             raise UpstreamFailed(f"workspace {ws.id!r}: {answer.error}")
         log.info("request %s: %s busy (%s); queueing", request_id, ws.id, answer.error)
+        busy_answers = 1
     if options.never_queue:
         wait = max(1.0, ws.paused_until - now)
         raise QueueFull(

@@ -63,6 +63,7 @@ class NewItem:
     priority: int = 50
     ttl_seconds: float | None = None
     expires_at: float | None = None
+    busy_answers: int = 0  # the agent already said busy on the direct path
     id: str = field(default_factory=new_queue_id)
 
 
@@ -242,9 +243,10 @@ RETURNING *
 
 _INSERT = """
 INSERT INTO items (id, workspace, caller, method, body, headers, message_id, context_id,
-                   request_id, priority, ttl_seconds, expires_at, enqueued_at, updated_at)
+                   request_id, priority, ttl_seconds, expires_at, busy_answers,
+                   enqueued_at, updated_at)
 VALUES (:id, :workspace, :caller, :method, :body, :headers, :message_id, :context_id,
-        :request_id, :priority, :ttl_seconds, :expires_at, :now, :now)
+        :request_id, :priority, :ttl_seconds, :expires_at, :busy_answers, :now, :now)
 RETURNING *
 """
 
@@ -361,6 +363,8 @@ class Store:
                         future.set_exception(value)
             if self._pending:
                 self._wake.set()
+            elif self._closing:
+                return
 
     # -- migrations --------------------------------------------------------
 
@@ -378,7 +382,10 @@ class Store:
 
     async def migrate(self, migrations: Iterable[Migration] | None = None) -> list[Migration]:
         """Apply the migrations the database has not seen, in order; return them."""
-        pending = list(migrations if migrations is not None else bundled_migrations())
+        pending = sorted(
+            migrations if migrations is not None else bundled_migrations(),
+            key=lambda m: m.version,
+        )
         writer = self._writer
         assert writer is not None
 
@@ -393,13 +400,14 @@ class Store:
                 if migration.version in done:
                     continue
                 try:
-                    # executescript runs the file's statements; the transaction
-                    # around them makes each migration all or nothing.
-                    conn.executescript(
-                        f"BEGIN IMMEDIATE;\n{migration.sql}\n;"
-                        f"INSERT INTO schema_migrations VALUES "
-                        f"({migration.version}, '{migration.name}', {now});\nCOMMIT;"
+                    # The transaction around the file's statements makes each
+                    # migration all or nothing, its record included.
+                    conn.executescript(f"BEGIN IMMEDIATE;\n{migration.sql}\n;")
+                    conn.execute(
+                        "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                        (migration.version, migration.name, now),
                     )
+                    conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
@@ -440,6 +448,7 @@ class Store:
                 "priority": new.priority,
                 "ttl_seconds": new.ttl_seconds,
                 "expires_at": new.expires_at,
+                "busy_answers": new.busy_answers,
                 "now": now,
             }
             return Enqueued(Item.from_row(conn.execute(_INSERT, values).fetchone()), True)

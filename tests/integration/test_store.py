@@ -162,10 +162,6 @@ async def test_a_failing_migration_leaves_no_partial_change_and_raises(db_path: 
         assert await s.schema_version() == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug: migrate() applies the list in the order given, not by version",
-)
 async def test_migrate_applies_by_version_whatever_the_order_given(db_path: Path) -> None:
     async with Store(str(db_path)) as s:
         applied = await s.migrate(
@@ -178,10 +174,6 @@ async def test_migrate_applies_by_version_whatever_the_order_given(db_path: Path
         assert [m.version for m in applied] == [1, 2, 3]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug: migrate() pastes the migration name into SQL unquoted",
-)
 async def test_a_migration_name_with_a_quote_is_recorded(db_path: Path) -> None:
     async with Store(str(db_path)) as s:
         await s.migrate()
@@ -737,10 +729,6 @@ async def test_writes_after_close_are_refused(db_path: Path) -> None:
         await s.enqueue(new(), now=T0, replay_window=REPLAY)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug: close() hangs when a write is queued but the writer has not woken yet",
-)
 async def test_close_finishes_with_a_write_still_queued(db_path: Path) -> None:
     s = Store(str(db_path))
     await s.open()
