@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler
 from . import admin, proxy
 from .clock import Clock
 from .daemon import DAEMON, Daemon
-from .errors import RPC_ID, A2adError, MethodNotAllowed, NotFound
+from .errors import A2adError, MethodNotAllowed, NotFound
 from .settings import Settings
 from .store import StoreLock
 
@@ -29,7 +29,7 @@ def _is_rpc_path(request: web.Request) -> bool:
 
 
 def _error_response(request: web.Request, error: A2adError) -> web.Response:
-    body = error.rpc_body(request.get(RPC_ID)) if _is_rpc_path(request) else error.body()
+    body = error.rpc_body(request.get(proxy.RPC_ID)) if _is_rpc_path(request) else error.body()
     return web.Response(
         body=json.dumps(body).encode(),
         status=error.status,

@@ -171,7 +171,7 @@ class Dispatcher:
             ws.in_flight -= 1
         now = self.clock.now()
         if answer.outcome is Outcome.BUSY:
-            ws.note_busy(answer.retry_after, now)
+            ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
         elif answer.reached_agent:
             ws.note_answer(now)
         ws.wakeup.set()
@@ -310,7 +310,7 @@ class Dispatcher:
             now = self.clock.now()
             if answer.outcome is Outcome.BUSY:
                 # Pause before the slot frees, so the wakeup finds the pause.
-                pause = ws.note_busy(answer.retry_after, now)
+                pause = ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
                 free_slot()
                 log.info(
                     "item %s: %s; workspace %s paused %.1f s", item.id, answer.error, ws.id, pause

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-# Request keys the error middleware reads: the JSON-RPC id to echo.
-RPC_ID = "a2ad_rpc_id"
-
 
 class A2adError(Exception):
     """Base class: an error a2ad answers with a status, a stable code and a message."""

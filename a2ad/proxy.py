@@ -14,7 +14,6 @@ from multidict import CIMultiDictProxy
 from . import a2a
 from .daemon import DAEMON, Daemon
 from .errors import (
-    RPC_ID,
     BodyTooLarge,
     InvalidBody,
     InvalidHeader,
@@ -29,7 +28,9 @@ from .workspaces import Workspace
 
 log = logging.getLogger("a2ad.proxy")
 
-REQUEST_ID = "a2ad_request_id"
+# Per-request values: the request id for logs, the JSON-RPC id errors echo.
+REQUEST_ID = web.RequestKey("a2ad_request_id", str)
+RPC_ID = web.RequestKey("a2ad_rpc_id", object)
 QUEUE_ID_PREFIX = "q-"
 MAX_TTL_SECONDS = 10 * 365 * 86400.0
 
@@ -140,7 +141,7 @@ async def _send_message(
             )
         )
     options = read_options(request.headers)
-    request_id: str = request[REQUEST_ID]
+    request_id = request[REQUEST_ID]
     now = daemon.clock.now()
     busy_answers = 0
     if ws.goes_direct(now) and not await _live_duplicate(daemon, ws, caller, rpc):
@@ -179,6 +180,7 @@ async def _send_message(
         priority=options.priority,
         ttl_seconds=ttl,
         expires_at=now + ttl,
+        busy_answers=busy_answers,
     )
     queued = await daemon.dispatcher.enqueue(ws, new)
     item = queued.item

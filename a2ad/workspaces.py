@@ -110,8 +110,13 @@ class Workspace:
             self.state = State.ONLINE
             self.wakeup.set()
 
-    def note_busy(self, retry_after: float | None, now: float) -> float:
-        """The agent said busy: pause the whole workspace; return the pause length."""
+    def note_busy(self, retry_after: float | None, now: float, *, answered: bool) -> float:
+        """The agent is busy: pause the whole workspace; return the pause length.
+
+        `answered`: it said so itself (a 503 or 429 is a sign of life; a refused
+        connection is not)."""
+        if answered:
+            self.sign_of_life(now)
         self.busy_streak += 1
         if retry_after is not None:
             pause = retry_after

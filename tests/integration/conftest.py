@@ -1,102 +1,19 @@
-"""Real aiohttp agents on 127.0.0.1 and a real a2ad app on a real SQLite file."""
+"""Fixtures: real aiohttp agents on 127.0.0.1 and a real a2ad app on a real SQLite file."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from fakes import A2ad, FakeAgent, make_settings
 
 from a2ad import create_app
-from a2ad.daemon import DAEMON, Daemon
-from a2ad.settings import Settings
-
-
-@dataclass
-class Received:
-    body: dict[str, Any]
-    headers: dict[str, str]
-
-    @property
-    def text(self) -> str:
-        parts = self.body["params"]["message"].get("parts", [])
-        return "".join(p.get("text", "") for p in parts)
-
-
-Reply = tuple[int, Any, dict[str, str]]  # status, JSON body (or bytes), headers
-
-
-@dataclass
-class FakeAgent:
-    """A scriptable A2A agent: answers from `script` first, then echoes.
-
-    With `slots` set it answers 503 while that many requests are running, as
-    a real one-slot agent does."""
-
-    delay: float = 0.0
-    slots: int | None = None
-    script: list[Reply | str] = field(default_factory=list)
-    received: list[Received] = field(default_factory=list)
-    served: list[Received] = field(default_factory=list)
-    active: int = 0
-    max_active: int = 0
-    gate: asyncio.Event | None = None  # when set, message sends wait for it
-    url: str = ""
-    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    def echo(self, rpc: dict[str, Any], protocol: str) -> dict[str, Any]:
-        text = "".join(p.get("text", "") for p in rpc["params"]["message"].get("parts", []))
-        if protocol == "1.0":
-            message = {"messageId": f"r-{len(self.served)}", "role": "ROLE_AGENT",
-                       "parts": [{"text": f"echo: {text}"}]}
-            return {"jsonrpc": "2.0", "id": rpc.get("id"), "result": {"message": message}}
-        message = {"kind": "message", "messageId": f"r-{len(self.served)}", "role": "agent",
-                   "parts": [{"kind": "text", "text": f"echo: {text}"}]}
-        return {"jsonrpc": "2.0", "id": rpc.get("id"), "result": message}
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        rpc = await request.json()
-        got = Received(rpc, dict(request.headers))
-        self.received.append(got)
-        async with self.arrived:
-            self.arrived.notify_all()
-        if self.slots is not None and self.active >= self.slots:
-            return web.json_response({"jsonrpc": "2.0", "id": rpc.get("id"),
-                                      "error": {"code": -32000, "message": "busy"}},
-                                     status=503)
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            if self.script:
-                step = self.script.pop(0)
-                if step == "drop":
-                    assert request.transport is not None
-                    request.transport.close()
-                    return web.Response()
-                assert not isinstance(step, str)
-                status, body, headers = step
-                if isinstance(body, bytes):
-                    return web.Response(body=body, status=status, headers=headers)
-                return web.json_response(body, status=status, headers=headers)
-            self.served.append(got)
-            protocol = "1.0" if request.headers.get("A2A-Version", "").startswith("1") else "0.3"
-            return web.json_response(self.echo(rpc, protocol))
-        finally:
-            self.active -= 1
-
-    async def wait_received(self, n: int, timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout), self.arrived:
-            await self.arrived.wait_for(lambda: len(self.received) >= n)
+from a2ad.clock import Clock
+from a2ad.daemon import DAEMON
 
 
 @pytest.fixture
@@ -118,76 +35,17 @@ async def agent_factory() -> AsyncIterator[Callable[..., Awaitable[FakeAgent]]]:
         await server.close()
 
 
-@dataclass
-class A2ad:
-    client: TestClient[web.Request, web.Application]
-    daemon: Daemon
-
-    async def send(self, workspace: str, text: str, *, message_id: str | None = None,
-                   method: str = "message/send", rpc_id: Any = 1,
-                   headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-        message: dict[str, Any] = {"role": "user", "parts": [{"kind": "text", "text": text}]}
-        if headers and headers.get("A2A-Version", "").startswith("1"):
-            message = {"role": "ROLE_USER", "parts": [{"text": text}]}
-        if message_id:
-            message["messageId"] = message_id
-        body = {"jsonrpc": "2.0", "id": rpc_id, "method": method,
-                "params": {"message": message}}
-        resp = await self.client.post(f"/workspaces/{workspace}/a2a", json=body,
-                                      headers=headers or {})
-        return resp.status, await resp.json()
-
-    async def rpc(self, workspace: str, method: str, params: dict[str, Any],
-                  headers: dict[str, str] | None = None) -> dict[str, Any]:
-        body = {"jsonrpc": "2.0", "id": 7, "method": method, "params": params}
-        resp = await self.client.post(f"/workspaces/{workspace}/a2a", json=body,
-                                      headers=headers or {})
-        assert resp.status == 200, await resp.text()
-        data: dict[str, Any] = await resp.json()
-        return data
-
-    async def item(self, qid: str, wait: float = 0, headers: dict[str, str] | None = None
-                   ) -> dict[str, Any]:
-        resp = await self.client.get(f"/queue/{qid}", params={"wait": str(wait)},
-                                     headers=headers or {})
-        assert resp.status == 200, await resp.text()
-        data: dict[str, Any] = await resp.json()
-        return data
-
-    async def final(self, qid: str, timeout: float = 10.0) -> dict[str, Any]:
-        item = await self.item(qid, wait=timeout)
-        assert item["state"] not in ("queued", "dispatching"), item
-        return item
-
-
-def make_settings(tmp_path: Path, workspaces: list[dict[str, Any]],
-                  **sections: dict[str, Any]) -> Settings:
-    data: dict[str, Any] = {"store": {"path": str(tmp_path / "a2ad.db")},
-                            "workspaces": workspaces}
-    for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values}
-    return Settings(**data)
-
-
 @pytest.fixture
 async def a2ad_factory(
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
     tmp_path: Path,
 ) -> Callable[..., Awaitable[A2ad]]:
-    async def make(workspaces: list[dict[str, Any]], **sections: dict[str, Any]) -> A2ad:
+    async def make(
+        workspaces: list[dict[str, Any]], clock: Clock | None = None, **sections: dict[str, Any]
+    ) -> A2ad:
         settings = make_settings(tmp_path, workspaces, **sections)
-        app = create_app(settings)
+        app = create_app(settings, clock=clock)
         client = await aiohttp_client(app)
         return A2ad(client, app[DAEMON])
 
     return make
-
-
-def jsonrpc_task(data: dict[str, Any]) -> dict[str, Any]:
-    """The Task in a send's result, either protocol."""
-    result: dict[str, Any] = data["result"]
-    return result.get("task", result)
-
-
-def dumps(value: Any) -> bytes:
-    return json.dumps(value).encode()
