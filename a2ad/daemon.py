@@ -12,6 +12,7 @@ from .auth import Auth
 from .clock import Clock
 from .delivery import Dispatcher
 from .errors import StoreUnavailable
+from . import systemd
 from .settings import Settings
 from .store import Store, StoreLock
 from .upstream import Upstream
@@ -74,7 +75,13 @@ class Daemon:
                 self._every(RETENTION_EVERY_SECONDS, self._retention), name="a2ad-retention"
             ),
         ]
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            self._loops.append(
+                asyncio.create_task(systemd.watchdog(interval), name="a2ad-watchdog")
+            )
         self.loops_running = True
+        systemd.notify("READY=1")
         log.info(
             "a2ad ready: %d workspaces, store %s", len(self.registry), self.settings.store.path
         )
@@ -82,6 +89,7 @@ class Daemon:
     async def stop(self) -> None:
         """Stop claiming, let deliveries finish within the grace period, close the store."""
         self.loops_running = False
+        systemd.notify("STOPPING=1")
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)

@@ -145,8 +145,11 @@ class Dispatcher:
             raise QueueFull(
                 f"a2ad holds {q.max_depth} items (queue.max_depth); try again later", retry_after=5
             )
-        # Counted before the write, so concurrent sends cannot overshoot a cap.
+        # Counted before the write, so concurrent sends cannot overshoot a cap,
+        # and each learns its place in the order the store will commit them.
         ws.queued[new.priority] = ws.queued.get(new.priority, 0) + 1
+        depth = ws.queued_total
+        position = sum(n for p, n in ws.queued.items() if p >= new.priority)
         try:
             done: Enqueued = await self.store.enqueue(
                 new, now=self.clock.now(), replay_window=q.replay_window_seconds
@@ -156,9 +159,9 @@ class Dispatcher:
             raise
         if not done.created:
             ws.queued[new.priority] -= 1
+            depth, position = ws.queued_total, 0
         ws.wakeup.set()
-        position = sum(n for p, n in ws.queued.items() if p >= done.item.priority)
-        return Queued(done.item, done.created, ws.queued_total, position)
+        return Queued(done.item, done.created, depth, position)
 
     # -- the direct path -------------------------------------------------------
 

@@ -1,0 +1,55 @@
+# a2ad: the two commands are `make run` and `make test`; everything they need
+# is installed into .venv from pyproject.toml.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+PORT ?= 8470
+AGENT_PORT ?= 9001
+
+.PHONY: install run test lint typecheck format unit integration acceptance clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "a2ad needs Python 3.11 or newer (found $$($(BIN)/python -V))"; exit 1; }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## run: a2ad on a2ad.toml with the demo agent beside it; Ctrl-C stops both.
+run: install
+	@mkdir -p var
+	@trap 'kill $$agent 2>/dev/null; wait $$agent 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/python -m a2ad.demo_agent --port $(AGENT_PORT) --delay 2 \
+		--a2ad http://127.0.0.1:$(PORT) --workspace demo --token demo-heartbeat-token & agent=$$!; \
+	echo; \
+	echo "a2ad on http://127.0.0.1:$(PORT), the demo agent on http://127.0.0.1:$(AGENT_PORT)"; \
+	echo "Send a first message:"; \
+	echo "  curl -s http://127.0.0.1:$(PORT)/workspaces/demo/a2a -H 'Content-Type: application/json' \\"; \
+	echo "    -d '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"message/send\",\"params\":{\"message\":{\"role\":\"user\",\"messageId\":\"m-1\",\"parts\":[{\"kind\":\"text\",\"text\":\"hello\"}]}}}'"; \
+	echo; \
+	$(BIN)/a2ad serve --config a2ad.toml
+
+## test: lint, type checks, then every test tier.
+test: install lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check a2ad tests bench
+	$(BIN)/ruff format --check a2ad tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format a2ad tests bench
+	$(BIN)/ruff check --fix a2ad tests bench
+
+unit integration acceptance: install
+	$(BIN)/python -m pytest -q tests/$@
+
+clean:
+	rm -rf $(VENV) var dist build *.egg-info .mypy_cache .ruff_cache .pytest_cache
