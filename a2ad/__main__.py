@@ -85,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=server.port,
             print=None,
             shutdown_timeout=server.shutdown_grace_seconds,
+            # A caller that leaves ends its handler, so a relayed stream frees its slot.
+            handler_cancellation=True,
             access_log=None,
         )
     except OSError as exc:

@@ -297,3 +297,167 @@ def convert_task(agent_task: dict[str, Any], protocol: Protocol) -> dict[str, An
             artifacts.append(artifact)
         out["artifacts"] = artifacts
     return out
+
+
+# -- stream events -------------------------------------------------------------
+# Inside a2ad an event is held in the v0.3 shape (a dict with "kind"); it is
+# written in the caller's shape on the way out.
+
+INTERRUPTED_TASK_STATES = frozenset({"input-required", "auth-required"})
+
+
+def is_final_state(state: str) -> bool:
+    key = canonical_state(state)
+    return key in FINAL_TASK_STATES or key in INTERRUPTED_TASK_STATES
+
+
+def read_event(result: Any) -> dict[str, Any] | None:
+    """An agent's stream result (either protocol) → an event in the v0.3 shape."""
+    if not isinstance(result, dict):
+        return None
+    for key, kind in (
+        ("task", "task"),
+        ("message", "message"),
+        ("statusUpdate", "status-update"),
+        ("artifactUpdate", "artifact-update"),
+    ):
+        if isinstance(result.get(key), dict):
+            return to_v03({**result[key], "kind": kind})
+    if result.get("kind") in ("task", "message", "status-update", "artifact-update"):
+        return to_v03(result)
+    return None
+
+
+def to_v03(event: dict[str, Any]) -> dict[str, Any]:
+    kind = event["kind"]
+    if kind == "task":
+        return convert_task(event, "0.3")
+    if kind == "message":
+        return convert_message(event, "0.3")
+    out = dict(event)
+    if kind == "status-update":
+        status = dict(out.get("status") or {})
+        status["state"] = state_name(str(status.get("state", "unknown")), "0.3")
+        if isinstance(status.get("message"), dict):
+            status["message"] = convert_message(status["message"], "0.3")
+        out["status"] = status
+        out["final"] = bool(out.get("final")) or is_final_state(status["state"])
+    elif isinstance(out.get("artifact"), dict):
+        artifact = dict(out["artifact"])
+        if isinstance(artifact.get("parts"), list):
+            artifact["parts"] = [_convert_part(p, "0.3") for p in artifact["parts"]]
+        out["artifact"] = artifact
+    return out
+
+
+def write_event(event: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
+    """A v0.3-shaped event as a stream result in the caller's protocol."""
+    if protocol == "0.3":
+        return event
+    kind = event["kind"]
+    if kind == "task":
+        return {"task": convert_task(event, "1.0")}
+    if kind == "message":
+        return {"message": convert_message(event, "1.0")}
+    body = {k: v for k, v in event.items() if k not in ("kind", "final")}
+    if kind == "status-update":
+        status = dict(body.get("status") or {})
+        status["state"] = state_name(str(status.get("state", "unknown")), "1.0")
+        if isinstance(status.get("message"), dict):
+            status["message"] = convert_message(status["message"], "1.0")
+        body["status"] = status
+        return {"statusUpdate": body}
+    if isinstance(body.get("artifact"), dict) and isinstance(body["artifact"].get("parts"), list):
+        body["artifact"] = {
+            **body["artifact"],
+            "parts": [_convert_part(p, "1.0") for p in body["artifact"]["parts"]],
+        }
+    return {"artifactUpdate": body}
+
+
+def status_event(
+    task_id: str, context_id: str, state: str, *, at: float, message: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    status: dict[str, Any] = {"state": state_name(state, "0.3"), "timestamp": timestamp(at)}
+    if message is not None:
+        status["message"] = convert_message(message, "0.3")
+    return {
+        "kind": "status-update",
+        "taskId": task_id,
+        "contextId": context_id,
+        "status": status,
+        "final": is_final_state(state),
+    }
+
+
+def relabel(
+    event: dict[str, Any], task_id: str, context_id: str, *, at: float
+) -> list[dict[str, Any]]:
+    """An agent's event as events of a2ad's one Task (the queue id): its Task event
+    becomes a status-update plus artifact-updates, its Message a COMPLETED status."""
+    kind = event["kind"]
+    if kind == "task":
+        status = dict(event.get("status") or {"state": "working"})
+        out = [
+            {
+                "kind": "status-update",
+                "taskId": task_id,
+                "contextId": context_id,
+                "status": status,
+                "final": is_final_state(str(status.get("state", ""))),
+            }
+        ]
+        for artifact in event.get("artifacts") or []:
+            out.insert(
+                len(out) - 1,
+                {
+                    "kind": "artifact-update",
+                    "taskId": task_id,
+                    "contextId": context_id,
+                    "artifact": artifact,
+                },
+            )
+        return out
+    if kind == "message":
+        return [status_event(task_id, context_id, "completed", at=at, message=event)]
+    return [{**event, "taskId": task_id, "contextId": context_id}]
+
+
+class TaskAssembler:
+    """Builds the final Task from an agent's stream events (the stored result)."""
+
+    def __init__(self, task_id: str, context_id: str) -> None:
+        self.task: dict[str, Any] = {
+            "kind": "task",
+            "id": task_id,
+            "contextId": context_id,
+            "status": {"state": "working"},
+        }
+
+    def add(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        if kind == "task":
+            self.task = dict(event)
+        elif kind == "message":
+            self.task["status"] = {"state": "completed", "message": event}
+        elif kind == "status-update":
+            self.task["status"] = event.get("status") or self.task["status"]
+            for key, field in (("taskId", "id"), ("contextId", "contextId")):
+                if isinstance(event.get(key), str):
+                    self.task[field] = event[key]
+        elif kind == "artifact-update" and isinstance(event.get("artifact"), dict):
+            self._artifact(event["artifact"], bool(event.get("append")))
+
+    def _artifact(self, artifact: dict[str, Any], append: bool) -> None:
+        artifacts: list[dict[str, Any]] = list(self.task.get("artifacts") or [])
+        for i, known in enumerate(artifacts):
+            if known.get("artifactId") == artifact.get("artifactId"):
+                if append:
+                    parts = list(known.get("parts") or []) + list(artifact.get("parts") or [])
+                    artifacts[i] = {**known, "parts": parts}
+                else:
+                    artifacts[i] = artifact
+                break
+        else:
+            artifacts.append(artifact)
+        self.task["artifacts"] = artifacts

@@ -91,6 +91,10 @@ def create_app(
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
     app.router.add_post("/workspaces/{workspace}/a2a", proxy.handle_rpc)
+    for card_path in ("agent-card.json", "agent.json"):
+        app.router.add_get(
+            f"/workspaces/{{workspace}}/a2a/.well-known/{card_path}", proxy.handle_card
+        )
     app.router.add_post("/workspaces/{workspace}/heartbeat", proxy.handle_heartbeat)
     app.router.add_get("/workspaces", admin.list_workspaces)
     app.router.add_get("/workspaces/{workspace}", admin.get_workspace)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from .auth import Auth
+from .cards import Cards
 from .clock import Clock
 from .delivery import Dispatcher
 from .errors import StoreUnavailable
@@ -42,6 +43,7 @@ class Daemon:
         for ws in settings.workspaces:
             self.registry.add(ws)
         self.auth = Auth(settings)
+        self.cards = Cards(settings.server.base_url, self.clock)
         self.upstream = Upstream(max_result_bytes=settings.server.max_result_bytes)
         self.dispatcher = Dispatcher(settings, self.store, self.registry, self.upstream, self.clock)
         self._loops: list[asyncio.Task[None]] = []

@@ -14,7 +14,8 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 from dataclasses import dataclass
 
 from . import a2a
@@ -22,7 +23,7 @@ from .clock import Clock
 from .errors import QueueFull, StoreUnavailable
 from .settings import Settings
 from .store import Enqueued, Item, NewItem, Store
-from .upstream import Answer, Outcome, Upstream
+from .upstream import Answer, Opened, Outcome, Upstream, connection_failure, iter_sse
 from .workspaces import Registry, Workspace
 
 log = logging.getLogger("a2ad.delivery")
@@ -84,6 +85,7 @@ class Dispatcher:
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._deliveries: set[asyncio.Task[None]] = set()
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
         self._wake_at: dict[str, float] = {}
         self._stopping = False
 
@@ -165,27 +167,55 @@ class Dispatcher:
 
     # -- the direct path -------------------------------------------------------
 
-    async def send_direct(self, ws: Workspace, body: bytes, headers: Mapping[str, str]) -> Answer:
-        """Forward a message send in a slot of its own; its end frees the slot at once."""
+    @contextlib.asynccontextmanager
+    async def open_direct(
+        self, ws: Workspace, body: bytes, headers: Mapping[str, str], *, stream: bool = False
+    ) -> AsyncIterator[Opened]:
+        """Forward a message send in a slot of its own. The slot is held while the
+        block runs (a relayed stream) and is free again, at once, when it ends."""
         ws.in_flight += 1
+        opened: Opened | None = None
         try:
-            answer = await self.upstream.send(ws.config, body, headers)
+            opened = await self.upstream.open(ws.config, body, headers, stream=stream)
+            now = self.clock.now()
+            answer = opened.answer
+            if answer is not None and answer.outcome is Outcome.BUSY:
+                ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
+            elif opened.stream is not None or (answer is not None and answer.reached_agent):
+                ws.note_answer(now)
+            yield opened
         finally:
+            if opened is not None and opened.stream is not None:
+                opened.stream.release()
             ws.in_flight -= 1
-        now = self.clock.now()
-        if answer.outcome is Outcome.BUSY:
-            ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
-        elif answer.reached_agent:
-            ws.note_answer(now)
-        ws.wakeup.set()
-        return answer
+            ws.wakeup.set()
 
     # -- results -------------------------------------------------------------
 
     def notify(self, item_id: str) -> None:
+        """The item is final: wake its waiters and end its streams."""
         for future in self._waiters.pop(item_id, ()):
             if not future.done():
                 future.set_result(None)
+        for queue in self._subscribers.get(item_id, ()):
+            queue.put_nowait(None)
+
+    def subscribe(self, item_id: str) -> asyncio.Queue[dict[str, Any] | None]:
+        """Events of the item's one Task (v0.3 shape), then None when it is final."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._subscribers.setdefault(item_id, set()).add(queue)
+        return queue
+
+    def unsubscribe(self, item_id: str, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        queues = self._subscribers.get(item_id)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self._subscribers[item_id]
+
+    def publish(self, item_id: str, event: dict[str, Any]) -> None:
+        for queue in self._subscribers.get(item_id, ()):
+            queue.put_nowait(event)
 
     async def wait_final(self, item_id: str, seconds: float) -> Item | None:
         """The item, once final or after `seconds` (None if it does not exist)."""
@@ -286,6 +316,9 @@ class Dispatcher:
         ws.in_flight += 1
         ws.queued[item.priority] = max(0, ws.queued.get(item.priority, 0) - 1)
         ws.dispatching += 1
+        if self._subscribers.get(item.id):
+            event = a2a.status_event(item.id, item.context_id or "", "working", at=self.clock.now())
+            self.publish(item.id, event)
         task = asyncio.create_task(self._deliver(ws, item), name=f"a2ad-deliver-{item.id}")
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
@@ -308,7 +341,10 @@ class Dispatcher:
             headers.setdefault("Content-Type", "application/json")
             if item.request_id:
                 headers["X-Request-Id"] = item.request_id
-            answer = await self.upstream.send(ws.config, item.body, headers)
+            if item.method in a2a.STREAM_METHODS:
+                answer = await self._send_stream(ws, item, headers)
+            else:
+                answer = await self.upstream.send(ws.config, item.body, headers)
             renewer.cancel()
             now = self.clock.now()
             if answer.outcome is Outcome.BUSY:
@@ -392,6 +428,43 @@ class Dispatcher:
             attempt_used=True,
             last_error=answer.error,
         )
+
+    async def _send_stream(self, ws: Workspace, item: Item, headers: dict[str, str]) -> Answer:
+        """Deliver a streaming send: relay the agent's events to the item's
+        subscribers under the queue id, and keep the Task they add up to."""
+        opened = await self.upstream.open(ws.config, item.body, headers, stream=True)
+        if opened.answer is not None:
+            return opened.answer
+        assert opened.stream is not None
+        context_id = item.context_id or ""
+        assembler = a2a.TaskAssembler(item.agent_task_id or "", context_id)
+        try:
+            async for data in iter_sse(opened.stream):
+                try:
+                    message = json.loads(data)
+                except ValueError:
+                    log.warning("item %s: the agent sent an event that is not JSON", item.id)
+                    continue
+                if isinstance(message, dict) and isinstance(message.get("error"), dict):
+                    return Answer(Outcome.FINAL, 200, json.dumps(message).encode())
+                event = a2a.read_event(message.get("result") if isinstance(message, dict) else None)
+                if event is None:
+                    continue
+                assembler.add(event)
+                for relabelled in a2a.relabel(event, item.id, context_id, at=self.clock.now()):
+                    self.publish(item.id, relabelled)
+        except Exception as exc:
+            return connection_failure(exc, ws.config.request_timeout_seconds)
+        finally:
+            opened.stream.release()
+        try:
+            rpc_id = json.loads(item.body).get("id")
+        except (ValueError, AttributeError):
+            rpc_id = None
+        result = json.dumps(a2a.rpc_result(rpc_id, assembler.task)).encode()
+        if len(result) > self.upstream.max_result_bytes:
+            return Answer(Outcome.FINAL, 200, too_large=True)
+        return Answer(Outcome.FINAL, 200, result)
 
     def backoff(self, attempts: int) -> float:
         """Exponential backoff with full jitter in its upper half."""

@@ -112,6 +112,12 @@ class StoreUnavailable(A2adError):
     status, code = 503, "store_unavailable"
 
 
+class CardUnavailable(A2adError):
+    """The agent has not served its card yet."""
+
+    status, code = 503, "card_unavailable"
+
+
 class UpstreamTimeout(A2adError):
     """The agent did not answer in time."""
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientError, ClientResponse, web
 from multidict import CIMultiDictProxy
 
 from . import a2a
 from .daemon import DAEMON, Daemon
 from .errors import (
     BodyTooLarge,
+    CardUnavailable,
     InvalidBody,
     InvalidHeader,
     QueueFull,
@@ -118,6 +121,11 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
             return await _get_task(daemon, rpc, caller, protocol)
         if rpc.method in a2a.CANCEL_TASK_METHODS:
             return await _cancel_task(request, daemon, ws, rpc, caller, protocol)
+        if rpc.method in a2a.SUBSCRIBE_METHODS:
+            item = await _find_item(daemon, rpc.task_id or "", caller)
+            if item is None:
+                return _task_not_found(rpc)
+            return await _item_stream(request, daemon, item, rpc, protocol)
     return await _forward(request, daemon, ws, rpc, body, raw, caller)
 
 
@@ -130,24 +138,17 @@ async def _send_message(
     caller: str,
     protocol: a2a.Protocol,
 ) -> web.StreamResponse:
-    if rpc.is_stream:
-        # Streaming lands with the interop work; say so plainly rather than half-do it.
-        return json_response(
-            a2a.rpc_error(
-                rpc.id,
-                -32004,
-                "streaming through a2ad is not supported yet; use "
-                "SendMessage / message/send (the a2a-sdk client: ClientConfig(streaming=False))",
-            )
-        )
     options = read_options(request.headers)
     request_id = request[REQUEST_ID]
     now = daemon.clock.now()
     busy_answers = 0
     if ws.goes_direct(now) and not await _live_duplicate(daemon, ws, caller, rpc):
-        answer = await daemon.dispatcher.send_direct(
-            ws, raw, forwarded_headers(request.headers, request_id)
-        )
+        headers = forwarded_headers(request.headers, request_id)
+        async with daemon.dispatcher.open_direct(ws, raw, headers, stream=rpc.is_stream) as opened:
+            if opened.stream is not None:
+                return await _relay_stream(request, opened.stream, ws)
+            answer = opened.answer
+            assert answer is not None
         if answer.outcome is Outcome.FINAL:
             return relay(answer)
         if answer.outcome is Outcome.FAILURE:
@@ -184,16 +185,107 @@ async def _send_message(
     )
     queued = await daemon.dispatcher.enqueue(ws, new)
     item = queued.item
+    if queued.created:
+        log.info(
+            "request %s queued as %s for %s (position %d)",
+            request_id,
+            item.id,
+            ws.id,
+            queued.position,
+        )
+    queue_info = {"queued": True, "queue_depth": queued.depth, "position": queued.position}
+    if rpc.is_stream:
+        return await _item_stream(request, daemon, item, rpc, protocol, queue_info)
     if not queued.created and item.state == "delivered":
         return _replay(item, rpc)
-    log.info(
-        "request %s queued as %s for %s (position %d)", request_id, item.id, ws.id, queued.position
-    )
     task = item_task(item, protocol)
-    task["metadata"]["a2ad"].update(
-        {"queued": True, "queue_depth": queued.depth, "position": queued.position}
-    )
+    task["metadata"]["a2ad"].update(queue_info)
     return json_response(a2a.rpc_result(rpc.id, a2a.send_result(task, protocol)), status=202)
+
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+KEEPALIVE_SECONDS = 15.0
+
+
+async def _relay_stream(
+    request: web.Request, upstream: ClientResponse, ws: Workspace
+) -> web.StreamResponse:
+    """The agent's event stream, byte for byte as it arrives (comments and
+    keep-alives included). A caller that leaves ends the agent request."""
+    response = web.StreamResponse(
+        status=200, headers={**SSE_HEADERS, "Content-Type": upstream.headers["Content-Type"]}
+    )
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+    except ConnectionResetError:
+        log.info("request %s: the caller left a stream from %s", request[REQUEST_ID], ws.id)
+        return response
+    except (ClientError, TimeoutError) as exc:
+        log.warning("request %s: the stream from %s broke: %s", request[REQUEST_ID], ws.id, exc)
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response
+
+
+def _sse(rpc_id: Any, result: Any) -> bytes:
+    return b"data: " + json.dumps(a2a.rpc_result(rpc_id, result)).encode() + b"\n\n"
+
+
+async def _item_stream(
+    request: web.Request,
+    daemon: Daemon,
+    item: Item,
+    rpc: a2a.RpcRequest,
+    protocol: a2a.Protocol,
+    queue_info: dict[str, Any] | None = None,
+) -> web.StreamResponse:
+    """A queue item as one Task's event stream: its Task now, a status-update when
+    delivery starts, the agent's events under the queue id, and a final
+    status-update if it fails, expires or is cancelled. A caller that leaves
+    loses nothing: delivery goes on and the result is kept."""
+    dispatcher = daemon.dispatcher
+    events = dispatcher.subscribe(item.id)
+    try:
+        # Read again after subscribing, so no change falls between the two.
+        item = await daemon.store.get(item.id) or item
+        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        await response.prepare(request)
+        snapshot = item_task(item, "0.3")
+        if queue_info:
+            snapshot["metadata"]["a2ad"].update(queue_info)
+        await response.write(_sse(rpc.id, a2a.write_event(snapshot, protocol)))
+        final_sent = item.is_final
+        while not final_sent:
+            try:
+                event = await asyncio.wait_for(events.get(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if event is None:
+                final = await daemon.store.get(item.id)
+                if final is None:
+                    break
+                task = item_task(final, "0.3")
+                event = a2a.status_event(
+                    item.id,
+                    task["contextId"],
+                    task["status"]["state"],
+                    at=final.updated_at,
+                    message=task["status"].get("message"),
+                )
+                event["final"] = True
+                if task.get("metadata"):
+                    event["metadata"] = task["metadata"]
+            await response.write(_sse(rpc.id, a2a.write_event(event, protocol)))
+            final_sent = bool(event.get("final"))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("request %s: the caller left the stream of %s", request[REQUEST_ID], item.id)
+    finally:
+        dispatcher.unsubscribe(item.id, events)
+    return response
 
 
 async def _live_duplicate(daemon: Daemon, ws: Workspace, caller: str, rpc: a2a.RpcRequest) -> bool:
@@ -317,6 +409,29 @@ async def _agent_ids(daemon: Daemon, body: Any, caller: str) -> dict[str, Any] |
     if not changed:
         return None
     return {**body, "params": new_params}
+
+
+# -- GET /workspaces/{id}/a2a/.well-known/agent-card.json -----------------------
+
+
+async def handle_card(request: web.Request) -> web.StreamResponse:
+    """The agent's card, pointing at a2ad; no token needed, as for the agent itself."""
+    daemon = request.app[DAEMON]
+    ws = daemon.registry.get(request.match_info["workspace"])
+    headers = {
+        k: request.headers[k] for k in ("A2A-Version", "A2A-Extensions") if k in request.headers
+    }
+    card = await daemon.cards.get(daemon.upstream.session, ws, headers)
+    if card is None:
+        raise CardUnavailable(
+            f"workspace {ws.id!r}: the agent has not served its card yet"
+            f" ({ws.config.url} is not answering); try again when it is up",
+            retry_after=5,
+        )
+    cache = {"ETag": card.etag, "Cache-Control": "no-cache"}
+    if card.etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=cache)
+    return web.Response(body=card.body, content_type="application/json", headers=cache)
 
 
 # -- POST /workspaces/{id}/heartbeat -------------------------------------------

@@ -8,7 +8,7 @@ import email.utils
 import errno
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -69,6 +69,35 @@ def _is_jsonrpc_response(body: bytes) -> bool:
     return isinstance(data, dict) and ("result" in data or "error" in data)
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """What `Upstream.open` got: a classified answer, or an open event stream."""
+
+    answer: Answer | None
+    stream: aiohttp.ClientResponse | None = None
+
+
+def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
+    return resp.headers.get("Content-Type", "").startswith("text/event-stream")
+
+
+def connection_failure(exc: BaseException, limit: float) -> Answer:
+    """Classify an exception from talking to the agent (SPEC, Delivery)."""
+    if isinstance(exc, TimeoutError):
+        return Answer(Outcome.FAILURE, timed_out=True, error=f"no answer within {limit:g} s")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return Answer(Outcome.BUSY, refused=True, error=f"cannot connect: {exc.os_error}")
+    if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.EPIPE:
+        # A write that failed with a broken pipe never delivered the body:
+        # the agent did not see the message, so it is busy, not failed.
+        return Answer(Outcome.BUSY, refused=True, error=f"connection reset: {exc}")
+    if isinstance(exc, (aiohttp.ClientError, asyncio.IncompleteReadError)):
+        # Closed after the body was sent: the agent may have crashed on this
+        # very message, so this uses an attempt.
+        return Answer(Outcome.FAILURE, error=f"connection lost: {exc or type(exc).__name__}")
+    raise exc
+
+
 class Upstream:
     """The one aiohttp client session a2ad uses to reach agents."""
 
@@ -104,44 +133,56 @@ class Upstream:
         expect_jsonrpc: bool = True,
     ) -> Answer:
         """POST one JSON-RPC request to the agent and classify what comes back."""
-        timeout = aiohttp.ClientTimeout(total=workspace.request_timeout_seconds)
+        opened = await self.open(workspace, body, headers, expect_jsonrpc=expect_jsonrpc)
+        assert opened.answer is not None
+        return opened.answer
+
+    async def open(
+        self,
+        workspace: WorkspaceSettings,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        stream: bool = False,
+        expect_jsonrpc: bool = True,
+    ) -> Opened:
+        """POST to the agent. With `stream`, an event-stream answer comes back open
+        (the caller reads and releases it); anything else is read and classified."""
+        limit = workspace.request_timeout_seconds
+        # A stream may run long: the agent must only never go quiet for `limit`.
+        timeout = (
+            aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)
+            if stream
+            else aiohttp.ClientTimeout(total=limit)
+        )
         try:
-            async with self.session.post(
+            resp = await self.session.post(
                 workspace.url,
                 data=body,
                 headers=dict(headers),
                 timeout=timeout,
                 allow_redirects=False,
-            ) as resp:
-                status = resp.status
-                content_type = resp.headers.get("Content-Type", "application/json")
-                if status in (429, 503):
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
-                    return Answer(
-                        Outcome.BUSY,
-                        status,
-                        retry_after=retry_after,
-                        error=f"agent busy (HTTP {status})",
-                    )
-                payload, too_large = await self._read_limited(resp)
-        except TimeoutError:
-            return Answer(
-                Outcome.FAILURE,
-                timed_out=True,
-                error=f"no answer within {workspace.request_timeout_seconds:g} s",
             )
-        except aiohttp.ClientConnectorError as exc:
-            return Answer(Outcome.BUSY, refused=True, error=f"cannot connect: {exc.os_error}")
-        except aiohttp.ClientOSError as exc:
-            # A write that failed with a broken pipe never delivered the body:
-            # the agent did not see the message, so it is busy, not failed.
-            if exc.errno == errno.EPIPE:
-                return Answer(Outcome.BUSY, refused=True, error=f"connection reset: {exc}")
-            return Answer(Outcome.FAILURE, error=f"connection lost: {exc}")
-        except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
-            # Closed after the body was sent: the agent may have crashed on
-            # this very message, so this uses an attempt.
-            return Answer(Outcome.FAILURE, error=f"connection lost: {exc or type(exc).__name__}")
+        except Exception as exc:
+            return Opened(connection_failure(exc, limit))
+        if stream and resp.status == 200 and is_event_stream(resp):
+            return Opened(None, resp)
+        try:
+            return Opened(await self._classify(resp, expect_jsonrpc))
+        except Exception as exc:
+            return Opened(connection_failure(exc, limit))
+        finally:
+            resp.release()
+
+    async def _classify(self, resp: aiohttp.ClientResponse, expect_jsonrpc: bool) -> Answer:
+        status = resp.status
+        content_type = resp.headers.get("Content-Type", "application/json")
+        if status in (429, 503):
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+            return Answer(
+                Outcome.BUSY, status, retry_after=retry_after, error=f"agent busy (HTTP {status})"
+            )
+        payload, too_large = await self._read_limited(resp)
         if status in (502, 504):
             return Answer(
                 Outcome.FAILURE,
@@ -180,3 +221,19 @@ class Upstream:
                 return b"", True
             chunks.append(chunk)
         return b"".join(chunks), False
+
+
+async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    """The `data` of each server-sent event, as the agent sends them."""
+    data: list[str] = []
+    async for raw in resp.content:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        # Comments (":"), event names and ids carry nothing a2ad needs here.
+    if data:
+        yield "\n".join(data)
