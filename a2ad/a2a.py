@@ -145,8 +145,11 @@ def canonical_state(name: str) -> str:
     return _STATE_FROM_ANY.get(name, "unknown")
 
 
+CONTEXT_PREFIX = "ctx-"  # marks the context ids a2ad makes, so only those are looked up
+
+
 def new_context_id() -> str:
-    return str(uuid.uuid4())
+    return CONTEXT_PREFIX + uuid.uuid4().hex
 
 
 def text_message(

@@ -8,12 +8,12 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from . import systemd
 from .auth import Auth
 from .cards import Cards
 from .clock import Clock
 from .delivery import Dispatcher
 from .errors import StoreUnavailable
-from . import systemd
 from .settings import Settings
 from .store import Store, StoreLock
 from .upstream import Upstream

@@ -15,8 +15,8 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from . import a2a
 from .clock import Clock
@@ -164,6 +164,48 @@ class Dispatcher:
             depth, position = ws.queued_total, 0
         ws.wakeup.set()
         return Queued(done.item, done.created, depth, position)
+
+    # -- the agent's ids ---------------------------------------------------------
+
+    async def agent_ids(self, body: Any, caller: str) -> dict[str, Any] | None:
+        """The request with queue ids, and the context ids a2ad made, replaced by the
+        agent's own ids; None when nothing names them. Only the caller's own items."""
+        params = body.get("params") if isinstance(body, dict) else None
+        if not isinstance(params, dict):
+            return None
+        new_params = dict(params)
+        message = params.get("message")
+        new_message = dict(message) if isinstance(message, dict) else None
+        changed = False
+        for holder in (new_params, new_message):
+            if holder is None:
+                continue
+            for key in ("id", "taskId", "contextId"):
+                value = holder.get(key)
+                if not isinstance(value, str):
+                    continue
+                if key == "contextId" and value.startswith(a2a.CONTEXT_PREFIX):
+                    mapped = await self.store.agent_context(value, caller)
+                elif key != "contextId" and value.startswith("q-"):
+                    item = await self.store.get(value)
+                    ok = item is not None and item.caller == caller
+                    mapped = item.agent_task_id if ok and item is not None else None
+                else:
+                    continue
+                if mapped:
+                    holder[key] = mapped
+                    changed = True
+        if not changed:
+            return None
+        if new_message is not None:
+            new_params["message"] = new_message
+        return {**body, "params": new_params}
+
+    async def body_for_agent(self, raw: bytes, body: Any, caller: str) -> bytes:
+        """`raw`, unless it names ids the agent knows by other names (stored bodies
+        are never rewritten; this is what goes on the wire)."""
+        rewritten = await self.agent_ids(body, caller)
+        return raw if rewritten is None else json.dumps(rewritten).encode()
 
     # -- the direct path -------------------------------------------------------
 
@@ -341,10 +383,11 @@ class Dispatcher:
             headers.setdefault("Content-Type", "application/json")
             if item.request_id:
                 headers["X-Request-Id"] = item.request_id
+            body = await self.body_for_agent(item.body, json.loads(item.body), item.caller)
             if item.method in a2a.STREAM_METHODS:
-                answer = await self._send_stream(ws, item, headers)
+                answer = await self._send_stream(ws, item, body, headers)
             else:
-                answer = await self.upstream.send(ws.config, item.body, headers)
+                answer = await self.upstream.send(ws.config, body, headers)
             renewer.cancel()
             now = self.clock.now()
             if answer.outcome is Outcome.BUSY:
@@ -429,10 +472,12 @@ class Dispatcher:
             last_error=answer.error,
         )
 
-    async def _send_stream(self, ws: Workspace, item: Item, headers: dict[str, str]) -> Answer:
+    async def _send_stream(
+        self, ws: Workspace, item: Item, body: bytes, headers: dict[str, str]
+    ) -> Answer:
         """Deliver a streaming send: relay the agent's events to the item's
         subscribers under the queue id, and keep the Task they add up to."""
-        opened = await self.upstream.open(ws.config, item.body, headers, stream=True)
+        opened = await self.upstream.open(ws.config, body, headers, stream=True)
         if opened.answer is not None:
             return opened.answer
         assert opened.stream is not None

@@ -115,7 +115,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
     rpc = a2a.parse_request(body)
     protocol = a2a.protocol_of(request.headers)
     if rpc.is_message:
-        return await _send_message(request, daemon, ws, rpc, raw, caller, protocol)
+        return await _send_message(request, daemon, ws, rpc, raw, body, caller, protocol)
     if is_queue_id(rpc.task_id):
         if rpc.method in a2a.GET_TASK_METHODS:
             return await _get_task(daemon, rpc, caller, protocol)
@@ -135,6 +135,7 @@ async def _send_message(
     ws: Workspace,
     rpc: a2a.RpcRequest,
     raw: bytes,
+    body: dict[str, Any],
     caller: str,
     protocol: a2a.Protocol,
 ) -> web.StreamResponse:
@@ -144,7 +145,10 @@ async def _send_message(
     busy_answers = 0
     if ws.goes_direct(now) and not await _live_duplicate(daemon, ws, caller, rpc):
         headers = forwarded_headers(request.headers, request_id)
-        async with daemon.dispatcher.open_direct(ws, raw, headers, stream=rpc.is_stream) as opened:
+        outgoing = await daemon.dispatcher.body_for_agent(raw, body, caller)
+        async with daemon.dispatcher.open_direct(
+            ws, outgoing, headers, stream=rpc.is_stream
+        ) as opened:
             if opened.stream is not None:
                 return await _relay_stream(request, opened.stream, ws)
             answer = opened.answer
@@ -369,7 +373,7 @@ async def _forward(
     caller: str,
 ) -> web.StreamResponse:
     """Any other method goes straight to the agent, queue ids swapped for the agent's."""
-    rewritten = await _agent_ids(daemon, body, caller)
+    rewritten = await daemon.dispatcher.agent_ids(body, caller)
     if rewritten is not None or raw is None:
         raw = json.dumps(rewritten if rewritten is not None else body).encode()
     answer = await daemon.upstream.send(
@@ -390,25 +394,6 @@ async def _forward(
     return web.Response(
         body=answer.body, status=answer.status, headers={"Content-Type": answer.content_type}
     )
-
-
-async def _agent_ids(daemon: Daemon, body: Any, caller: str) -> dict[str, Any] | None:
-    """The request with queue ids (and contexts a2ad made) replaced by the agent's ids."""
-    params = body.get("params") if isinstance(body, dict) else None
-    if not isinstance(params, dict):
-        return None
-    changed = False
-    new_params = dict(params)
-    for key in ("id", "taskId"):
-        value = params.get(key)
-        if isinstance(value, str) and is_queue_id(value):
-            item = await _find_item(daemon, value, caller)
-            if item is not None and item.agent_task_id:
-                new_params[key] = item.agent_task_id
-                changed = True
-    if not changed:
-        return None
-    return {**body, "params": new_params}
 
 
 # -- GET /workspaces/{id}/a2a/.well-known/agent-card.json -----------------------

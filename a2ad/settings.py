@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +16,7 @@ from pydantic_settings import (
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 ENV_PREFIX = "A2AD_"
@@ -154,13 +157,17 @@ class WorkspaceSettings(_Section):
 class _ScalarEnvSource(EnvSettingsSource):
     """A2AD_* variables for scalars only: lists (workspaces, callers) come from the file."""
 
-    def __call__(self) -> dict[str, Any]:
-        data = super().__call__()
-        data.pop("workspaces", None)
-        auth = data.get("auth")
-        if isinstance(auth, dict):
-            auth.pop("callers", None)
-        return data
+    _LIST_PREFIXES = (f"{ENV_PREFIX}workspaces", f"{ENV_PREFIX}auth{ENV_DELIMITER}callers")
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # Dropped before pydantic-settings parses them, so a stray variable is
+        # neither used nor an error. Names are compared in lower case, as read.
+        prefixes = tuple(p.lower() for p in self._LIST_PREFIXES)
+        return {
+            name: value
+            for name, value in super()._load_env_vars().items()
+            if not name.lower().startswith(prefixes)
+        }
 
 
 class Settings(BaseSettings):
@@ -269,3 +276,10 @@ def load_settings(path: str | os.PathLike[str] | None) -> Settings:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+    except SettingsError as exc:  # an A2AD_* variable that is not valid JSON for its section
+        found = re.search(r'field "([^"]+)"', str(exc))
+        name = ENV_PREFIX + (found.group(1).upper() if found else "*")
+        raise ConfigError(
+            f"environment {name}: not valid JSON for that section; set one key at a time, "
+            f"e.g. {ENV_PREFIX}SERVER{ENV_DELIMITER}PORT=8470"
+        ) from None

@@ -633,6 +633,19 @@ class Store:
 
         return await self._read(read)
 
+    async def agent_context(self, context_id: str, caller: str) -> str | None:
+        """The agent's context id for a context id a2ad made, once the agent named one."""
+
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT agent_context_id FROM items WHERE context_id = ? AND caller = ?"
+                " AND agent_context_id IS NOT NULL ORDER BY seq DESC LIMIT 1",
+                (context_id, caller),
+            ).fetchone()
+            return str(row[0]) if row is not None else None
+
+        return await self._read(read)
+
     async def list_items(
         self,
         *,

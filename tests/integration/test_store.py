@@ -96,60 +96,69 @@ async def store(db_path: Path) -> AsyncIterator[Store]:
 # -- migrations --------------------------------------------------------------
 
 
-async def test_fresh_database_gets_schema_version_1(db_path: Path) -> None:
+BUNDLED = bundled_migrations()
+LATEST = BUNDLED[-1].version
+
+
+async def test_fresh_database_gets_every_bundled_migration(db_path: Path) -> None:
     async with Store(str(db_path)) as s:
         assert await s.schema_version() == 0
         applied = await s.migrate()
-        assert [m.version for m in applied] == [1]
-        assert await s.schema_version() == 1
-    assert sql_rows(db_path, "SELECT version, name FROM schema_migrations") == [(1, "items")]
+        assert [m.version for m in applied] == [m.version for m in BUNDLED]
+        assert [m.version for m in BUNDLED] == list(range(1, LATEST + 1))
+        assert await s.schema_version() == LATEST
+    rows = sql_rows(db_path, "SELECT version, name FROM schema_migrations ORDER BY version")
+    assert rows == [(m.version, m.name) for m in BUNDLED]
+    assert rows[0] == (1, "items")
 
 
 async def test_migrate_twice_applies_nothing_the_second_time(db_path: Path) -> None:
     async with Store(str(db_path)) as s:
-        assert [m.version for m in await s.migrate()] == [1]
+        assert len(await s.migrate()) == len(BUNDLED)
         assert await s.migrate() == []
     async with Store(str(db_path)) as s:
         assert await s.migrate() == []
-        assert await s.schema_version() == 1
+        assert await s.schema_version() == LATEST
 
 
 async def test_migrations_apply_once_and_in_order_on_an_old_database(db_path: Path) -> None:
     async with Store(str(db_path)) as s:
-        await s.migrate()
+        await s.migrate(BUNDLED[:1])  # a database from the first release
         await put(s, message_id="kept")
     [(first_applied_at,)] = sql_rows(db_path, "SELECT applied_at FROM schema_migrations")
 
     extra = [
-        *bundled_migrations(),
-        # Not idempotent on purpose: applying either twice, or 3 before 2, fails.
-        Migration(2, "extra", "CREATE TABLE t2(x);"),
-        Migration(3, "more", "ALTER TABLE t2 ADD COLUMN y;"),
+        *BUNDLED,
+        # Not idempotent on purpose: applying either twice, or 102 before 101, fails.
+        Migration(101, "extra", "CREATE TABLE t2(x);"),
+        Migration(102, "more", "ALTER TABLE t2 ADD COLUMN y;"),
     ]
     async with Store(str(db_path)) as s:
         applied = await s.migrate(extra)
-        assert [(m.version, m.name) for m in applied] == [(2, "extra"), (3, "more")]
-        assert await s.schema_version() == 3
+        assert [m.version for m in applied] == [m.version for m in BUNDLED[1:]] + [101, 102]
+        assert await s.schema_version() == 102
         assert await s.migrate(extra) == []
         [old] = await s.list_items()
         assert old.message_id == "kept"
 
     rows = sql_rows(db_path, "SELECT version, name, applied_at FROM schema_migrations")
-    assert [(v, n) for v, n, _ in rows] == [(1, "items"), (2, "extra"), (3, "more")]
+    assert [v for v, _, _ in rows] == [m.version for m in BUNDLED] + [101, 102]
     assert rows[0][2] == first_applied_at  # migration 1 was not applied again
     columns = [r[1] for r in sql_rows(db_path, "PRAGMA table_info(t2)")]
     assert columns == ["x", "y"]
 
 
 async def test_a_failing_migration_leaves_no_partial_change_and_raises(db_path: Path) -> None:
-    good = Migration(2, "good", "CREATE TABLE t2(x);")
-    bad = Migration(3, "bad", "CREATE TABLE t3(x);\nINSERT INTO t2 VALUES (1);\nCREATE TABL oops;")
+    good = Migration(101, "good", "CREATE TABLE t2(x);")
+    bad = Migration(
+        102, "bad", "CREATE TABLE t3(x);\nINSERT INTO t2 VALUES (1);\nCREATE TABL oops;"
+    )
     async with Store(str(db_path)) as s:
         await s.migrate()
         with pytest.raises(sqlite3.OperationalError):
-            await s.migrate([*bundled_migrations(), good, bad])
-        # Each migration is all or nothing: 2 stands, nothing of 3 does.
-        assert await s.schema_version() == 2
+            await s.migrate([*BUNDLED, good, bad])
+        # Each migration is all or nothing: 101 stands, nothing of 102 does.
+        assert await s.schema_version() == 101
         tables = {r[0] for r in sql_rows(db_path, "SELECT name FROM sqlite_master")}
         assert "t2" in tables
         assert "t3" not in tables
@@ -157,28 +166,28 @@ async def test_a_failing_migration_leaves_no_partial_change_and_raises(db_path: 
 
         # The store still works, and the fixed migration applies afterwards.
         await put(s)
-        fixed = Migration(3, "bad", "CREATE TABLE t3(x);")
-        assert await s.migrate([*bundled_migrations(), good, fixed]) == [fixed]
-        assert await s.schema_version() == 3
+        fixed = Migration(102, "bad", "CREATE TABLE t3(x);")
+        assert await s.migrate([*BUNDLED, good, fixed]) == [fixed]
+        assert await s.schema_version() == 102
 
 
 async def test_migrate_applies_by_version_whatever_the_order_given(db_path: Path) -> None:
     async with Store(str(db_path)) as s:
         applied = await s.migrate(
             [
-                Migration(3, "more", "ALTER TABLE t2 ADD COLUMN y;"),
-                *bundled_migrations(),
-                Migration(2, "extra", "CREATE TABLE t2(x);"),
+                Migration(102, "more", "ALTER TABLE t2 ADD COLUMN y;"),
+                *BUNDLED,
+                Migration(101, "extra", "CREATE TABLE t2(x);"),
             ]
         )
-        assert [m.version for m in applied] == [1, 2, 3]
+        assert [m.version for m in applied] == [m.version for m in BUNDLED] + [101, 102]
 
 
 async def test_a_migration_name_with_a_quote_is_recorded(db_path: Path) -> None:
     async with Store(str(db_path)) as s:
         await s.migrate()
-        await s.migrate([*bundled_migrations(), Migration(2, "o'brien", "CREATE TABLE t2(x);")])
-        assert await s.schema_version() == 2
+        await s.migrate([*BUNDLED, Migration(101, "o'brien", "CREATE TABLE t2(x);")])
+        assert await s.schema_version() == 101
 
 
 # -- claims ------------------------------------------------------------------

@@ -257,12 +257,6 @@ def test_lists_come_from_the_file_only(tmp_path: Path, monkeypatch: pytest.Monke
     assert settings.auth.callers == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a2ad/settings.py _ScalarEnvSource: pydantic-settings parses A2AD_WORKSPACES as JSON "
-    "before the source drops it, so a non-JSON value raises SettingsError (a traceback) "
-    "instead of being ignored",
-)
 def test_a_non_json_list_variable_is_ignored_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -271,11 +265,6 @@ def test_a_non_json_list_variable_is_ignored_too(
     assert load_settings(path).workspaces == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a2ad/settings.py load_settings catches only ValidationError: a section variable "
-    "that is not JSON (A2AD_SERVER=x) raises pydantic_settings.SettingsError, a traceback",
-)
 def test_a_section_variable_that_is_not_json_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
