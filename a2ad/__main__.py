@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 import aiohttp
 from aiohttp import web
 
-from . import __version__
+from . import __version__, systemd
 from .app import create_app
 from .settings import ConfigError, Settings, load_settings
 from .store import Store, StoreLock, StoreLocked, bundled_migrations
@@ -73,29 +74,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _refuse_open(settings)
     lock = _take_lock(settings, "serve")
-    app = create_app(settings, lock=lock)
-    server = settings.server
-    log.info(
-        "a2ad %s listening on %s (store %s)", __version__, server.base_url, settings.store.path
-    )
     try:
-        web.run_app(
-            app,
-            host=server.host,
-            port=server.port,
-            print=None,
-            shutdown_timeout=server.shutdown_grace_seconds,
-            # A caller that leaves ends its handler, so a relayed stream frees its slot.
-            handler_cancellation=True,
-            access_log=None,
-        )
-    except OSError as exc:
-        raise CliError(
-            f"cannot listen on {server.host}:{server.port}: {exc.strerror}", code=1
-        ) from None
+        asyncio.run(_serve(settings, lock))
     finally:
         lock.release()
     return 0
+
+
+async def _serve(settings: Settings, lock: StoreLock) -> None:
+    """Run until SIGTERM or SIGINT; a second signal exits at once.
+
+    Stopping: the listener closes, claiming stops, deliveries get
+    shutdown_grace_seconds to finish, unfinished claims go back to the queue
+    without using an attempt, the store closes. Exiting at once on a second
+    signal loses nothing acknowledged either: every 202 was committed first,
+    and the next start returns the claims of this process to the queue."""
+    server = settings.server
+    runner = web.AppRunner(
+        create_app(settings, lock=lock),
+        access_log=None,
+        shutdown_timeout=server.shutdown_grace_seconds,
+        # A caller that leaves ends its handler, so a relayed stream frees its slot.
+        handler_cancellation=True,
+    )
+    await runner.setup()  # takes the store: migrations, recovery, loops
+    try:
+        site = web.TCPSite(runner, server.host, server.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise CliError(
+                f"cannot listen on {server.host}:{server.port}: {exc.strerror}", code=1
+            ) from None
+        log.info(
+            "a2ad %s listening on %s (store %s)", __version__, server.base_url, settings.store.path
+        )
+        systemd.notify("READY=1")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _on_signal, stop)
+        await stop.wait()
+        log.info(
+            "stopping: finishing deliveries for up to %g s (signal again to exit now)",
+            server.shutdown_grace_seconds,
+        )
+    finally:
+        await runner.cleanup()
+
+
+def _on_signal(stop: asyncio.Event) -> None:
+    if stop.is_set():
+        log.warning("second signal: exiting now; unfinished deliveries resume at next start")
+        os._exit(1)
+    stop.set()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -83,10 +83,7 @@ class Daemon:
                 asyncio.create_task(systemd.watchdog(interval), name="a2ad-watchdog")
             )
         self.loops_running = True
-        systemd.notify("READY=1")
-        log.info(
-            "a2ad ready: %d workspaces, store %s", len(self.registry), self.settings.store.path
-        )
+        log.info("a2ad started: %d workspaces", len(self.registry))
 
     async def stop(self) -> None:
         """Stop claiming, let deliveries finish within the grace period, close the store."""
