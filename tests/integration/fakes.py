@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class FakeAgent:
     active: int = 0
     max_active: int = 0
     gate: asyncio.Event | None = None  # when set, message sends wait for it
+    before_last: asyncio.Event | None = None  # a stream waits for it before its last event
     url: str = ""
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
@@ -99,9 +101,92 @@ class FakeAgent:
                 return web.json_response(body, status=status, headers=headers)
             self.served.append(got)
             protocol = "1.0" if request.headers.get("A2A-Version", "").startswith("1") else "0.3"
+            if rpc["method"] in ("message/stream", "SendStreamingMessage"):
+                return await self.stream(request, rpc, protocol)
             return web.json_response(self.echo(rpc, protocol))
         finally:
             self.active -= 1
+
+    async def stream(
+        self, request: web.Request, rpc: dict[str, Any], protocol: str
+    ) -> web.StreamResponse:
+        """A Task, a working status, an echo artifact, then completed: as SSE."""
+        n = len(self.served) - 1
+        text = "".join(p.get("text", "") for p in rpc["params"]["message"].get("parts", []))
+        task_id, context_id = f"agent-task-{n}", f"agent-ctx-{n}"
+        if protocol == "1.0":
+            events: list[dict[str, Any]] = [
+                {
+                    "task": {
+                        "id": task_id,
+                        "contextId": context_id,
+                        "status": {"state": "TASK_STATE_SUBMITTED"},
+                    }
+                },
+                {
+                    "statusUpdate": {
+                        "taskId": task_id,
+                        "contextId": context_id,
+                        "status": {"state": "TASK_STATE_WORKING"},
+                    }
+                },
+                {
+                    "artifactUpdate": {
+                        "taskId": task_id,
+                        "contextId": context_id,
+                        "artifact": {"artifactId": "a1", "parts": [{"text": f"echo: {text}"}]},
+                    }
+                },
+                {
+                    "statusUpdate": {
+                        "taskId": task_id,
+                        "contextId": context_id,
+                        "status": {"state": "TASK_STATE_COMPLETED"},
+                    }
+                },
+            ]
+        else:
+            events = [
+                {
+                    "kind": "task",
+                    "id": task_id,
+                    "contextId": context_id,
+                    "status": {"state": "submitted"},
+                },
+                {
+                    "kind": "status-update",
+                    "taskId": task_id,
+                    "contextId": context_id,
+                    "status": {"state": "working"},
+                    "final": False,
+                },
+                {
+                    "kind": "artifact-update",
+                    "taskId": task_id,
+                    "contextId": context_id,
+                    "artifact": {
+                        "artifactId": "a1",
+                        "parts": [{"kind": "text", "text": f"echo: {text}"}],
+                    },
+                },
+                {
+                    "kind": "status-update",
+                    "taskId": task_id,
+                    "contextId": context_id,
+                    "status": {"state": "completed"},
+                    "final": True,
+                },
+            ]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b": hello\n\n")
+        for i, event in enumerate(events):
+            if i == len(events) - 1 and self.before_last is not None:
+                await self.before_last.wait()
+            data = {"jsonrpc": "2.0", "id": rpc.get("id"), "result": event}
+            await response.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+        await response.write_eof()
+        return response
 
     async def wait_received(self, n: int, within: float = 5.0) -> None:
         async with asyncio.timeout(within), self.arrived:
@@ -182,3 +267,10 @@ def jsonrpc_task(data: dict[str, Any]) -> dict[str, Any]:
 
 def dumps(value: Any) -> bytes:
     return json.dumps(value).encode()
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll a2ad's in-memory state that has no event to await, with a deadline."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - nothing to await: plain state
+            await asyncio.sleep(0.005)

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fakes import A2ad, FakeAgent, jsonrpc_task
+from fakes import A2ad, FakeAgent, jsonrpc_task, wait_until
 
 from a2ad.clock import ManualClock
 
@@ -232,11 +232,9 @@ async def test_failures_use_attempts_back_off_and_end_failed(
     await a2ad.client.post("/workspaces/w/heartbeat", json={"active_tasks": 0}, headers=hb)
     for attempt in range(1, 5):
         await agent.wait_received(attempt)
+        await wait_until(lambda: a2ad.daemon.registry.get("w").queued_total == 1)
         item = await a2ad.item(qid)
-        while item["state"] != "queued":
-            await asyncio.sleep(0.01)
-            item = await a2ad.item(qid)
-        assert item["attempts"] == attempt
+        assert item["state"] == "queued" and item["attempts"] == attempt
         assert "502" in item["last_error"]
         # Backoff: not retried until its not-before, which grows.
         await settle_loop()
