@@ -24,7 +24,7 @@ from .errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
-from .results import item_task
+from .results import as_queue_task, item_task
 from .store import PRIORITIES, Item, NewItem
 from .upstream import Answer, Outcome
 from .workspaces import Workspace
@@ -118,7 +118,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         return await _send_message(request, daemon, ws, rpc, raw, body, caller, protocol)
     if is_queue_id(rpc.task_id):
         if rpc.method in a2a.GET_TASK_METHODS:
-            return await _get_task(daemon, rpc, caller, protocol)
+            return await _get_task(request, daemon, rpc, caller, protocol)
         if rpc.method in a2a.CANCEL_TASK_METHODS:
             return await _cancel_task(request, daemon, ws, rpc, caller, protocol)
         if rpc.method in a2a.SUBSCRIBE_METHODS:
@@ -322,12 +322,42 @@ def _task_not_found(rpc: a2a.RpcRequest) -> web.Response:
 
 
 async def _get_task(
-    daemon: Daemon, rpc: a2a.RpcRequest, caller: str, protocol: a2a.Protocol
+    request: web.Request,
+    daemon: Daemon,
+    rpc: a2a.RpcRequest,
+    caller: str,
+    protocol: a2a.Protocol,
 ) -> web.Response:
     item = await _find_item(daemon, rpc.task_id or "", caller)
     if item is None:
         return _task_not_found(rpc)
-    return json_response(a2a.rpc_result(rpc.id, item_task(item, protocol)))
+    task = item_task(item, protocol)
+    if item.agent_task_id and not a2a.is_final_state(task["status"]["state"]):
+        task = await _refreshed(request, daemon, item, rpc, protocol) or task
+    return json_response(a2a.rpc_result(rpc.id, task))
+
+
+async def _refreshed(
+    request: web.Request,
+    daemon: Daemon,
+    item: Item,
+    rpc: a2a.RpcRequest,
+    protocol: a2a.Protocol,
+) -> dict[str, Any] | None:
+    """The agent's Task as it is now (it was not final when delivered), or None."""
+    ws = daemon.registry.find(item.workspace)
+    if ws is None:
+        return None
+    params = {**rpc.params, "id": item.agent_task_id}
+    body = json.dumps({"jsonrpc": "2.0", "id": rpc.id, "method": rpc.method, "params": params})
+    headers = forwarded_headers(request.headers, request[REQUEST_ID])
+    answer = await daemon.upstream.send(ws.config, body.encode(), headers)
+    if answer.outcome is not Outcome.FINAL or answer.too_large:
+        return None
+    result = json.loads(answer.body).get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("status"), dict):
+        return None
+    return as_queue_task(item, result, protocol)
 
 
 async def _cancel_task(

@@ -59,6 +59,16 @@ def _metadata(item: Item, **extra: Any) -> dict[str, Any]:
     return {"a2ad": meta}
 
 
+def as_queue_task(item: Item, agent_task: dict[str, Any], protocol: a2a.Protocol) -> dict[str, Any]:
+    """The agent's Task as the caller knows it: under the queue id, the agent's ids
+    in metadata.a2ad."""
+    converted = a2a.convert_task(agent_task, protocol)
+    meta = dict(converted.get("metadata") or {})
+    meta.update(_metadata(item))
+    context_id = item.context_id or item.agent_context_id or ""
+    return {**converted, "id": item.id, "contextId": context_id, "metadata": meta}
+
+
 def item_task(item: Item, protocol: a2a.Protocol) -> dict[str, Any]:
     """The Task a caller sees for a queue item, under the queue id."""
     context_id = item.context_id or item.agent_context_id or ""
@@ -87,10 +97,7 @@ def item_task(item: Item, protocol: a2a.Protocol) -> dict[str, Any]:
         return own("failed", f"{item.state}: {item.last_error or 'no reason recorded'}")
     answer = a2a.read_answer(stored_result(item))
     if answer.kind == "task":
-        agent_task = a2a.convert_task(answer.value, protocol)
-        meta = dict(agent_task.get("metadata") or {})
-        meta.update(_metadata(item))
-        return {**agent_task, "id": item.id, "contextId": context_id, "metadata": meta}
+        return as_queue_task(item, answer.value, protocol)
     if answer.kind == "message":
         out = a2a.task(
             item.id, context_id, "completed", protocol, at=item.updated_at, metadata=_metadata(item)

@@ -305,3 +305,30 @@ async def test_a_card_never_fetched_is_503(
     assert resp.status == 503
     error = (await resp.json())["error"]
     assert "card" in error["message"] and "Retry-After" in resp.headers
+
+
+async def test_get_task_refreshes_an_agent_task_that_was_not_final(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    agent, a2ad = await setup(agent_factory, a2ad_factory)
+    working = {"kind": "task", "id": "t-9", "contextId": "c-9", "status": {"state": "working"}}
+    done = {
+        **working,
+        "status": {"state": "completed"},
+        "artifacts": [{"artifactId": "a", "parts": [{"kind": "text", "text": "42"}]}],
+    }
+    agent.script = [
+        (200, {"jsonrpc": "2.0", "id": 1, "result": working}, {}),
+        (200, {"jsonrpc": "2.0", "id": 7, "result": done}, {}),
+    ]
+    await busy(a2ad)
+    _, data = await a2ad.send("w", "think")
+    qid = jsonrpc_task(data)["id"]
+    await free(a2ad)
+    assert (await a2ad.final(qid))["state"] == "delivered"
+    got = (await a2ad.rpc("w", "GetTask", {"id": qid}, headers=V1))["result"]
+    assert got["id"] == qid and got["status"]["state"] == "TASK_STATE_COMPLETED"
+    assert got["artifacts"][0]["parts"] == [{"text": "42"}]
+    asked = agent.received[-1]
+    assert asked.body["method"] == "GetTask" and asked.body["params"]["id"] == "t-9"
+    assert asked.headers["A2A-Version"] == "1.0"
