@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import aiohttp
 from aiohttp import web
 
-from . import __version__, systemd
+from . import __version__, queue_cli, systemd
 from .app import create_app
 from .settings import ConfigError, Settings, load_settings
 from .store import Store, StoreLock, StoreLocked, bundled_migrations
@@ -205,15 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"a2ad {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("A2AD_LOG_LEVEL", "info"))
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_arg(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--config", "-c", help="path to a2ad.toml (or A2AD_CONFIG)")
+
     for name, func, help_text in (
         ("serve", cmd_serve, "run the daemon"),
         ("check", cmd_check, "validate the config, open the store, probe each workspace"),
         ("migrate", cmd_migrate, "apply pending store migrations (refused while serving)"),
     ):
         cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("--config", "-c", help="path to a2ad.toml (or A2AD_CONFIG)")
+        config_arg(cmd)
         cmd.set_defaults(func=func)
+    queue_cli.add_commands(sub, config_arg)
+    for name in ("queue", "workspaces"):
+        sub.choices[name].set_defaults(func=cmd_queue)
     return parser
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        return queue_cli.run(args, settings)
+    except queue_cli.QueueCliError as exc:
+        raise CliError(str(exc), code=1) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,10 +8,10 @@ from aiohttp import web
 
 from .a2a import timestamp
 from .daemon import DAEMON, Daemon
-from .errors import InvalidRequest, NotFound
+from .errors import Conflict, InvalidRequest, NotFound
 from .proxy import json_response
 from .results import item_view
-from .store import STATES
+from .store import STATES, Item
 from .workspaces import Workspace
 
 MAX_WAIT_SECONDS = 300.0
@@ -114,6 +114,44 @@ async def get_item(request: web.Request) -> web.Response:
     if item is None or (caller is not None and item.caller != caller):
         raise NotFound(f"no queue item {item_id!r}")
     return json_response(item_view(item))
+
+
+async def _item_or_404(daemon: Daemon, item_id: str) -> Item:
+    item = await daemon.store.get(item_id)
+    if item is None:
+        raise NotFound(f"no queue item {item_id!r}")
+    return item
+
+
+async def retry_item(request: web.Request) -> web.Response:
+    """A failed or expired item back to the queue: attempts reset, a fresh expiry."""
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    item = await _item_or_404(daemon, request.match_info["qid"])
+    outcome = await daemon.store.retry(
+        item.id, now=daemon.clock.now(), max_age=daemon.settings.queue.max_age_seconds
+    )
+    if outcome == "duplicate":
+        raise Conflict(f"{item.id} cannot be retried: a newer item with its messageId waits")
+    if outcome == "not_final":
+        raise Conflict(f"{item.id} is {item.state}; only failed or expired items are retried")
+    await daemon.dispatcher.recount()
+    return json_response(item_view(await _item_or_404(daemon, item.id)))
+
+
+async def delete_item(request: web.Request) -> web.Response:
+    """Queued → cancelled; final → the row is deleted; being delivered → conflict."""
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    item = await _item_or_404(daemon, request.match_info["qid"])
+    if item.state == "queued" and await daemon.store.cancel(item.id, now=daemon.clock.now()):
+        await daemon.dispatcher.recount()
+        daemon.dispatcher.notify(item.id)
+        return json_response({"id": item.id, "state": "cancelled"})
+    if item.is_final and await daemon.store.delete(item.id):
+        return json_response({"id": item.id, "deleted": True})
+    latest = await _item_or_404(daemon, item.id)
+    raise Conflict(f"{item.id} is {latest.state}; it cannot be cancelled or deleted now")
 
 
 async def healthz(request: web.Request) -> web.Response:

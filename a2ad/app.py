@@ -100,4 +100,6 @@ def create_app(
     app.router.add_get("/workspaces/{workspace}", admin.get_workspace)
     app.router.add_get("/workspaces/{workspace}/queue", admin.list_queue)
     app.router.add_get("/queue/{qid}", admin.get_item)
+    app.router.add_delete("/queue/{qid}", admin.delete_item)
+    app.router.add_post("/queue/{qid}/retry", admin.retry_item)
     return app

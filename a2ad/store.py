@@ -588,6 +588,7 @@ class Store:
             rows = conn.execute(
                 "UPDATE items SET state = 'expired', finished_at = :now, updated_at = :now,"
                 " last_error = 'expired before it could be delivered'"
+                " || COALESCE(' (last: ' || last_error || ')', '')"
                 " WHERE state = 'queued' AND expires_at <= :now RETURNING id, workspace, state",
                 {"now": now},
             ).fetchall()
@@ -602,6 +603,62 @@ class Store:
             " last_error = 'cancelled' WHERE id = ? AND state = 'queued'",
             (now, now, item_id),
         )
+
+    async def retry(
+        self, item_id: str, *, now: float, max_age: float
+    ) -> Literal["retried", "not_final", "duplicate"]:
+        """A failed or expired item → queued: attempts reset, a fresh expiry from its
+        TTL counted from now. `duplicate`: a newer live item has its messageId."""
+
+        def op(conn: sqlite3.Connection) -> Literal["retried", "not_final", "duplicate"]:
+            try:
+                changed = conn.execute(
+                    "UPDATE items SET state = 'queued', attempts = 0, not_before = 0,"
+                    " expires_at = ? + COALESCE(ttl_seconds, ?), finished_at = NULL,"
+                    " updated_at = ? WHERE id = ? AND state IN ('failed', 'expired')",
+                    (now, max_age, now, item_id),
+                ).rowcount
+            except sqlite3.IntegrityError:
+                return "duplicate"
+            return "retried" if changed else "not_final"
+
+        return await self._write(op)
+
+    async def retry_failed(self, workspace: str, *, now: float, max_age: float) -> int:
+        """Every failed item of a workspace back to queued (those whose messageId has a
+        newer live item stay failed)."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE OR IGNORE items SET state = 'queued', attempts = 0, not_before = 0,"
+                " expires_at = ? + COALESCE(ttl_seconds, ?), finished_at = NULL, updated_at = ?"
+                " WHERE workspace = ? AND state = 'failed'",
+                (now, max_age, now, workspace),
+            ).rowcount
+
+        return await self._write(op)
+
+    async def delete(self, item_id: str) -> bool:
+        """Delete a final item's row; False when it is not final."""
+        return await self._write_checked(
+            "DELETE FROM items WHERE id = ? AND state IN"
+            " ('delivered', 'failed', 'expired', 'cancelled')",
+            (item_id,),
+        )
+
+    async def purge(self, *, state: str, before: float, workspace: str | None = None) -> int:
+        """Delete final items in `state` that became final before `before`."""
+        assert state in FINAL_STATES
+
+        def op(conn: sqlite3.Connection) -> int:
+            sql = "DELETE FROM items WHERE state = ? AND finished_at < ?"
+            params: tuple[Any, ...] = (state, before)
+            if workspace is not None:
+                sql += " AND workspace = ?"
+                params += (workspace,)
+            return conn.execute(sql, params).rowcount
+
+        return await self._write(op)
 
     async def delete_finished(self, *, before: float) -> int:
         """Retention: delete final items that became final before `before`."""
