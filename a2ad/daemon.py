@@ -14,6 +14,7 @@ from .cards import Cards
 from .clock import Clock
 from .delivery import Dispatcher
 from .errors import StoreUnavailable
+from .liveness import Liveness
 from .settings import Settings
 from .store import Store, StoreLock
 from .upstream import Upstream
@@ -46,6 +47,8 @@ class Daemon:
         self.cards = Cards(settings.server.base_url, self.clock)
         self.upstream = Upstream(max_result_bytes=settings.server.max_result_bytes)
         self.dispatcher = Dispatcher(settings, self.store, self.registry, self.upstream, self.clock)
+        self.liveness = Liveness(settings.liveness, self.registry, self.clock)
+        self.dispatcher.on_failure_signal = self.liveness.signal
         self._loops: list[asyncio.Task[None]] = []
         self._owns_lock = False
         self._data_version: int | None = None
@@ -68,6 +71,7 @@ class Daemon:
         if recovered:
             log.warning("recovered %d items a previous a2ad was delivering", len(recovered))
         await self.upstream.start()
+        await self.liveness.start(self.upstream.session)
         await self.dispatcher.start()
         self._loops = [
             asyncio.create_task(
@@ -75,6 +79,10 @@ class Daemon:
             ),
             asyncio.create_task(
                 self._every(RETENTION_EVERY_SECONDS, self._retention), name="a2ad-retention"
+            ),
+            asyncio.create_task(
+                self._every(self.settings.liveness.probe_interval_seconds, self.liveness.tick),
+                name="a2ad-probes",
             ),
         ]
         interval = systemd.watchdog_interval()
@@ -92,6 +100,7 @@ class Daemon:
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        await self.liveness.stop()
         await self.dispatcher.stop(self.settings.server.shutdown_grace_seconds)
         await self.upstream.close()
         await self.store.close()
@@ -115,7 +124,8 @@ class Daemon:
     async def _housekeeping(self) -> None:
         now = self.clock.now()
         for ws in self.registry:
-            ws.check_heartbeat_timeout(now)
+            if ws.check_heartbeat_timeout(now):
+                self.liveness.signal(ws, "no heartbeat within heartbeat_timeout_seconds")
         await self.dispatcher.sweep()
         # Another process (the queue CLI) wrote to the file: recount and look again.
         version = await self.store.data_version()

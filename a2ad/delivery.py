@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,8 @@ class Dispatcher:
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
         self._wake_at: dict[str, float] = {}
         self._stopping = False
+        # Liveness listens here for refused connections, timeouts and long busy spells.
+        self.on_failure_signal: Callable[[Workspace, str], None] = lambda ws, reason: None
 
     # -- life --------------------------------------------------------------
 
@@ -207,6 +209,21 @@ class Dispatcher:
         rewritten = await self.agent_ids(body, caller)
         return raw if rewritten is None else json.dumps(rewritten).encode()
 
+    # -- what answers tell -------------------------------------------------------
+
+    def observe(self, ws: Workspace, answer: Answer) -> None:
+        """Learn from an agent's answer: a busy pause, a sign of life, a failure signal."""
+        now = self.clock.now()
+        if answer.outcome is Outcome.BUSY:
+            ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
+            window = self.settings.liveness.debounce_window_seconds
+            if ws.busy_since is not None and now - ws.busy_since > window:
+                self.on_failure_signal(ws, f"busy for over {window:g} s")
+        elif answer.reached_agent:
+            ws.note_answer(now)
+        if answer.refused or answer.timed_out:
+            self.on_failure_signal(ws, answer.error or "no answer")
+
     # -- the direct path -------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -219,12 +236,10 @@ class Dispatcher:
         opened: Opened | None = None
         try:
             opened = await self.upstream.open(ws.config, body, headers, stream=stream)
-            now = self.clock.now()
-            answer = opened.answer
-            if answer is not None and answer.outcome is Outcome.BUSY:
-                ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
-            elif opened.stream is not None or (answer is not None and answer.reached_agent):
-                ws.note_answer(now)
+            if opened.answer is not None:
+                self.observe(ws, opened.answer)
+            else:
+                ws.note_answer(self.clock.now())
             yield opened
         finally:
             if opened is not None and opened.stream is not None:
@@ -390,20 +405,21 @@ class Dispatcher:
                 answer = await self.upstream.send(ws.config, body, headers)
             renewer.cancel()
             now = self.clock.now()
+            # Before the slot frees, so the wakeup finds a busy pause in place.
+            self.observe(ws, answer)
+            free_slot()
             if answer.outcome is Outcome.BUSY:
-                # Pause before the slot frees, so the wakeup finds the pause.
-                pause = ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
-                free_slot()
                 log.info(
-                    "item %s: %s; workspace %s paused %.1f s", item.id, answer.error, ws.id, pause
+                    "item %s: %s; workspace %s paused until %s",
+                    item.id,
+                    answer.error,
+                    ws.id,
+                    a2a.timestamp(ws.paused_until),
                 )
                 await self._settle_back(
                     ws, item, token, now=now, busy=True, last_error=answer.error
                 )
                 return
-            if answer.reached_agent:
-                ws.note_answer(now)
-            free_slot()
             if answer.outcome is Outcome.FAILURE:
                 await self._failed_attempt(ws, item, token, answer, now)
                 return

@@ -53,6 +53,7 @@ class Workspace:
         self.last_sign_of_life: float | None = None
         self.paused_until = 0.0
         self.busy_streak = 0
+        self.busy_since: float | None = None  # when the current run of busy answers began
         self.restarts = 0
         self.queued: dict[int, int] = {}  # priority → queued items (kept in step with the store)
         self.dispatching = 0
@@ -103,10 +104,12 @@ class Workspace:
         self.sign_of_life(now)
 
     def sign_of_life(self, now: float) -> None:
+        """A heartbeat, an answer or a good probe: online, and delivery starts.
+        A failed workspace stays failed until an operator resets it."""
         self.last_sign_of_life = now
-        if self.state in (State.UNKNOWN, State.OFFLINE):
-            if self.state is State.OFFLINE:
-                log.info("workspace %s is online again", self.id)
+        if self.state in (State.UNKNOWN, State.OFFLINE, State.DEAD, State.RESTARTING):
+            if self.state is not State.UNKNOWN:
+                log.info("workspace %s is online again (was %s)", self.id, self.state.value)
             self.state = State.ONLINE
             self.wakeup.set()
 
@@ -117,6 +120,8 @@ class Workspace:
         connection is not)."""
         if answered:
             self.sign_of_life(now)
+        if self.busy_streak == 0:
+            self.busy_since = now
         self.busy_streak += 1
         if retry_after is not None:
             pause = retry_after
@@ -129,6 +134,7 @@ class Workspace:
     def note_answer(self, now: float) -> None:
         """The agent answered (not busy): a sign of life, and the busy streak ends."""
         self.busy_streak = 0
+        self.busy_since = None
         self.sign_of_life(now)
 
     def check_heartbeat_timeout(self, now: float) -> bool:

@@ -368,7 +368,9 @@ async def test_offline_workspace_queues_and_delivers_on_its_next_heartbeat(
     clock = ManualClock()
     agent = await agent_factory()
     a2ad = await a2ad_factory(
-        [ws(agent, heartbeat=True, token="hb")],
+        # The probe that going offline asks for says "not running", but a
+        # heartbeat came recently: the debounce waits for a second observation.
+        [ws(agent, heartbeat=True, token="hb", status_command=["false"])],
         clock=clock,
         liveness={"heartbeat_timeout_seconds": 10},
     )
