@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
+from . import a2a
 from .a2a import timestamp
 from .daemon import DAEMON, Daemon
-from .errors import Conflict, InvalidRequest, NotFound
-from .proxy import json_response
+from .errors import Conflict, InvalidBody, InvalidRequest, NotFound
+from .proxy import json_response, read_body
 from .results import item_view
+from .settings import WorkspaceSettings
 from .store import STATES, Item
 from .workspaces import Workspace
 
@@ -33,6 +36,7 @@ def workspace_view(daemon: Daemon, ws: Workspace, counts: dict[str, int]) -> dic
         "last_sign_of_life_age_seconds": round(now - last, 3) if last is not None else None,
         "queue": {state: counts.get(state, 0) for state in STATES},
         "restarts": ws.restarts,
+        "source": "config" if ws.from_config else "runtime",
         "paused_until": timestamp(ws.paused_until) if ws.paused(now) else None,
     }
 
@@ -114,6 +118,73 @@ async def get_item(request: web.Request) -> web.Response:
     if item is None or (caller is not None and item.caller != caller):
         raise NotFound(f"no queue item {item_id!r}")
     return json_response(item_view(item))
+
+
+RUNTIME_FIELDS = frozenset(
+    {"url", "max_concurrent", "token", "heartbeat", "request_timeout_seconds"}
+)
+
+
+async def put_workspace(request: web.Request) -> web.Response:
+    """Register or update a workspace at run time (persisted across restarts)."""
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    workspace_id = request.match_info["workspace"]
+    existing = daemon.registry.find(workspace_id)
+    if existing is not None and existing.from_config:
+        raise Conflict(f"workspace {workspace_id!r} comes from the config file; change it there")
+    body = a2a.parse_json(await read_body(request, 65536))
+    if not isinstance(body, dict):
+        raise InvalidBody('the body is a JSON object: {"url": ..., "max_concurrent": ...}')
+    if "restart_command" in body or "status_command" in body:
+        raise InvalidBody(
+            "restart_command and status_command come only from the config file:"
+            " a2ad runs no command an HTTP request names"
+        )
+    unknown = sorted(set(body) - RUNTIME_FIELDS - {"id"})
+    if unknown:
+        raise InvalidBody(f"unknown fields: {', '.join(unknown)[:200]}")
+    if body.get("id", workspace_id) != workspace_id:
+        raise InvalidBody("the body's id differs from the one in the path")
+    try:
+        config = WorkspaceSettings(**{**body, "id": workspace_id})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidBody(f"{field}: {first['msg'].removeprefix('Value error, ')}") from None
+    if config.token and daemon.auth.token_taken(config.token, workspace_id):
+        raise InvalidBody("token: already in use by another principal; choose another")
+    created = await daemon.register(config)
+    ws = daemon.registry.get(workspace_id)
+    counts = await daemon.store.counts()
+    return json_response(
+        workspace_view(daemon, ws, counts.get(ws.id, {})), status=201 if created else 200
+    )
+
+
+async def delete_workspace(request: web.Request) -> web.Response:
+    """Remove a run-time workspace; refused while items wait unless ?purge=true."""
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    ws = daemon.registry.get(request.match_info["workspace"])
+    if ws.from_config:
+        raise Conflict(f"workspace {ws.id!r} comes from the config file; remove it there")
+    purge = request.query.get("purge") in ("1", "true")
+    waiting = ws.queued_total + ws.dispatching
+    if waiting and not purge:
+        raise Conflict(f"{waiting} items wait for {ws.id!r}; DELETE with ?purge=true drops them")
+    deleted = await daemon.unregister(ws, purge=purge)
+    return json_response({"id": ws.id, "deleted": True, "items_deleted": deleted})
+
+
+async def reset_workspace(request: web.Request) -> web.Response:
+    """Leave `failed`: the restart budget and the debounce start over, state unknown."""
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    ws = daemon.registry.get(request.match_info["workspace"])
+    daemon.liveness.reset(ws)
+    counts = await daemon.store.counts()
+    return json_response(workspace_view(daemon, ws, counts.get(ws.id, {})))
 
 
 async def _item_or_404(daemon: Daemon, item_id: str) -> Item:

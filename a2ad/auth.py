@@ -53,6 +53,15 @@ class Auth:
         if token:
             self._tokens.append((token.encode(), Principal("workspace", workspace_id)))
 
+    def token_taken(self, token: str, workspace_id: str) -> bool:
+        """Does anyone but this workspace hold `token`?"""
+        given = token.encode()
+        return any(
+            hmac.compare_digest(given, known)
+            for known, p in self._tokens
+            if not (p.kind == "workspace" and p.name == workspace_id)
+        )
+
     def identify(self, request: web.Request) -> Principal | None:
         """The token's owner; None without a token. Unknown tokens → Unauthorized."""
         token = bearer_token(request)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from . import systemd
 from .auth import Auth
@@ -15,10 +17,10 @@ from .clock import Clock
 from .delivery import Dispatcher
 from .errors import StoreUnavailable
 from .liveness import Liveness
-from .settings import Settings
+from .settings import Settings, WorkspaceSettings
 from .store import Store, StoreLock
 from .upstream import Upstream
-from .workspaces import Registry
+from .workspaces import Registry, Workspace
 
 log = logging.getLogger("a2ad")
 
@@ -70,6 +72,8 @@ class Daemon:
         )
         if recovered:
             log.warning("recovered %d items a previous a2ad was delivering", len(recovered))
+        for saved in await self.store.load_workspaces():
+            self._add_runtime(saved)
         await self.upstream.start()
         await self.liveness.start(self.upstream.session)
         await self.dispatcher.start()
@@ -107,6 +111,45 @@ class Daemon:
         if self._owns_lock and self.lock is not None:
             self.lock.release()
         log.info("a2ad stopped")
+
+    # -- run-time workspaces ------------------------------------------------
+
+    def _add_runtime(self, saved: dict[str, Any]) -> None:
+        try:
+            config = WorkspaceSettings(**saved)
+        except ValidationError as exc:
+            log.error("stored workspace %s is not valid any more: %s", saved.get("id"), exc)
+            return
+        if self.registry.find(config.id) is not None:
+            log.warning("stored workspace %s is now in the config file; the file wins", config.id)
+            return
+        self.registry.add(config, from_config=False)
+        self.auth.add_workspace_token(config.id, config.token)
+
+    async def register(self, config: WorkspaceSettings) -> bool:
+        """Add or update a run-time workspace (persisted); True when it is new."""
+        await self.store.save_workspace(
+            config.id, config.model_dump(exclude={"token_file"}), now=self.clock.now()
+        )
+        self.auth.add_workspace_token(config.id, config.token)
+        self.cards.forget(config.id)
+        existing = self.registry.find(config.id)
+        if existing is not None:
+            existing.config = config
+            existing.wakeup.set()
+            return False
+        self.dispatcher.add_workspace(self.registry.add(config, from_config=False))
+        return True
+
+    async def unregister(self, ws: Workspace, *, purge: bool) -> int:
+        """Remove a run-time workspace; with `purge`, its items too (their count)."""
+        await self.dispatcher.remove_workspace(ws)
+        deleted = await self.store.remove_workspace(ws.id, purge=purge)
+        self.registry.remove(ws.id)
+        self.liveness.forget(ws.id)
+        self.auth.add_workspace_token(ws.id, "")
+        self.cards.forget(ws.id)
+        return deleted
 
     async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         # Background loops never die silently: they log and go on.

@@ -102,6 +102,13 @@ class Dispatcher:
         self._pumps[ws.id] = asyncio.create_task(self._pump(ws), name=f"a2ad-pump-{ws.id}")
         ws.wakeup.set()  # start-up is a trigger
 
+    async def remove_workspace(self, ws: Workspace) -> None:
+        pump = self._pumps.pop(ws.id, None)
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        self._wake_at.pop(ws.id, None)
+
     async def stop(self, grace: float) -> None:
         """Stop claiming; let deliveries finish for `grace` seconds, then hand them back."""
         self._stopping = True

@@ -668,6 +668,39 @@ class Store:
 
         return await self._write(op)
 
+    # -- run-time workspaces ------------------------------------------------
+
+    async def save_workspace(
+        self, workspace_id: str, config: dict[str, Any], *, now: float
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO workspaces (id, config, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET config = excluded.config,"
+                " updated_at = excluded.updated_at",
+                (workspace_id, json.dumps(config), now),
+            )
+
+        await self._write(op)
+
+    async def remove_workspace(self, workspace_id: str, *, purge: bool) -> int:
+        """Forget a run-time workspace; with `purge`, delete its items too (their count)."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM workspaces WHERE id = ?", (workspace_id,))
+            if not purge:
+                return 0
+            return conn.execute("DELETE FROM items WHERE workspace = ?", (workspace_id,)).rowcount
+
+        return await self._write(op)
+
+    async def load_workspaces(self) -> list[dict[str, Any]]:
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute("SELECT config FROM workspaces ORDER BY id").fetchall()
+            return [json.loads(row[0]) for row in rows]
+
+        return await self._read(read)
+
     # -- reads -------------------------------------------------------------
 
     async def get(self, item_id: str) -> Item | None:

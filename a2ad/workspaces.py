@@ -43,8 +43,16 @@ class Heartbeat:
 class Workspace:
     """One agent: its configuration and what a2ad knows of it right now."""
 
-    def __init__(self, config: WorkspaceSettings, liveness: LivenessSettings, clock: Clock):
+    def __init__(
+        self,
+        config: WorkspaceSettings,
+        liveness: LivenessSettings,
+        clock: Clock,
+        *,
+        from_config: bool = True,
+    ):
         self.config = config
+        self.from_config = from_config  # a2ad.toml's workspaces are read-only at run time
         self._liveness = liveness
         self._clock = clock
         self.state = State.UNKNOWN
@@ -157,10 +165,13 @@ class Registry:
         self._clock = clock
         self._by_id: dict[str, Workspace] = {}
 
-    def add(self, config: WorkspaceSettings) -> Workspace:
-        ws = Workspace(config, self._liveness, self._clock)
+    def add(self, config: WorkspaceSettings, *, from_config: bool = True) -> Workspace:
+        ws = Workspace(config, self._liveness, self._clock, from_config=from_config)
         self._by_id[config.id] = ws
         return ws
+
+    def remove(self, workspace_id: str) -> None:
+        self._by_id.pop(workspace_id, None)
 
     def get(self, workspace_id: str) -> Workspace:
         try:
