@@ -15,6 +15,7 @@ from aiohttp import web
 
 from . import __version__, queue_cli, systemd
 from .app import create_app
+from .daemon import DAEMON
 from .settings import ConfigError, Settings, load_settings
 from .store import Store, StoreLock, StoreLocked, bundled_migrations
 
@@ -90,8 +91,9 @@ async def _serve(settings: Settings, lock: StoreLock) -> None:
     signal loses nothing acknowledged either: every 202 was committed first,
     and the next start returns the claims of this process to the queue."""
     server = settings.server
+    app = create_app(settings, lock=lock)
     runner = web.AppRunner(
-        create_app(settings, lock=lock),
+        app,
         access_log=None,
         shutdown_timeout=server.shutdown_grace_seconds,
         # A caller that leaves ends its handler, so a relayed stream frees its slot.
@@ -110,11 +112,17 @@ async def _serve(settings: Settings, lock: StoreLock) -> None:
             "a2ad %s listening on %s (store %s)", __version__, server.base_url, settings.store.path
         )
         systemd.notify("READY=1")
+        interval = systemd.watchdog_interval()
+        watchdog = asyncio.create_task(systemd.watchdog(interval)) if interval else None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _on_signal, stop)
         await stop.wait()
+        app[DAEMON].begin_shutdown()
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
         log.info(
             "stopping: finishing deliveries for up to %g s (signal again to exit now)",
             server.shutdown_grace_seconds,

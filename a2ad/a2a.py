@@ -401,6 +401,9 @@ def relabel(
     kind = event["kind"]
     if kind == "task":
         status = dict(event.get("status") or {"state": "working"})
+        if canonical_state(str(status.get("state", ""))) == "submitted":
+            # Delivery has started; the caller's Task does not go back to submitted.
+            status["state"] = "working"
         out = [
             {
                 "kind": "status-update",

@@ -89,13 +89,12 @@ class Daemon:
                 name="a2ad-probes",
             ),
         ]
-        interval = systemd.watchdog_interval()
-        if interval is not None:
-            self._loops.append(
-                asyncio.create_task(systemd.watchdog(interval), name="a2ad-watchdog")
-            )
         self.loops_running = True
         log.info("a2ad started: %d workspaces", len(self.registry))
+
+    def begin_shutdown(self) -> None:
+        """Stop claiming at once, before the listener and in-flight requests wind down."""
+        self.dispatcher.stop_claiming()
 
     async def stop(self) -> None:
         """Stop claiming, let deliveries finish within the grace period, close the store."""

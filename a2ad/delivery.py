@@ -109,11 +109,14 @@ class Dispatcher:
             await asyncio.gather(pump, return_exceptions=True)
         self._wake_at.pop(ws.id, None)
 
-    async def stop(self, grace: float) -> None:
-        """Stop claiming; let deliveries finish for `grace` seconds, then hand them back."""
+    def stop_claiming(self) -> None:
         self._stopping = True
         for pump in self._pumps.values():
             pump.cancel()
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let deliveries finish for `grace` seconds, then hand them back."""
+        self.stop_claiming()
         await asyncio.gather(*self._pumps.values(), return_exceptions=True)
         self._pumps.clear()
         if self._deliveries:

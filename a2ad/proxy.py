@@ -260,28 +260,24 @@ async def _item_stream(
         if queue_info:
             snapshot["metadata"]["a2ad"].update(queue_info)
         await response.write(_sse(rpc.id, a2a.write_event(snapshot, protocol)))
-        final_sent = item.is_final
-        while not final_sent:
+        # It ends when the item is final: after the agent's stream ended and the
+        # result is stored, so a GetTask right after the stream sees it.
+        final_sent = ended = item.is_final
+        while not ended:
             try:
                 event = await asyncio.wait_for(events.get(), KEEPALIVE_SECONDS)
             except TimeoutError:
                 await response.write(b": keep-alive\n\n")
                 continue
-            if event is None:
-                final = await daemon.store.get(item.id)
-                if final is None:
+            if event is None:  # the item is final
+                ended = True
+                if final_sent:
                     break
-                task = item_task(final, "0.3")
-                event = a2a.status_event(
-                    item.id,
-                    task["contextId"],
-                    task["status"]["state"],
-                    at=final.updated_at,
-                    message=task["status"].get("message"),
-                )
-                event["final"] = True
-                if task.get("metadata"):
-                    event["metadata"] = task["metadata"]
+                event = await _final_event(daemon, item)
+                if event is None:
+                    break
+            elif final_sent:
+                continue  # nothing follows a final event in one Task's stream
             await response.write(_sse(rpc.id, a2a.write_event(event, protocol)))
             final_sent = bool(event.get("final"))
         await response.write_eof()
@@ -290,6 +286,26 @@ async def _item_stream(
     finally:
         dispatcher.unsubscribe(item.id, events)
     return response
+
+
+async def _final_event(daemon: Daemon, item: Item) -> dict[str, Any] | None:
+    """The closing status-update of an item that ended without the agent's own
+    final event: failed, expired, cancelled, or answered without a stream."""
+    final = await daemon.store.get(item.id)
+    if final is None:
+        return None
+    task = item_task(final, "0.3")
+    event = a2a.status_event(
+        item.id,
+        task["contextId"],
+        task["status"]["state"],
+        at=final.updated_at,
+        message=task["status"].get("message"),
+    )
+    event["final"] = True
+    if task.get("metadata"):
+        event["metadata"] = task["metadata"]
+    return event
 
 
 async def _live_duplicate(daemon: Daemon, ws: Workspace, caller: str, rpc: a2a.RpcRequest) -> bool:

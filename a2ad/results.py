@@ -66,6 +66,18 @@ def as_queue_task(item: Item, agent_task: dict[str, Any], protocol: a2a.Protocol
     meta = dict(converted.get("metadata") or {})
     meta.update(_metadata(item))
     context_id = item.context_id or item.agent_context_id or ""
+
+    def own_ids(message: Any) -> Any:
+        if not isinstance(message, dict):
+            return message
+        ids = {"taskId": item.id, "contextId": context_id}
+        return {**message, **{k: v for k, v in ids.items() if k in message}}
+
+    if isinstance(converted.get("history"), list):
+        converted["history"] = [own_ids(m) for m in converted["history"]]
+    status = converted.get("status")
+    if isinstance(status, dict) and "message" in status:
+        converted["status"] = {**status, "message": own_ids(status["message"])}
     return {**converted, "id": item.id, "contextId": context_id, "metadata": meta}
 
 

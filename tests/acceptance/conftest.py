@@ -221,7 +221,9 @@ class Launcher:
             check=False,
         )
 
-    def spawn(self, name: str, argv: Sequence[str], *, url: str = "") -> Process:
+    def spawn(
+        self, name: str, argv: Sequence[str], *, url: str = "", env: Mapping[str, str] = {}
+    ) -> Process:
         """Start `argv` in tmp_path, output to <name>-<n>.out / .err."""
         n = sum(1 for p in self._processes if p.name == name)
         stdout_path = self.directory / f"{name}-{n}.out"
@@ -235,7 +237,7 @@ class Launcher:
                 stdout=out,
                 stderr=err,
                 cwd=self.directory,
-                env=clean_env(),
+                env=clean_env(**env),
             )
         except BaseException:
             out.close()
@@ -245,10 +247,12 @@ class Launcher:
         self._processes.append(process)
         return process
 
-    def a2ad(self, config: A2adConfig, *, ready: bool = True) -> Process:
+    def a2ad(
+        self, config: A2adConfig, *, ready: bool = True, env: Mapping[str, str] = {}
+    ) -> Process:
         """`a2ad serve --config ...`; with `ready`, returns once GET /healthz answers."""
         process = self.spawn(
-            "a2ad", a2ad_command("serve", "--config", str(config.path)), url=config.url
+            "a2ad", a2ad_command("serve", "--config", str(config.path)), url=config.url, env=env
         )
         if ready:
             process.wait_until("/healthz")

@@ -5,7 +5,10 @@ an artifact "echo: <text>", then COMPLETED, with a pause between events so a
 streaming caller sees the first event well before the last. With `--gate FILE`
 it waits, before its final event, until FILE exists: a test creates FILE once
 it has seen the first event, which proves the stream reached it unbuffered.
-Every message text it receives is appended to `--log`, one JSON line each.
+With `--linger SECONDS` it keeps its stream open that long after the final event
+(the SDK ends a stream only when `execute` returns), as an agent that cleans up
+after completing does. Every message text it receives is appended to `--log`,
+one JSON line each.
 
     python tests/acceptance/sdk_agent.py --port 9001 --protocol 1.0 --log agent.log
 """
@@ -45,11 +48,14 @@ GATE_POLL = 0.02
 class EchoExecutor(AgentExecutor):
     """Task, WORKING, artifact "echo: <text>", COMPLETED; or a Message in `message` mode."""
 
-    def __init__(self, *, mode: str, pause: float, log: Path, gate: Path | None) -> None:
+    def __init__(
+        self, *, mode: str, pause: float, log: Path, gate: Path | None, linger: float
+    ) -> None:
         self.mode = mode
         self.pause = pause
         self.log = log
         self.gate = gate
+        self.linger = linger
 
     def _record(self, text: str, context: RequestContext) -> None:
         line = json.dumps({"text": text, "task_id": context.task_id, "at": time.time()})
@@ -85,6 +91,7 @@ class EchoExecutor(AgentExecutor):
             await updater.failed(updater.new_agent_message([Part(text="gate never opened")]))
             return
         await updater.complete()
+        await asyncio.sleep(self.linger)
 
     async def _gate_opened(self) -> bool:
         assert self.gate is not None
@@ -133,6 +140,7 @@ def build_app(args: argparse.Namespace) -> Starlette:
         pause=args.pause,
         log=Path(args.log),
         gate=Path(args.gate) if args.gate else None,
+        linger=args.linger,
     )
     handler = DefaultRequestHandler(
         agent_executor=executor, task_store=InMemoryTaskStore(), agent_card=card
@@ -151,6 +159,7 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.3)
     parser.add_argument("--log", required=True, help="file to append received texts to")
     parser.add_argument("--gate", default="", help="wait for this file before the final event")
+    parser.add_argument("--linger", type=float, default=0.0, help="seconds to stay after it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(build_app(args), host="127.0.0.1", port=args.port, log_level="info")
