@@ -136,7 +136,9 @@ class Dispatcher:
         """Set every workspace's counters from the store (start-up, CLI writes)."""
         queued = await self.store.queued_by_priority()
         counts = await self.store.counts()
+        latest = await self.store.last_enqueued()
         for ws in self.registry:
+            ws.last_queued_at = latest.get(ws.id)
             ws.queued = dict(queued.get(ws.id, {}))
             ws.dispatching = counts.get(ws.id, {}).get("dispatching", 0)
             ws.wakeup.set()
@@ -171,7 +173,9 @@ class Dispatcher:
         except BaseException:
             ws.queued[new.priority] -= 1
             raise
-        if not done.created:
+        if done.created:
+            ws.last_queued_at = self.clock.now()
+        else:
             ws.queued[new.priority] -= 1
             depth, position = ws.queued_total, 0
         ws.wakeup.set()
@@ -257,6 +261,26 @@ class Dispatcher:
             ws.in_flight -= 1
             ws.wakeup.set()
 
+    async def seen_before(self, ws: Workspace, caller: str, message_id: str | None) -> bool:
+        """Does this messageId belong to an item that is live, or was delivered within
+        the replay window? Then the send takes the queue path, which answers for it
+        instead of delivering it again. Free while the workspace has queued nothing
+        within the window: the fast path only reads the store when it must."""
+        if message_id is None:
+            return False
+        window = self.queue_settings.replay_window_seconds
+        last = ws.last_queued_at
+        if not ws.dispatching and (last is None or self.clock.now() - last > window):
+            return False
+        item = await self.store.find_message(ws.id, caller, message_id)
+        if item is None:
+            return False
+        if item.state in ("queued", "dispatching"):
+            return True
+        return item.state == "delivered" and (
+            item.finished_at is not None and self.clock.now() - item.finished_at <= window
+        )
+
     # -- results -------------------------------------------------------------
 
     def notify(self, item_id: str) -> None:
@@ -288,23 +312,22 @@ class Dispatcher:
         """The item, once final or after `seconds` (None if it does not exist)."""
         deadline = self.clock.now() + seconds
         while True:
-            item = await self.store.get(item_id)
-            remaining = deadline - self.clock.now()
-            if item is None or item.is_final or remaining <= 0:
-                return item
+            # Listen before reading, so a settle between the two is not missed.
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(item_id, set()).add(future)
+            waiters = self._waiters.setdefault(item_id, set())
+            waiters.add(future)
             try:
+                item = await self.store.get(item_id)
+                remaining = deadline - self.clock.now()
+                if item is None or item.is_final or remaining <= 0:
+                    return item
                 # Re-read at least once a second: the queue CLI may settle it.
-                await asyncio.wait_for(future, min(remaining, 1.0))
-            except TimeoutError:
-                pass
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(future, min(remaining, 1.0))
             finally:
-                waiters = self._waiters.get(item_id)
-                if waiters is not None:
-                    waiters.discard(future)
-                    if not waiters:
-                        del self._waiters[item_id]
+                waiters.discard(future)
+                if not waiters and self._waiters.get(item_id) is waiters:
+                    del self._waiters[item_id]
 
     # -- the pump ------------------------------------------------------------
 

@@ -143,7 +143,7 @@ async def _send_message(
     request_id = request[REQUEST_ID]
     now = daemon.clock.now()
     busy_answers = 0
-    if ws.goes_direct(now) and not await _live_duplicate(daemon, ws, caller, rpc):
+    if ws.goes_direct(now) and not await daemon.dispatcher.seen_before(ws, caller, rpc.message_id):
         headers = forwarded_headers(request.headers, request_id)
         outgoing = await daemon.dispatcher.body_for_agent(raw, body, caller)
         async with daemon.dispatcher.open_direct(
@@ -306,13 +306,6 @@ async def _final_event(daemon: Daemon, item: Item) -> dict[str, Any] | None:
     if task.get("metadata"):
         event["metadata"] = task["metadata"]
     return event
-
-
-async def _live_duplicate(daemon: Daemon, ws: Workspace, caller: str, rpc: a2a.RpcRequest) -> bool:
-    """A send repeating the messageId of an item being delivered must not go direct."""
-    if not ws.dispatching or rpc.message_id is None:
-        return False
-    return await daemon.store.find_live(ws.id, caller, rpc.message_id) is not None
 
 
 def _replay(item: Item, rpc: a2a.RpcRequest) -> web.Response:

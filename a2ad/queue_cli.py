@@ -168,8 +168,10 @@ async def _retry(store: Store, args: argparse.Namespace, settings: Settings) -> 
             raise QueueCliError(f"{item.id}: a newer item with its messageId is waiting")
         if outcome == "not_final":
             raise QueueCliError(f"{item.id} is {item.state}; only failed or expired items")
-        result = {"id": item.id, "state": "queued"}
-        message = f"{item.id} queued again (attempts reset, expires {timestamp(now + max_age)})"
+        retried = await _item(store, item.id)
+        expires = timestamp(retried.expires_at) if retried.expires_at else "never"
+        result = {"id": item.id, "state": retried.state, "expires_at": expires}
+        message = f"{item.id} queued again (attempts reset, expires {expires})"
     _print_json(result) if args.json else print(message)
     return 0
 
@@ -186,9 +188,10 @@ async def _purge(store: Store, args: argparse.Namespace, settings: Settings) -> 
 
 async def _workspaces(store: Store, args: argparse.Namespace, settings: Settings) -> int:
     counts = await store.counts()
-    ids = [w.id for w in settings.workspaces]
-    ids += sorted(set(counts) - set(ids))  # items of workspaces no longer configured
     urls = {w.id: w.url for w in settings.workspaces}
+    for saved in await store.load_workspaces():  # registered at run time
+        urls.setdefault(str(saved.get("id")), str(saved.get("url")))
+    ids = list(urls) + sorted(set(counts) - set(urls))  # items of removed workspaces too
     queues = {ws_id: {s: counts.get(ws_id, {}).get(s, 0) for s in STATES} for ws_id in ids}
     if args.json:
         _print_json([{"id": i, "url": urls.get(i), "queue": queues[i]} for i in ids])

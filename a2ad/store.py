@@ -220,6 +220,9 @@ def _connect(path: str, synchronous: str, busy_timeout: float) -> aiosqlite.Conn
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        # The WAL file shrinks back to this after a checkpoint instead of keeping
+        # the size of the largest burst.
+        conn.execute("PRAGMA journal_size_limit=16777216")
         return conn
 
     return aiosqlite.Connection(configure, iter_chunk_size=64)
@@ -710,16 +713,25 @@ class Store:
 
         return await self._read(read)
 
-    async def find_live(self, workspace: str, caller: str, message_id: str) -> Item | None:
-        """The live item for this messageId, if any."""
+    async def find_message(self, workspace: str, caller: str, message_id: str) -> Item | None:
+        """The newest item with this messageId, if any."""
 
         def read(conn: sqlite3.Connection) -> Item | None:
             row = conn.execute(
                 "SELECT * FROM items WHERE workspace = ? AND caller = ? AND message_id = ?"
-                " AND state IN ('queued', 'dispatching')",
+                " ORDER BY seq DESC LIMIT 1",
                 (workspace, caller, message_id),
             ).fetchone()
             return Item.from_row(row) if row is not None else None
+
+        return await self._read(read)
+
+    async def last_enqueued(self) -> dict[str, float]:
+        """{workspace: when its newest item was enqueued}."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, float]:
+            rows = conn.execute("SELECT workspace, MAX(enqueued_at) FROM items GROUP BY workspace")
+            return {ws: float(at) for ws, at in rows}
 
         return await self._read(read)
 

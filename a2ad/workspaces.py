@@ -65,6 +65,7 @@ class Workspace:
         self.restarts = 0
         self.queued: dict[int, int] = {}  # priority → queued items (kept in step with the store)
         self.dispatching = 0
+        self.last_queued_at: float | None = None  # when an item was last queued here
         # Set whenever something may let the dispatcher deliver: a trigger.
         self.wakeup = asyncio.Event()
 

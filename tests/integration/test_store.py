@@ -604,7 +604,8 @@ async def test_the_same_message_id_answers_with_the_same_item(store: Store) -> N
     )
     assert not during.created
     assert during.item.id == first.item.id
-    assert (await store.find_live(WS, "alice", "m1")) is not None
+    newest = await store.find_message(WS, "alice", "m1")
+    assert newest is not None and newest.state == "dispatching"
 
     # Another caller, another workspace, or no messageId: a new item each time.
     bob = await store.enqueue(new(caller="bob", message_id="m1"), now=T0, replay_window=REPLAY)
@@ -631,7 +632,8 @@ async def test_a_delivered_item_is_replayed_within_the_replay_window(store: Stor
     assert not replay.created
     assert replay.item.id == first.id
     assert replay.item.result == b"r"
-    assert await store.find_live(WS, "alice", "m1") is None
+    newest = await store.find_message(WS, "alice", "m1")
+    assert newest is not None and newest.state == "delivered"
 
     # Past the window, the same messageId is a new message.
     later = await store.enqueue(
@@ -660,8 +662,8 @@ async def test_an_item_that_did_not_deliver_is_not_replayed(store: Store, final:
     assert again.created
     assert again.item.id != first.id
     assert again.item.state == "queued"
-    live = await store.find_live(WS, "alice", "m1")
-    assert live is not None
+    live = await store.find_message(WS, "alice", "m1")
+    assert live is not None and live.state == "queued"
     assert live.id == again.item.id
 
 
@@ -722,7 +724,7 @@ async def test_an_error_in_one_op_fails_only_its_caller(store: Store) -> None:
     assert ok_a.created
     assert ok_b.created
     # The failed op left nothing; the others in its batch committed.
-    assert await store.find_live(WS, "", "a-dup") is None
+    assert await store.find_message(WS, "", "a-dup") is None
     assert await store.get(ok_a.item.id) == ok_a.item
     assert await store.get(ok_b.item.id) == ok_b.item
     assert await state_of(store, existing.id) == "cancelled"
