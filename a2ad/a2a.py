@@ -275,30 +275,33 @@ def convert_message(message: dict[str, Any], protocol: Protocol) -> dict[str, An
     return out
 
 
+def convert_status(status: Any, protocol: Protocol) -> dict[str, Any]:
+    """A TaskStatus in the given protocol's shape: its state name and its message."""
+    out = dict(status) if isinstance(status, dict) else {}
+    out["state"] = state_name(str(out.get("state", "unknown")), protocol)
+    if isinstance(out.get("message"), dict):
+        out["message"] = convert_message(out["message"], protocol)
+    return out
+
+
+def convert_artifact(artifact: Any, protocol: Protocol) -> Any:
+    if not isinstance(artifact, dict) or not isinstance(artifact.get("parts"), list):
+        return artifact
+    return {**artifact, "parts": [_convert_part(p, protocol) for p in artifact["parts"]]}
+
+
 def convert_task(agent_task: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
     """Best-effort conversion of an agent's Task to the caller's protocol version."""
     out = {k: v for k, v in agent_task.items() if k != "kind"}
     if protocol == "0.3":
         out = {"kind": "task", **out}
-    status = dict(out.get("status") or {})
-    status["state"] = state_name(str(status.get("state", "unknown")), protocol)
-    if isinstance(status.get("message"), dict):
-        status["message"] = convert_message(status["message"], protocol)
-    out["status"] = status
+    out["status"] = convert_status(out.get("status"), protocol)
     if isinstance(out.get("history"), list):
         out["history"] = [
             convert_message(m, protocol) if isinstance(m, dict) else m for m in out["history"]
         ]
     if isinstance(out.get("artifacts"), list):
-        artifacts = []
-        for artifact in out["artifacts"]:
-            if isinstance(artifact, dict) and isinstance(artifact.get("parts"), list):
-                artifact = {
-                    **artifact,
-                    "parts": [_convert_part(p, protocol) for p in artifact["parts"]],
-                }
-            artifacts.append(artifact)
-        out["artifacts"] = artifacts
+        out["artifacts"] = [convert_artifact(a, protocol) for a in out["artifacts"]]
     return out
 
 
@@ -339,17 +342,10 @@ def to_v03(event: dict[str, Any]) -> dict[str, Any]:
         return convert_message(event, "0.3")
     out = dict(event)
     if kind == "status-update":
-        status = dict(out.get("status") or {})
-        status["state"] = state_name(str(status.get("state", "unknown")), "0.3")
-        if isinstance(status.get("message"), dict):
-            status["message"] = convert_message(status["message"], "0.3")
-        out["status"] = status
-        out["final"] = bool(out.get("final")) or is_final_state(status["state"])
-    elif isinstance(out.get("artifact"), dict):
-        artifact = dict(out["artifact"])
-        if isinstance(artifact.get("parts"), list):
-            artifact["parts"] = [_convert_part(p, "0.3") for p in artifact["parts"]]
-        out["artifact"] = artifact
+        out["status"] = convert_status(out.get("status"), "0.3")
+        out["final"] = bool(out.get("final")) or is_final_state(out["status"]["state"])
+    elif "artifact" in out:
+        out["artifact"] = convert_artifact(out["artifact"], "0.3")
     return out
 
 
@@ -364,17 +360,10 @@ def write_event(event: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
         return {"message": convert_message(event, "1.0")}
     body = {k: v for k, v in event.items() if k not in ("kind", "final")}
     if kind == "status-update":
-        status = dict(body.get("status") or {})
-        status["state"] = state_name(str(status.get("state", "unknown")), "1.0")
-        if isinstance(status.get("message"), dict):
-            status["message"] = convert_message(status["message"], "1.0")
-        body["status"] = status
+        body["status"] = convert_status(body.get("status"), "1.0")
         return {"statusUpdate": body}
-    if isinstance(body.get("artifact"), dict) and isinstance(body["artifact"].get("parts"), list):
-        body["artifact"] = {
-            **body["artifact"],
-            "parts": [_convert_part(p, "1.0") for p in body["artifact"]["parts"]],
-        }
+    if "artifact" in body:
+        body["artifact"] = convert_artifact(body["artifact"], "1.0")
     return {"artifactUpdate": body}
 
 
