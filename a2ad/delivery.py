@@ -87,6 +87,8 @@ class Dispatcher:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
         self._wake_at: dict[str, float] = {}
+        self._claims: dict[str, str] = {}  # running deliveries: item id → claim token
+        self._lease_keeper: asyncio.Task[None] | None = None
         self._stopping = False
         # Liveness listens here for refused connections, timeouts and long busy spells.
         self.on_failure_signal: Callable[[Workspace, str], None] = lambda ws, reason: None
@@ -97,6 +99,7 @@ class Dispatcher:
         await self.recount()
         for ws in self.registry:
             self.add_workspace(ws)
+        self._lease_keeper = asyncio.create_task(self._keep_leases(), name="a2ad-leases")
 
     def add_workspace(self, ws: Workspace) -> None:
         self._pumps[ws.id] = asyncio.create_task(self._pump(ws), name=f"a2ad-pump-{ws.id}")
@@ -125,6 +128,9 @@ class Dispatcher:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._lease_keeper is not None:
+            self._lease_keeper.cancel()
+            await asyncio.gather(self._lease_keeper, return_exceptions=True)
 
     @property
     def in_flight_deliveries(self) -> int:
@@ -139,12 +145,8 @@ class Dispatcher:
         latest = await self.store.last_enqueued()
         for ws in self.registry:
             ws.last_queued_at = latest.get(ws.id)
-            ws.queued = dict(queued.get(ws.id, {}))
-            ws.dispatching = counts.get(ws.id, {}).get("dispatching", 0)
+            ws.set_counts(queued.get(ws.id, {}), counts.get(ws.id, {}).get("dispatching", 0))
             ws.wakeup.set()
-
-    def total_live(self) -> int:
-        return sum(ws.queued_total + ws.dispatching for ws in self.registry)
 
     # -- enqueue -------------------------------------------------------------
 
@@ -157,13 +159,13 @@ class Dispatcher:
                 " (queue.max_depth_per_workspace); try again later",
                 retry_after=5,
             )
-        if self.total_live() >= q.max_depth:
+        if self.registry.totals.live >= q.max_depth:
             raise QueueFull(
                 f"a2ad holds {q.max_depth} items (queue.max_depth); try again later", retry_after=5
             )
         # Counted before the write, so concurrent sends cannot overshoot a cap,
         # and each learns its place in the order the store will commit them.
-        ws.queued[new.priority] = ws.queued.get(new.priority, 0) + 1
+        ws.add_queued(new.priority, 1)
         depth = ws.queued_total
         position = sum(n for p, n in ws.queued.items() if p >= new.priority)
         try:
@@ -171,12 +173,12 @@ class Dispatcher:
                 new, now=self.clock.now(), replay_window=q.replay_window_seconds
             )
         except BaseException:
-            ws.queued[new.priority] -= 1
+            ws.add_queued(new.priority, -1)
             raise
         if done.created:
             ws.last_queued_at = self.clock.now()
         else:
-            ws.queued[new.priority] -= 1
+            ws.add_queued(new.priority, -1)
             depth, position = ws.queued_total, 0
         ws.wakeup.set()
         return Queued(done.item, done.created, depth, position)
@@ -217,10 +219,12 @@ class Dispatcher:
             new_params["message"] = new_message
         return {**body, "params": new_params}
 
-    async def body_for_agent(self, raw: bytes, body: Any, caller: str) -> bytes:
+    async def body_for_agent(self, raw: bytes, caller: str, body: Any = None) -> bytes:
         """`raw`, unless it names ids the agent knows by other names (stored bodies
         are never rewritten; this is what goes on the wire)."""
-        rewritten = await self.agent_ids(body, caller)
+        if b'"q-' not in raw and f'"{a2a.CONTEXT_PREFIX}'.encode() not in raw:
+            return raw  # names none of a2ad's ids: nothing to look up or parse
+        rewritten = await self.agent_ids(json.loads(raw) if body is None else body, caller)
         return raw if rewritten is None else json.dumps(rewritten).encode()
 
     # -- what answers tell -------------------------------------------------------
@@ -398,14 +402,14 @@ class Dispatcher:
             # The counters say items wait but none is due and none is in
             # backoff: another process changed the store. Trust the store.
             queued = await self.store.queued_by_priority()
-            ws.queued = dict(queued.get(ws.id, {}))
+            ws.set_counts(queued.get(ws.id, {}), ws.dispatching)
 
     # -- one delivery --------------------------------------------------------
 
     def _start_delivery(self, ws: Workspace, item: Item) -> None:
         ws.in_flight += 1
-        ws.queued[item.priority] = max(0, ws.queued.get(item.priority, 0) - 1)
-        ws.dispatching += 1
+        ws.add_queued(item.priority, -1)
+        ws.add_dispatching(1)
         if self._subscribers.get(item.id):
             event = a2a.status_event(item.id, item.context_id or "", "working", at=self.clock.now())
             self.publish(item.id, event)
@@ -425,18 +429,18 @@ class Dispatcher:
                 ws.in_flight -= 1
                 ws.wakeup.set()  # a slot freed: the next item goes now
 
-        renewer = asyncio.create_task(self._renew(item.id, token), name=f"a2ad-lease-{item.id}")
+        self._claims[item.id] = token  # the lease keeper renews it while we work
         try:
             headers = dict(item.headers)
             headers.setdefault("Content-Type", "application/json")
             if item.request_id:
                 headers["X-Request-Id"] = item.request_id
-            body = await self.body_for_agent(item.body, json.loads(item.body), item.caller)
+            body = await self.body_for_agent(item.body, item.caller)
             if item.method in a2a.STREAM_METHODS:
                 answer = await self._send_stream(ws, item, body, headers)
             else:
                 answer = await self.upstream.send(ws.config, body, headers)
-            renewer.cancel()
+            self._claims.pop(item.id, None)
             now = self.clock.now()
             # Before the slot frees, so the wakeup finds a busy pause in place.
             self.observe(ws, answer)
@@ -472,7 +476,6 @@ class Dispatcher:
             self._settled(ws, item)
         except asyncio.CancelledError:
             # Shutdown past the grace period: hand it back without using an attempt.
-            renewer.cancel()
             free_slot()
             with contextlib.suppress(Exception):
                 await asyncio.shield(
@@ -490,7 +493,7 @@ class Dispatcher:
             log.exception("item %s: delivery error", item.id)
             free_slot()
         finally:
-            renewer.cancel()
+            self._claims.pop(item.id, None)
 
     async def _failed_attempt(
         self, ws: Workspace, item: Item, token: str, answer: Answer, now: float
@@ -587,27 +590,36 @@ class Dispatcher:
             busy=busy,
             last_error=last_error,
         ):
-            ws.queued[item.priority] = ws.queued.get(item.priority, 0) + 1
-        ws.dispatching = max(0, ws.dispatching - 1)
+            ws.add_queued(item.priority, 1)
+        ws.add_dispatching(-1)
         if not_before:
             self._wake_at[ws.id] = min(self._wake_at.get(ws.id, not_before), not_before)
         ws.wakeup.set()
 
     def _settled(self, ws: Workspace, item: Item) -> None:
-        ws.dispatching = max(0, ws.dispatching - 1)
+        ws.add_dispatching(-1)
         self.notify(item.id)
 
-    async def _renew(self, item_id: str, token: str) -> None:
+    async def _keep_leases(self) -> None:
+        """Renew every running delivery's lease each lease_seconds / 3, all in one
+        write, so a long call is never taken for a dead one."""
         lease = self.queue_settings.lease_seconds
         while True:
             await self.clock.sleep(lease / 3)
+            if not self._claims:
+                continue
             now = self.clock.now()
             try:
-                if not await self.store.renew(item_id, token, lease_until=now + lease, now=now):
-                    log.warning("item %s: claim lost while delivering", item_id)
-                    return
+                lost = await self.store.renew(dict(self._claims), lease_until=now + lease, now=now)
             except StoreUnavailable as exc:
-                log.warning("item %s: cannot renew lease: %s", item_id, exc.message)
+                log.warning("cannot renew leases: %s", exc.message)
+                continue
+            except Exception:
+                log.exception("lease renewal failed; continuing")
+                continue
+            for item_id in lost:
+                log.warning("item %s: claim lost while delivering", item_id)
+                self._claims.pop(item_id, None)
 
     # -- housekeeping ---------------------------------------------------------
 

@@ -145,7 +145,7 @@ async def _send_message(
     busy_answers = 0
     if ws.goes_direct(now) and not await daemon.dispatcher.seen_before(ws, caller, rpc.message_id):
         headers = forwarded_headers(request.headers, request_id)
-        outgoing = await daemon.dispatcher.body_for_agent(raw, body, caller)
+        outgoing = await daemon.dispatcher.body_for_agent(raw, caller, body)
         async with daemon.dispatcher.open_direct(
             ws, outgoing, headers, stream=rpc.is_stream
         ) as opened:

@@ -489,13 +489,23 @@ class Store:
 
         return await self._write(op)
 
-    async def renew(self, item_id: str, token: str, *, lease_until: float, now: float) -> bool:
-        """Extend a claim's lease; False when the claim is no longer ours."""
-        return await self._write_checked(
-            "UPDATE items SET lease_until = ?, updated_at = ?"
-            " WHERE id = ? AND claim_token = ? AND state = 'dispatching'",
-            (lease_until, now, item_id, token),
-        )
+    async def renew(self, claims: dict[str, str], *, lease_until: float, now: float) -> set[str]:
+        """Extend the leases of these claims (item id → token) in one transaction;
+        the ids whose claim is no longer theirs."""
+
+        def op(conn: sqlite3.Connection) -> set[str]:
+            lost = set()
+            for item_id, token in claims.items():
+                changed = conn.execute(
+                    "UPDATE items SET lease_until = ?, updated_at = ?"
+                    " WHERE id = ? AND claim_token = ? AND state = 'dispatching'",
+                    (lease_until, now, item_id, token),
+                ).rowcount
+                if not changed:
+                    lost.add(item_id)
+            return lost
+
+        return await self._write(op)
 
     async def settle(
         self,

@@ -212,8 +212,10 @@ class Upstream:
 
     async def _read_limited(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
         limit = self.max_result_bytes
-        if resp.content_length is not None and resp.content_length > limit:
-            return b"", True
+        if resp.content_length is not None:
+            if resp.content_length > limit:
+                return b"", True
+            return await resp.read(), False
         chunks, size = [], 0
         async for chunk in resp.content.iter_any():
             size += len(chunk)

@@ -31,6 +31,13 @@ class State(StrEnum):
 DELIVERABLE = frozenset({State.UNKNOWN, State.ONLINE})
 
 
+@dataclass(slots=True)
+class Totals:
+    """Counts over every workspace, kept in step so caps cost O(1) per send."""
+
+    live: int = 0  # queued + dispatching
+
+
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     active_tasks: int
@@ -50,6 +57,7 @@ class Workspace:
         clock: Clock,
         *,
         from_config: bool = True,
+        totals: Totals | None = None,
     ):
         self.config = config
         self.from_config = from_config  # a2ad.toml's workspaces are read-only at run time
@@ -63,8 +71,12 @@ class Workspace:
         self.busy_streak = 0
         self.busy_since: float | None = None  # when the current run of busy answers began
         self.restarts = 0
-        self.queued: dict[int, int] = {}  # priority → queued items (kept in step with the store)
+        # Kept in step with the store (and recounted from it): priority → queued items.
+        self.queued: dict[int, int] = {}
+        self.queued_total = 0
         self.dispatching = 0
+        self._dispatching_counted = 0
+        self._totals = totals or Totals()
         self.last_queued_at: float | None = None  # when an item was last queued here
         # Set whenever something may let the dispatcher deliver: a trigger.
         self.wakeup = asyncio.Event()
@@ -73,9 +85,24 @@ class Workspace:
     def id(self) -> str:
         return self.config.id
 
-    @property
-    def queued_total(self) -> int:
-        return sum(self.queued.values())
+    def add_queued(self, priority: int, n: int) -> None:
+        self.queued[priority] = max(0, self.queued.get(priority, 0) + n)
+        self._refresh_totals()
+
+    def add_dispatching(self, n: int) -> None:
+        self.dispatching = max(0, self.dispatching + n)
+        self._refresh_totals()
+
+    def set_counts(self, queued: dict[int, int], dispatching: int) -> None:
+        self.queued = dict(queued)
+        self.dispatching = dispatching
+        self._refresh_totals()
+
+    def _refresh_totals(self) -> None:
+        before = self.queued_total + self._dispatching_counted
+        self.queued_total = sum(self.queued.values())
+        self._dispatching_counted = self.dispatching
+        self._totals.live += self.queued_total + self.dispatching - before
 
     def _fresh_heartbeat(self, now: float) -> Heartbeat | None:
         hb = self.heartbeat
@@ -165,14 +192,19 @@ class Registry:
         self._liveness = liveness
         self._clock = clock
         self._by_id: dict[str, Workspace] = {}
+        self.totals = Totals()
 
     def add(self, config: WorkspaceSettings, *, from_config: bool = True) -> Workspace:
-        ws = Workspace(config, self._liveness, self._clock, from_config=from_config)
+        ws = Workspace(
+            config, self._liveness, self._clock, from_config=from_config, totals=self.totals
+        )
         self._by_id[config.id] = ws
         return ws
 
     def remove(self, workspace_id: str) -> None:
-        self._by_id.pop(workspace_id, None)
+        ws = self._by_id.pop(workspace_id, None)
+        if ws is not None:
+            ws.set_counts({}, 0)
 
     def get(self, workspace_id: str) -> Workspace:
         try:

@@ -371,7 +371,9 @@ async def test_a_renewed_lease_is_not_swept(store: Store) -> None:
     item = await put(store, T0)
     [claimed] = await claim(store, T0, lease=10)
     assert claimed.claim_token is not None
-    assert await store.renew(item.id, claimed.claim_token, lease_until=T0 + 30, now=T0 + 3)
+    assert (
+        await store.renew({item.id: claimed.claim_token}, lease_until=T0 + 30, now=T0 + 3) == set()
+    )
 
     assert await store.sweep_leases(now=T0 + 20, max_attempts=MAX_ATTEMPTS) == []
     row = await store.get(item.id)
@@ -387,7 +389,10 @@ async def test_an_expired_lease_goes_back_to_queued_with_an_attempt(store: Store
     other = await put(store, T0 + 1)
     [claimed, still_leased] = await claim(store, T0, limit=2, lease=10)
     assert still_leased.claim_token is not None
-    assert await store.renew(other.id, still_leased.claim_token, lease_until=T0 + 60, now=T0)
+    assert (
+        await store.renew({other.id: still_leased.claim_token}, lease_until=T0 + 60, now=T0)
+        == set()
+    )
 
     released = await store.sweep_leases(now=T0 + 20, max_attempts=MAX_ATTEMPTS)
     assert released == [Released(item.id, WS, "queued")]
@@ -459,7 +464,7 @@ async def test_a_wrong_or_stale_token_changes_nothing(store: Store) -> None:
             busy=True,
             last_error="busy",
         )
-        assert not await store.renew(item.id, token, lease_until=now + 100, now=now)
+        assert await store.renew({item.id: token}, lease_until=now + 100, now=now) == {item.id}
         assert await store.get(item.id) == before
 
     # The right token on the wrong item does nothing either.
@@ -474,7 +479,7 @@ async def test_a_wrong_or_stale_token_changes_nothing(store: Store) -> None:
     assert after is not None
     assert not await store.settle(item.id, current, state="failed", now=now + 1)
     assert not await store.hand_back(item.id, current, now=now + 1)
-    assert not await store.renew(item.id, current, lease_until=now + 100, now=now + 1)
+    assert await store.renew({item.id: current}, lease_until=now + 100, now=now + 1) == {item.id}
     assert await store.get(item.id) == after
 
 
