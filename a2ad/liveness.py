@@ -294,8 +294,15 @@ async def run_command(
         async with asyncio.timeout(limit_seconds):
             out, _ = await process.communicate()
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
+        await _kill(process)
         return None, ""
+    except asyncio.CancelledError:  # shutdown, reset or removal: leave nothing running
+        await asyncio.shield(_kill(process))
+        raise
     return process.returncode, out.decode(errors="replace")[-MAX_LOGGED_OUTPUT:]
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await process.wait()
