@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
 
 
 class Clock:
@@ -15,6 +21,10 @@ class Clock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
 
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Cancellable:
+        """Call `callback` after `seconds` (a timer, not a task: cheap to set and cancel)."""
+        return asyncio.get_running_loop().call_later(max(0.0, seconds), callback)
+
 
 class ManualClock(Clock):
     """A clock that moves only when told; sleepers wake when it passes their deadline."""
@@ -22,6 +32,7 @@ class ManualClock(Clock):
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self._now = start
         self._moved = asyncio.Condition()
+        self._timers: list[_ManualTimer] = []
 
     def now(self) -> float:
         return self._now
@@ -31,10 +42,32 @@ class ManualClock(Clock):
         async with self._moved:
             await self._moved.wait_for(lambda: self._now >= deadline)
 
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Cancellable:
+        if seconds <= 0:  # already due: as soon as the loop can, like the real one
+            return asyncio.get_running_loop().call_soon(callback)
+        timer = _ManualTimer(self._now + seconds, callback)
+        self._timers.append(timer)
+        return timer
+
     async def advance(self, seconds: float) -> None:
-        """Move time forward and let every sleeper whose deadline passed run."""
+        """Move time forward and let every sleeper and timer whose deadline passed run."""
         self._now += seconds
+        due = [t for t in self._timers if t.deadline <= self._now]
+        self._timers = [t for t in self._timers if t.deadline > self._now and not t.cancelled]
+        for timer in due:
+            if not timer.cancelled:
+                timer.callback()
         async with self._moved:
             self._moved.notify_all()
         for _ in range(5):
             await asyncio.sleep(0)
+
+
+class _ManualTimer:
+    def __init__(self, deadline: float, callback: Callable[[], object]) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True

@@ -263,7 +263,8 @@ class Dispatcher:
             if opened is not None and opened.stream is not None:
                 opened.stream.release()
             ws.in_flight -= 1
-            ws.wakeup.set()
+            if ws.queued_total:
+                ws.wakeup.set()  # a slot freed for the items that wait
 
     async def seen_before(self, ws: Workspace, caller: str, message_id: str | None) -> bool:
         """Does this messageId belong to an item that is live, or was delivered within
@@ -360,13 +361,12 @@ class Dispatcher:
         delay = max(0.0, min(timers) - now)
         if ws.queued_total == 0 and not ws.paused(now):
             delay = IDLE_RECHECK_SECONDS * 12
-        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
-        waker = asyncio.ensure_future(ws.wakeup.wait())
+        # A timer that sets the same event: no task per wait on the hot path.
+        timer = self.clock.call_later(delay, ws.wakeup.set)
         try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            await ws.wakeup.wait()
         finally:
-            sleeper.cancel()
-            waker.cancel()
+            timer.cancel()
 
     async def _fill(self, ws: Workspace) -> None:
         """Claim while slots are free and items are due."""
