@@ -3,6 +3,7 @@ starts and stops the background work with the application."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -38,11 +39,20 @@ def _error_response(request: web.Request, error: A2adError) -> web.Response:
     )
 
 
+_REQUEST_PREFIX = uuid.uuid4().hex[:8]  # unique per process, so ids differ across restarts
+_request_numbers = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    """Cheaper than a uuid per request, and still unique: process prefix + counter."""
+    return f"{_REQUEST_PREFIX}-{next(_request_numbers):x}"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes a JSON body with a stable code; never a traceback."""
-    given = request.headers.get("X-Request-Id", "")
-    request_id = given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex[:16]
+    given = request.headers.get("X-Request-Id")
+    request_id = given if given and _REQUEST_ID_OK.match(given) else _new_request_id()
     request[proxy.REQUEST_ID] = request_id
     try:
         response = await handler(request)

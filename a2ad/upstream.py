@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import errno
-import json
+import functools
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -62,11 +62,22 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 def _is_jsonrpc_response(body: bytes) -> bool:
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and ("result" in data or "error" in data)
+    """A JSON object naming a result or an error. A structural check, not a parse:
+    this runs on every direct answer, and the agent's own JSON is relayed as is."""
+    text = body.strip()
+    return (
+        text.startswith(b"{")
+        and text.endswith(b"}")
+        and (b'"result"' in text or b'"error"' in text)
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(limit: float, stream: bool) -> aiohttp.ClientTimeout:
+    """A whole answer within `limit`; a stream may run long but never go quiet that long."""
+    if stream:
+        return aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)
+    return aiohttp.ClientTimeout(total=limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +161,7 @@ class Upstream:
         (the caller reads and releases it); anything else is read and classified."""
         limit = workspace.request_timeout_seconds
         # A stream may run long: the agent must only never go quiet for `limit`.
-        timeout = (
-            aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)
-            if stream
-            else aiohttp.ClientTimeout(total=limit)
-        )
+        timeout = _timeout(limit, stream)
         try:
             resp = await self.session.post(
                 workspace.url,
