@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PORT ?= 8470
 AGENT_PORT ?= 9001
 
-.PHONY: install run test lint typecheck format unit integration acceptance clean
+.PHONY: install run test lint typecheck format unit integration acceptance clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,3 +53,19 @@ unit integration acceptance: install
 
 clean:
 	rm -rf $(VENV) var dist build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+## bench: every benchmark scenario (about ten minutes on 2 cores); prints the table
+## and writes bench/results/<timestamp>.json. BENCH_ARGS passes options to bench/run.py,
+## e.g. BENCH_ARGS="--only proxy,enqueue" or BENCH_ARGS="--profile py-spy".
+bench: install
+	@command -v wrk >/dev/null 2>&1 || { \
+		echo "bench: wrk is missing; installing Debian's wrk with apt-get"; \
+		{ apt-get update -q && apt-get install -y -q wrk; } >/dev/null || \
+			echo "bench: could not install wrk; the enqueue scenario falls back to the Python generator"; \
+	}
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## bench-quick: every scenario, briefly (about a minute); the Python generator stands
+## in for wrk when wrk is not installed.
+bench-quick: install
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)

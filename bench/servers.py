@@ -1,0 +1,353 @@
+"""The servers a benchmark run starts beside a2ad, each as its own process.
+
+    python -m bench.servers agent    --port P [--events K]   fast fake agent
+    python -m bench.servers recorder --port P                one slot, records arrival times
+    python -m bench.servers busy     --port P                always 503 + Retry-After: 3600
+    python -m bench.servers accept   --port P                trivial aiohttp 202, stores nothing
+    python -m bench.servers proxy    --port P --upstream URL bare aiohttp pass-through proxy
+    python -m bench.servers sink     --port P                minimal non-aiohttp HTTP target
+
+`proxy` and `accept` are the references a2ad is judged against: the floor for
+any aiohttp proxy and the ceiling for any aiohttp enqueue endpoint. `sink`
+answers from a bare asyncio protocol, so what a load generator reaches against
+it is the generator's own ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+JSON = "application/json"
+ACCEPTED_BODY = json.dumps(
+    {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "result": {
+            "kind": "task",
+            "id": "q-00000000000000000000000000000000",
+            "contextId": "ctx-0",
+            "status": {"state": "submitted"},
+        },
+    }
+).encode()
+
+
+# -- the fast fake agent ---------------------------------------------------------
+
+
+@dataclass
+class AgentStats:
+    """What the agent saw: counts, and when the first and last send arrived."""
+
+    events: int = 8
+    served: int = 0
+    streams: int = 0
+    first: float | None = None
+    last: float | None = None
+
+
+AGENT = web.AppKey("bench_agent", AgentStats)
+
+
+def _reply(rpc_id: Any, message: Any) -> bytes:
+    context = message.get("contextId") if isinstance(message, dict) else None
+    result: dict[str, Any] = {
+        "kind": "message",
+        "role": "agent",
+        "messageId": uuid.uuid4().hex,
+        "parts": [{"kind": "text", "text": "ok"}],
+    }
+    if isinstance(context, str):
+        result["contextId"] = context
+    return json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": result}).encode()
+
+
+def _sse(rpc_id: Any, result: dict[str, Any]) -> bytes:
+    return (
+        b"data: "
+        + json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": result}).encode()
+        + (b"\n\n")
+    )
+
+
+async def agent_rpc(request: web.Request) -> web.StreamResponse:
+    """message/send answered at once with a Message; message/stream as SSE events."""
+    stats = request.app[AGENT]
+    now = time.monotonic()
+    stats.first = stats.first if stats.first is not None else now
+    stats.last = now
+    body = json.loads(await request.read())
+    rpc_id = body.get("id")
+    params = body.get("params") or {}
+    message = params.get("message") or {}
+    if body.get("method") in ("message/stream", "SendStreamingMessage"):
+        stats.streams += 1
+        return await _stream(request, rpc_id, message, stats.events)
+    stats.served += 1
+    return web.Response(body=_reply(rpc_id, message), content_type=JSON)
+
+
+async def _stream(
+    request: web.Request, rpc_id: Any, message: dict[str, Any], events: int
+) -> web.StreamResponse:
+    """A Task, then artifact-updates, then the final status-update: one write each."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    task_id = uuid.uuid4().hex
+    context = message.get("contextId") or uuid.uuid4().hex
+    ids = {"taskId": task_id, "contextId": context}
+    await response.write(
+        _sse(
+            rpc_id,
+            {"kind": "task", "id": task_id, "contextId": context, "status": {"state": "working"}},
+        )
+    )
+    for n in range(max(0, events - 2)):
+        artifact = {"artifactId": f"a{n}", "parts": [{"kind": "text", "text": f"chunk {n}"}]}
+        await response.write(
+            _sse(rpc_id, {"kind": "artifact-update", **ids, "artifact": artifact, "append": n > 0})
+        )
+    await response.write(
+        _sse(
+            rpc_id,
+            {"kind": "status-update", **ids, "status": {"state": "completed"}, "final": True},
+        )
+    )
+    await response.write_eof()
+    return response
+
+
+async def agent_stats(request: web.Request) -> web.Response:
+    stats = request.app[AGENT]
+    return web.json_response(
+        {
+            "served": stats.served,
+            "streams": stats.streams,
+            "first": stats.first,
+            "last": stats.last,
+        }
+    )
+
+
+async def agent_card(request: web.Request) -> web.Response:
+    url = f"http://{request.host}/"
+    return web.json_response(
+        {
+            "name": "bench-agent",
+            "description": "a2ad benchmark agent",
+            "version": "0",
+            "url": url,
+            "preferredTransport": "JSONRPC",
+            "protocolVersion": "0.3.0",
+            "capabilities": {"streaming": True},
+            "defaultInputModes": ["text/plain"],
+            "defaultOutputModes": ["text/plain"],
+            "skills": [],
+        }
+    )
+
+
+def agent_app(events: int) -> web.Application:
+    app = web.Application()
+    app[AGENT] = AgentStats(events=events)
+    app.router.add_post("/", agent_rpc)
+    app.router.add_get("/stats", agent_stats)
+    app.router.add_get("/.well-known/agent-card.json", agent_card)
+    return app
+
+
+# -- the recording agent (drain latency) -------------------------------------------
+
+
+@dataclass
+class Records:
+    """Per request: when it arrived and when its answer was written (monotonic)."""
+
+    active: int = 0
+    busy: int = 0
+    spans: list[tuple[float, float]] = field(default_factory=list)
+
+
+RECORDS = web.AppKey("bench_records", Records)
+
+
+async def recorder_rpc(request: web.Request) -> web.StreamResponse:
+    """One slot: a second request while one is in progress is answered 503."""
+    records = request.app[RECORDS]
+    arrived = time.monotonic()
+    body = json.loads(await request.read())
+    if records.active:
+        records.busy += 1
+        return web.Response(status=503, headers={"Retry-After": "1"})
+    records.active = 1
+    params = body.get("params") or {}
+    response = web.Response(body=_reply(body.get("id"), params.get("message")), content_type=JSON)
+    # The slot is free the moment the answer is written; a2ad's next request
+    # cannot be read before this handler returns to the event loop.
+    records.active = 0
+    await response.prepare(request)
+    await response.write_eof()
+    records.spans.append((arrived, time.monotonic()))
+    return response
+
+
+async def recorder_records(request: web.Request) -> web.Response:
+    records = request.app[RECORDS]
+    return web.json_response({"busy": records.busy, "spans": records.spans})
+
+
+def recorder_app() -> web.Application:
+    app = web.Application()
+    app[RECORDS] = Records()
+    app.router.add_post("/", recorder_rpc)
+    app.router.add_get("/records", recorder_records)
+    app.router.add_get("/stats", recorder_records)
+    return app
+
+
+# -- the busy agent ------------------------------------------------------------------
+
+
+async def busy_rpc(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(status=503, headers={"Retry-After": "3600"})
+
+
+def busy_app() -> web.Application:
+    app = web.Application()
+    app.router.add_post("/", busy_rpc)
+    return app
+
+
+# -- the references ------------------------------------------------------------------
+
+
+async def accept_rpc(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(status=202, body=ACCEPTED_BODY, content_type=JSON)
+
+
+def accept_app() -> web.Application:
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", accept_rpc)
+    return app
+
+
+SESSION = web.AppKey("bench_session", aiohttp.ClientSession)
+
+
+def proxy_app(upstream: str) -> web.Application:
+    """Read the body, POST it upstream on one shared session, answer status and body;
+    an event stream is relayed chunk by chunk."""
+
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+        # limit=0 as in a2ad's own client, so neither queues on a connection pool.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            app[SESSION] = session
+            yield
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {"Content-Type": request.headers.get("Content-Type", JSON)}
+        async with request.app[SESSION].post(upstream, data=body, headers=headers) as resp:
+            content_type = resp.headers.get("Content-Type", JSON)
+            if not content_type.startswith("text/event-stream"):
+                payload = await resp.read()
+                return web.Response(
+                    status=resp.status, body=payload, headers={"Content-Type": content_type}
+                )
+            out = web.StreamResponse(status=resp.status, headers={"Content-Type": content_type})
+            await out.prepare(request)
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_post("/{tail:.*}", forward)
+    return app
+
+
+# -- the sink: the generator's ceiling ---------------------------------------------------
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+SINK_RESPONSE = (
+    b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n"
+    b"Content-Length: " + str(len(ACCEPTED_BODY)).encode() + b"\r\n\r\n" + ACCEPTED_BODY
+)
+
+
+class Sink(asyncio.Protocol):
+    """HTTP/1.1 keep-alive without a framework: each request gets the canned 202."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            found = _CONTENT_LENGTH.search(self.buffer, 0, end + 2)
+            total = end + 4 + (int(found.group(1)) if found else 0)
+            if len(self.buffer) < total:
+                return
+            del self.buffer[:total]
+            assert self.transport is not None
+            self.transport.write(SINK_RESPONSE)
+
+
+async def run_sink(host: str, port: int) -> None:
+    server = await asyncio.get_running_loop().create_server(Sink, host, port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.servers")
+    parser.add_argument("kind", choices=["agent", "recorder", "busy", "accept", "proxy", "sink"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", help="the agent's URL (proxy)")
+    parser.add_argument("--events", type=int, default=8, help="events per stream (agent)")
+    args = parser.parse_args(argv)
+    if args.kind == "sink":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_sink(args.host, args.port))
+        return
+    if args.kind == "proxy":
+        if not args.upstream:
+            parser.error("proxy needs --upstream")
+        app = proxy_app(args.upstream)
+    elif args.kind == "agent":
+        app = agent_app(args.events)
+    elif args.kind == "recorder":
+        app = recorder_app()
+    elif args.kind == "busy":
+        app = busy_app()
+    else:
+        app = accept_app()
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, backlog=1024)
+
+
+if __name__ == "__main__":
+    main()
