@@ -121,9 +121,7 @@ class Upstream:
         # servers close theirs (uvicorn: 5 s), so a send rarely meets a socket
         # the agent is closing.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0)
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
-        )
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
     async def close(self) -> None:
         if self._session is not None:
