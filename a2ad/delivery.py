@@ -132,10 +132,6 @@ class Dispatcher:
             self._lease_keeper.cancel()
             await asyncio.gather(self._lease_keeper, return_exceptions=True)
 
-    @property
-    def in_flight_deliveries(self) -> int:
-        return len(self._deliveries)
-
     # -- counters ----------------------------------------------------------
 
     async def recount(self) -> None:
