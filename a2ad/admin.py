@@ -215,9 +215,7 @@ async def delete_item(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     daemon.auth.admin(request)
     item = await _item_or_404(daemon, request.match_info["qid"])
-    if item.state == "queued" and await daemon.store.cancel(item.id, now=daemon.clock.now()):
-        await daemon.dispatcher.recount()
-        daemon.dispatcher.notify(item.id)
+    if await daemon.dispatcher.cancel(item):
         return json_response({"id": item.id, "state": "cancelled"})
     if item.is_final and await daemon.store.delete(item.id):
         return json_response({"id": item.id, "deleted": True})

@@ -55,7 +55,7 @@ def result_for(answer: Answer, max_result_bytes: int) -> bytes:
     return answer.body
 
 
-def agent_ids(result: bytes) -> tuple[str | None, str | None]:
+def agent_ids_in(result: bytes) -> tuple[str | None, str | None]:
     """The agent's own task and context ids in its answer, when it made a Task."""
     try:
         answer = a2a.read_answer(json.loads(result))
@@ -284,6 +284,16 @@ class Dispatcher:
 
     # -- results -------------------------------------------------------------
 
+    async def cancel(self, item: Item) -> bool:
+        """A queued item → cancelled, never delivered; False when it is not queued."""
+        if item.state != "queued" or not await self.store.cancel(item.id, now=self.clock.now()):
+            return False
+        ws = self.registry.find(item.workspace)
+        if ws is not None:
+            ws.add_queued(item.priority, -1)
+        self.notify(item.id)
+        return True
+
     def notify(self, item_id: str) -> None:
         """The item is final: wake its waiters and end its streams."""
         for future in self._waiters.pop(item_id, ()):
@@ -457,7 +467,7 @@ class Dispatcher:
                 await self._failed_attempt(ws, item, token, answer, now)
                 return
             result = result_for(answer, self.upstream.max_result_bytes)
-            task_id, context_id = agent_ids(result)
+            task_id, context_id = agent_ids_in(result)
             await self.store.settle(
                 item.id,
                 token,

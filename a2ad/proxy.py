@@ -380,9 +380,7 @@ async def _cancel_task(
     item = await _find_item(daemon, rpc.task_id or "", caller)
     if item is None:
         return _task_not_found(rpc)
-    if item.state == "queued" and await daemon.store.cancel(item.id, now=daemon.clock.now()):
-        await daemon.dispatcher.recount()
-        daemon.dispatcher.notify(item.id)
+    if await daemon.dispatcher.cancel(item):
         item = await daemon.store.get(item.id) or item
         return json_response(a2a.rpc_result(rpc.id, item_task(item, protocol)))
     if item.state == "delivered" and item.agent_task_id:
@@ -412,9 +410,9 @@ async def _forward(
     caller: str,
 ) -> web.StreamResponse:
     """Any other method goes straight to the agent, queue ids swapped for the agent's."""
-    rewritten = await daemon.dispatcher.agent_ids(body, caller)
-    if rewritten is not None or raw is None:
-        raw = json.dumps(rewritten if rewritten is not None else body).encode()
+    if raw is None:
+        raw = json.dumps(body).encode()
+    raw = await daemon.dispatcher.body_for_agent(raw, caller, body)
     answer = await daemon.upstream.send(
         ws.config,
         raw,
