@@ -95,6 +95,14 @@ def test_sigterm_with_a_delivery_in_flight(launcher: Launcher, grace: float, exp
             if status == 202:
                 qids.append(data["result"]["id"])
         assert qids
+        # Once the blocker is done only a2ad talks to the agent, so an active
+        # request there is a2ad's delivery of the first item, not an attempt
+        # that is about to be answered busy and handed back.
+        blocker.wait(timeout=10)
+        end = time.monotonic() + 10
+        while get(f"{agent.url}/stats")["active"] == 0:
+            assert time.monotonic() < end, "a2ad never delivered the first item"
+            time.sleep(0.01)
         first = wait_for_state(base, qids[0], "dispatching")
         assert first["attempts"] == 0
         started = time.monotonic()
