@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PORT ?= 8470
 AGENT_PORT ?= 9001
 
-.PHONY: install run test lint typecheck format unit integration acceptance clean bench bench-quick
+.PHONY: install run test lint typecheck format unit integration acceptance clean bench bench-quick \
+	soak wheelhouse chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +35,28 @@ run: install
 	$(BIN)/a2ad serve --config a2ad.toml
 
 ## test: lint, type checks, then every test tier.
-test: install lint typecheck
+test: install chromium lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+## chromium: Debian's chromium, for the status page's browser test. Playwright's own
+## browser download cannot run on air-gapped machines, so the test drives this one.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "chromium is missing; installing Debian's chromium with apt-get"; \
+		{ apt-get update -q && apt-get install -y -q --no-install-recommends chromium; } >/dev/null || \
+			echo "could not install chromium; the status page's browser test will be skipped"; \
+	}
+
+## soak: kill -9 a2ad at random moments under load, 100 times, and reconcile.
+soak: install
+	A2AD_SOAK_TRIALS=$${A2AD_SOAK_TRIALS:-100} $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/acceptance/test_soak.py
+
+## wheelhouse: a2ad and every runtime dependency as wheels in dist/wheelhouse/, for
+## machines without network: pip install --no-index --find-links dist/wheelhouse a2ad
+wheelhouse: install
+	rm -rf dist/wheelhouse
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --wheel-dir dist/wheelhouse .
 
 lint: install
 	$(BIN)/ruff check a2ad tests bench

@@ -16,6 +16,7 @@ from aiohttp import web
 from . import __version__, queue_cli, systemd
 from .app import create_app
 from .daemon import DAEMON
+from .listener import Runner
 from .settings import ConfigError, Settings, load_settings
 from .store import Store, StoreLock, StoreLocked, bundled_migrations
 
@@ -92,8 +93,9 @@ async def _serve(settings: Settings, lock: StoreLock) -> None:
     and the next start returns the claims of this process to the queue."""
     server = settings.server
     app = create_app(settings, lock=lock)
-    runner = web.AppRunner(
+    runner = Runner(
         app,
+        server,
         access_log=None,
         shutdown_timeout=server.shutdown_grace_seconds,
         # A caller that leaves ends its handler, so a relayed stream frees its slot.

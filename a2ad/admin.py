@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from . import a2a
 from .a2a import timestamp
+from .agent_urls import check_agent_url
 from .daemon import DAEMON, Daemon
 from .errors import Conflict, InvalidBody, InvalidRequest, NotFound
 from .proxy import json_response, read_body
@@ -152,6 +153,7 @@ async def put_workspace(request: web.Request) -> web.Response:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "body"
         raise InvalidBody(f"{field}: {first['msg'].removeprefix('Value error, ')}") from None
+    await check_agent_url(config.url, allow_link_local=daemon.settings.auth.allow_link_local_agents)
     if config.token and daemon.auth.token_taken(config.token, workspace_id):
         raise InvalidBody("token: already in use by another principal; choose another")
     created = await daemon.register(config)
@@ -194,11 +196,10 @@ async def _item_or_404(daemon: Daemon, item_id: str) -> Item:
     return item
 
 
-async def retry_item(request: web.Request) -> web.Response:
-    """A failed or expired item back to the queue: attempts reset, a fresh expiry."""
-    daemon = request.app[DAEMON]
-    daemon.auth.admin(request)
-    item = await _item_or_404(daemon, request.match_info["qid"])
+async def retry(daemon: Daemon, item_id: str) -> Item:
+    """A failed or expired item back to the queue: attempts reset, a fresh expiry.
+    The item as it is now; NotFound or Conflict when it cannot be retried."""
+    item = await _item_or_404(daemon, item_id)
     outcome = await daemon.store.retry(
         item.id, now=daemon.clock.now(), max_age=daemon.settings.queue.max_age_seconds
     )
@@ -207,7 +208,13 @@ async def retry_item(request: web.Request) -> web.Response:
     if outcome == "not_final":
         raise Conflict(f"{item.id} is {item.state}; only failed or expired items are retried")
     await daemon.dispatcher.recount()
-    return json_response(item_view(await _item_or_404(daemon, item.id)))
+    return await _item_or_404(daemon, item.id)
+
+
+async def retry_item(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    return json_response(item_view(await retry(daemon, request.match_info["qid"])))
 
 
 async def delete_item(request: web.Request) -> web.Response:
@@ -221,6 +228,14 @@ async def delete_item(request: web.Request) -> web.Response:
         return json_response({"id": item.id, "deleted": True})
     latest = await _item_or_404(daemon, item.id)
     raise Conflict(f"{item.id} is {latest.state}; it cannot be cancelled or deleted now")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text; SPEC lists it with the operator endpoints, so it needs the admin token."""
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    body, content_type = daemon.metrics.render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def healthz(request: web.Request) -> web.Response:

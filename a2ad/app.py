@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import admin, proxy
+from . import admin, proxy, ui
 from .clock import Clock
 from .daemon import DAEMON, Daemon
 from .errors import A2adError, MethodNotAllowed, NotFound
@@ -30,6 +30,8 @@ def _is_rpc_path(request: web.Request) -> bool:
 
 
 def _error_response(request: web.Request, error: A2adError) -> web.Response:
+    if ui.is_ui_path(request.path):
+        return ui.error_page(error)  # a person reads these: HTML, not JSON
     body = error.rpc_body(request.get(proxy.RPC_ID)) if _is_rpc_path(request) else error.body()
     return web.Response(
         body=json.dumps(body).encode(),
@@ -100,6 +102,7 @@ def create_app(
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
+    app.router.add_get("/metrics", admin.metrics)
     app.router.add_post("/workspaces/{workspace}/a2a", proxy.handle_rpc)
     for card_path in ("agent-card.json", "agent.json"):
         app.router.add_get(
@@ -115,4 +118,5 @@ def create_app(
     app.router.add_get("/queue/{qid}", admin.get_item)
     app.router.add_delete("/queue/{qid}", admin.delete_item)
     app.router.add_post("/queue/{qid}/retry", admin.retry_item)
+    ui.setup(app)
     return app

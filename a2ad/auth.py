@@ -77,6 +77,16 @@ class Auth:
             raise Unauthorized("unknown token")
         return found
 
+    def admin_token_matches(self, token: str) -> bool:
+        """Is `token` the admin token? For the status page's login form."""
+        given = token.encode()
+        found = False
+        # Every token compared, each in constant time, as in identify().
+        for known, principal in self._tokens:
+            if hmac.compare_digest(given, known) and principal.kind == "admin":
+                found = True
+        return found
+
     def _require(self, request: web.Request, *kinds: Kind) -> Principal:
         principal = self.identify(request)
         if principal is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from .clock import Clock
 from .delivery import Dispatcher
 from .errors import StoreUnavailable
 from .liveness import Liveness
+from .metrics import Metrics
 from .settings import Settings, WorkspaceSettings
 from .store import Store, StoreLock
 from .upstream import Upstream
@@ -48,7 +50,10 @@ class Daemon:
         self.auth = Auth(settings)
         self.cards = Cards(settings.server.base_url, self.clock)
         self.upstream = Upstream(max_result_bytes=settings.server.max_result_bytes)
-        self.dispatcher = Dispatcher(settings, self.store, self.registry, self.upstream, self.clock)
+        self.metrics = Metrics(self.registry)
+        self.dispatcher = Dispatcher(
+            settings, self.store, self.registry, self.upstream, self.clock, metrics=self.metrics
+        )
         self.liveness = Liveness(settings.liveness, self.registry, self.clock)
         self.dispatcher.on_failure_signal = self.liveness.signal
         self._loops: list[asyncio.Task[None]] = []
@@ -165,6 +170,11 @@ class Daemon:
 
     async def _housekeeping(self) -> None:
         now = self.clock.now()
+        if self.store.last_write_error is not None:
+            # An idle a2ad writes nothing, so it looks by itself whether the
+            # store writes again (/readyz turns ready without any traffic).
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.probe_write(now)
         for ws in self.registry:
             if ws.check_heartbeat_timeout(now):
                 self.liveness.signal(ws, "no heartbeat within heartbeat_timeout_seconds")

@@ -21,6 +21,7 @@ from typing import Any
 from . import a2a
 from .clock import Clock
 from .errors import QueueFull, StoreUnavailable
+from .metrics import Metrics
 from .settings import Settings
 from .store import Enqueued, Item, NewItem, Store
 from .upstream import Answer, Opened, Outcome, Upstream, connection_failure, iter_sse
@@ -74,9 +75,17 @@ class Dispatcher:
     """Moves queued items to agents, one pump per workspace."""
 
     def __init__(
-        self, settings: Settings, store: Store, registry: Registry, upstream: Upstream, clock: Clock
+        self,
+        settings: Settings,
+        store: Store,
+        registry: Registry,
+        upstream: Upstream,
+        clock: Clock,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics(registry)
         self.queue_settings = settings.queue
         self.store = store
         self.registry = registry
@@ -103,6 +112,7 @@ class Dispatcher:
 
     def add_workspace(self, ws: Workspace) -> None:
         self._pumps[ws.id] = asyncio.create_task(self._pump(ws), name=f"a2ad-pump-{ws.id}")
+        self.metrics.of(ws.id)  # its series read 0 from the start, not absent
         ws.wakeup.set()  # start-up is a trigger
 
     async def remove_workspace(self, ws: Workspace) -> None:
@@ -111,6 +121,7 @@ class Dispatcher:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
         self._wake_at.pop(ws.id, None)
+        self.metrics.forget(ws.id)
 
     def stop_claiming(self) -> None:
         self._stopping = True
@@ -173,6 +184,7 @@ class Dispatcher:
             raise
         if done.created:
             ws.last_queued_at = self.clock.now()
+            self.metrics.of(ws.id).enqueued.inc()
         else:
             ws.add_queued(new.priority, -1)
             depth, position = ws.queued_total, 0
@@ -229,6 +241,7 @@ class Dispatcher:
         """Learn from an agent's answer: a busy pause, a sign of life, a failure signal."""
         now = self.clock.now()
         if answer.outcome is Outcome.BUSY:
+            self.metrics.of(ws.id).busy.inc()
             ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
             window = self.settings.liveness.debounce_window_seconds
             if ws.busy_since is not None and now - ws.busy_since > window:
@@ -249,7 +262,10 @@ class Dispatcher:
         ws.in_flight += 1
         opened: Opened | None = None
         try:
+            started = self.clock.now()
             opened = await self.upstream.open(ws.config, body, headers, stream=stream)
+            outcome = Outcome.FINAL if opened.answer is None else opened.answer.outcome
+            self.metrics.of(ws.id).proxy[outcome].observe(self.clock.now() - started)
             if opened.answer is not None:
                 self.observe(ws, opened.answer)
             else:
@@ -442,12 +458,15 @@ class Dispatcher:
             if item.request_id:
                 headers["X-Request-Id"] = item.request_id
             body = await self.body_for_agent(item.body, item.caller)
+            started = self.clock.now()
             if item.method in a2a.STREAM_METHODS:
                 answer = await self._send_stream(ws, item, body, headers)
             else:
                 answer = await self.upstream.send(ws.config, body, headers)
             self._claims.pop(item.id, None)
             now = self.clock.now()
+            metrics = self.metrics.of(ws.id)
+            metrics.delivery[answer.outcome].observe(now - started)
             # Before the slot frees, so the wakeup finds a busy pause in place.
             self.observe(ws, answer)
             free_slot()
@@ -468,7 +487,7 @@ class Dispatcher:
                 return
             result = result_for(answer, self.upstream.max_result_bytes)
             task_id, context_id = agent_ids_in(result)
-            await self.store.settle(
+            settled = await self.store.settle(
                 item.id,
                 token,
                 state="delivered",
@@ -479,6 +498,9 @@ class Dispatcher:
                 last_error=answer.error,
             )
             log.info("item %s delivered to %s (HTTP %s)", item.id, ws.id, answer.status)
+            if settled:  # else the sweeper took it back: it is counted when delivered again
+                metrics.delivered.inc()
+                metrics.wait.observe(started - item.enqueued_at)
             self._settled(ws, item)
         except asyncio.CancelledError:
             # Shutdown past the grace period: hand it back without using an attempt.
@@ -506,9 +528,11 @@ class Dispatcher:
     ) -> None:
         attempts = item.attempts + 1
         if attempts >= self.queue_settings.max_attempts:
-            await self.store.settle(
+            settled = await self.store.settle(
                 item.id, token, state="failed", now=now, last_error=answer.error, attempt_used=True
             )
+            if settled:
+                self.metrics.of(ws.id).failed.inc()
             log.warning("item %s failed after %d attempts: %s", item.id, attempts, answer.error)
             self._settled(ws, item)
             return
@@ -638,9 +662,12 @@ class Dispatcher:
         )
         for released in expired:
             log.info("item %s expired before delivery", released.id)
+            self.metrics.of(released.workspace).expired.inc()
             self.notify(released.id)
         for released in swept:
             log.warning("item %s: lease expired; now %s", released.id, released.state)
+            if released.state == "failed":
+                self.metrics.of(released.workspace).failed.inc()
             self.notify(released.id)
         if expired or swept:
             await self.recount()

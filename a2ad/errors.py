@@ -100,6 +100,12 @@ class BodyTooLarge(A2adError):
     status, code, rpc_code = 413, "body_too_large", -32600
 
 
+class RequestTimeout(A2adError):
+    """The client did not send its whole body within server.client_timeout_seconds."""
+
+    status, code, rpc_code = 408, "request_timeout", -32600
+
+
 class QueueFull(A2adError):
     """A queue cap is reached; try again later."""
 

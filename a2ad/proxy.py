@@ -21,6 +21,7 @@ from .errors import (
     InvalidBody,
     InvalidHeader,
     QueueFull,
+    RequestTimeout,
     UpstreamFailed,
     UpstreamTimeout,
 )
@@ -87,12 +88,20 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused when over `limit` or when the client sends it too slowly
+    (a slow body would otherwise hold a connection and a handler forever)."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"the body is over {limit} bytes (server.max_body_bytes)")
+    timeout = request.app[DAEMON].settings.server.client_timeout_seconds
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"the body is over {limit} bytes (server.max_body_bytes)") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the body did not arrive within {timeout:g} s (server.client_timeout_seconds)"
+        ) from None
 
 
 def relay(answer: Answer) -> web.Response:

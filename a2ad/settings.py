@@ -25,7 +25,9 @@ WORKSPACE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Each field's docstring is its description: the configuration reference
+    # (a2ad/config_reference.py) is generated from them.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def _read_secret(path: str, field: str) -> str:
@@ -40,11 +42,24 @@ def _read_secret(path: str, field: str) -> str:
 
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
+    """Address `a2ad serve` listens on."""
     port: int = Field(8470, ge=0, le=65535)
+    """Port `a2ad serve` listens on."""
     public_url: str = ""
+    """URL callers reach a2ad at, written into agent cards; empty: http://{host}:{port}."""
     max_body_bytes: int = Field(1_048_576, ge=1)
+    """Largest request body; a larger one is refused with body_too_large (413)."""
     max_result_bytes: int = Field(10_485_760, ge=1)
+    """Largest agent answer kept; a larger one is stored as a result_too_large error."""
+    # One header line (and the request line) at most; over it → 431.
+    max_header_bytes: int = Field(8190, ge=1024, le=1_048_576)
+    """Longest request line or header line; a longer one is refused with 431."""
+    # A connection must finish a request's headers, and then its body, within
+    # this long (a slow client holds a socket and a handler, not a slot).
+    client_timeout_seconds: float = Field(60.0, gt=0)
+    """Time a connection has to send a request's headers, and then its body."""
     shutdown_grace_seconds: float = Field(10.0, ge=0)
+    """On SIGTERM, time running deliveries get to finish before they are requeued."""
 
     @property
     def base_url(self) -> str:
@@ -66,22 +81,36 @@ class ServerSettings(_Section):
 
 class StoreSettings(_Section):
     path: str = "var/a2ad.db"
+    """SQLite database file (WAL mode), relative to the working directory."""
     synchronous: Literal["full", "normal"] = "full"
+    """SQLite synchronous: full keeps every 202 through a power cut, normal through a crash."""
     busy_timeout_seconds: float = Field(5.0, ge=0)
+    """How long a write waits for another process's lock (the queue commands)."""
 
 
 class QueueSettings(_Section):
     max_attempts: int = Field(5, ge=1)
+    """Failed deliveries before an item is failed (dead letter); busy answers do not count."""
     lease_seconds: float = Field(60.0, gt=0)
+    """Lease of a claimed item, renewed every third of it while the delivery runs."""
     promote_after_seconds: float = Field(120.0, gt=0)
+    """Each full period an item waits moves it up a priority: info → task → critical."""
     info_ttl_seconds: float = Field(300.0, gt=0)
+    """Expiry of info-priority items sent without an A2AD-TTL header."""
     max_age_seconds: float = Field(86_400.0, gt=0)
+    """Every item expires this long after it was queued, whatever its TTL."""
     max_depth_per_workspace: int = Field(10_000, ge=1)
+    """Items waiting or being delivered per workspace before sends get queue_full."""
     max_depth: int = Field(1_000_000, ge=1)
+    """Items waiting or being delivered in all before sends get queue_full."""
     replay_window_seconds: float = Field(86_400.0, ge=0)
+    """A resent messageId is answered from its delivered item for this long."""
     retention_seconds: float = Field(604_800.0, ge=0)
+    """Final items are deleted this long after; not below replay_window_seconds."""
     backoff_base_seconds: float = Field(1.0, gt=0)
+    """Failed attempt n waits about base × 2^(n-1), with jitter."""
     backoff_max_seconds: float = Field(300.0, gt=0)
+    """Longest wait after a failed attempt."""
 
     @model_validator(mode="after")
     def _retention_covers_replay(self) -> QueueSettings:
@@ -95,18 +124,28 @@ class QueueSettings(_Section):
 
 class LivenessSettings(_Section):
     heartbeat_timeout_seconds: float = Field(90.0, gt=0)
+    """A heartbeat counts this long; no sign of life for this long: offline."""
     recent_heartbeat_seconds: float = Field(15.0, ge=0)
+    """A not-running probe this soon after a sign of life needs a second one."""
     debounce_window_seconds: float = Field(30.0, ge=0)
+    """Window for that second probe; busy answers lasting longer ask for a probe."""
     probe_interval_seconds: float = Field(10.0, gt=0)
+    """Probe period for offline, restarting or heartbeat-less agents with items."""
     restart_timeout_seconds: float = Field(60.0, gt=0)
+    """Time limit of restart_command; not-running probes are ignored this long after."""
     restart_backoff_seconds: float = Field(5.0, ge=0)
+    """Wait before a second restart within an hour, doubling per restart up to 600 s."""
     restart_budget_per_hour: int = Field(5, ge=0)
+    """Restarts per hour; past it the workspace is failed until POST …/reset."""
 
 
 class CallerSettings(_Section):
     name: str = Field(min_length=1, max_length=128)
+    """Caller name, unique; recorded with its items."""
     token: str = Field("", repr=False)
+    """Bearer token the caller sends to the proxy and to read its own items."""
     token_file: str = ""
+    """File holding the token, read when token is empty."""
 
     @model_validator(mode="after")
     def _token_from_file(self) -> CallerSettings:
@@ -119,9 +158,17 @@ class CallerSettings(_Section):
 
 class AuthSettings(_Section):
     admin_token: str = Field("", repr=False)
+    """Bearer token for the operator endpoints; empty: they are open."""
     admin_token_file: str = ""
+    """File holding the admin token, read when admin_token is empty."""
     allow_open: bool = False
+    """Serve endpoints without tokens on an address that is not loopback."""
+    # Let run-time workspaces (PUT /workspaces/{id}) point at link-local and
+    # cloud-metadata addresses; off, because that is how request forgery reaches them.
+    allow_link_local_agents: bool = False
+    """Let run-time workspaces point at link-local and cloud-metadata addresses."""
     callers: list[CallerSettings] = Field(default_factory=list)
+    """Named callers and their tokens; with none, the proxy is open."""
 
     @model_validator(mode="after")
     def _check(self) -> AuthSettings:
@@ -136,14 +183,23 @@ class AuthSettings(_Section):
 
 class WorkspaceSettings(_Section):
     id: str = Field(pattern=WORKSPACE_ID_PATTERN)
+    """Workspace id, in its URLs: /workspaces/{id}/a2a."""
     url: str = Field(pattern=r"^https?://[^\s]+$")
+    """The agent's A2A JSON-RPC endpoint."""
     max_concurrent: int = Field(1, ge=1)
+    """Slots, unless a heartbeat gives max_concurrent_tasks."""
     token: str = Field("", repr=False)
+    """Bearer token of the agent's heartbeats; required with heartbeat = true."""
     token_file: str = ""
+    """File holding the token, read when token is empty."""
     heartbeat: bool = True
+    """Whether the agent sends heartbeats; false: it is never offline."""
     request_timeout_seconds: float = Field(300.0, gt=0)
+    """Time limit of one request to the agent; for a stream, its longest silence."""
     restart_command: list[str] = Field(default_factory=list)
+    """argv (no shell, A2AD_WORKSPACE set) that restarts a dead agent; []: none."""
     status_command: list[str] = Field(default_factory=list)
+    """argv: exit 0 running, 1 not running; []: probe with a GET of the agent card."""
 
     @model_validator(mode="after")
     def _token(self) -> WorkspaceSettings:
@@ -178,14 +234,21 @@ class Settings(BaseSettings):
         env_nested_delimiter=ENV_DELIMITER,
         extra="forbid",
         frozen=True,
+        use_attribute_docstrings=True,
     )
 
     server: ServerSettings = Field(default_factory=ServerSettings)
+    """The HTTP listener of `a2ad serve`, and the URL callers reach a2ad at."""
     store: StoreSettings = Field(default_factory=StoreSettings)
+    """The SQLite file that holds the queue."""
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    """Delivery attempts, leases, expiry, depth caps and retention of items."""
     liveness: LivenessSettings = Field(default_factory=LivenessSettings)
+    """Heartbeats, probes and restarts of the agents."""
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    """Bearer tokens; endpoints without tokens are open (on loopback only)."""
     workspaces: list[WorkspaceSettings] = Field(default_factory=list)
+    """The agents a2ad fronts, one table each."""
 
     @classmethod
     def settings_customise_sources(

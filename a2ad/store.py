@@ -188,9 +188,12 @@ def _is_store_failure(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError)
 
 
-def _run_batch(conn: sqlite3.Connection, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
-    """Run every op in one transaction, each in a savepoint, then commit once."""
+def _run_batch(conn: sqlite3.Connection, ops: list[Op[Any]]) -> tuple[list[tuple[bool, Any]], bool]:
+    """Run every op in one transaction, each in a savepoint, then commit once.
+    Also says whether the commit wrote anything: one that changed no row
+    succeeds even on a full disk, so it proves nothing about the store."""
     results: list[tuple[bool, Any]] = []
+    changes = conn.total_changes
     conn.execute("BEGIN IMMEDIATE")
     try:
         for op in ops:
@@ -209,7 +212,7 @@ def _run_batch(conn: sqlite3.Connection, ops: list[Op[Any]]) -> list[tuple[bool,
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
-    return results
+    return results, conn.total_changes != changes
 
 
 async def _on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
@@ -348,19 +351,22 @@ class Store:
             batch, self._pending = self._pending, []
             ops = [op for op, _ in batch]
             try:
-                outcomes = await _on_thread(writer, _run_batch, writer._conn, ops)
+                outcomes, wrote = await _on_thread(writer, _run_batch, writer._conn, ops)
             except Exception as exc:
                 error: BaseException = exc
                 if _is_store_failure(exc):
+                    if self.last_write_error is None:
+                        log.error("the store cannot write: %s", exc)
                     self.last_write_error = str(exc)
-                    log.error("store write failed: %s", exc)
                     error = StoreUnavailable(f"the store cannot write: {exc}", retry_after=1)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
             else:
                 self.commits += 1
-                self.last_write_error = None
+                if wrote and self.last_write_error is not None:
+                    log.warning("the store writes again")
+                    self.last_write_error = None
                 for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():
                         continue
@@ -372,6 +378,14 @@ class Store:
                 self._wake.set()
             elif self._closing:
                 return
+
+    async def probe_write(self, now: float) -> None:
+        """One small real write: succeeds once the store can write again."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, ?)", (now,))
+
+        await self._write(op)
 
     # -- migrations --------------------------------------------------------
 

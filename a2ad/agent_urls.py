@@ -1,0 +1,89 @@
+"""Which agent URLs a workspace registered at run time may point at.
+
+A `PUT /workspaces/{id}` names a URL that a2ad will POST to, fetch cards from
+and probe, so it is a request-forgery vector: whoever holds the admin token
+(or anyone, on an open loopback endpoint reached through a browser or another
+local service) could aim a2ad at the cloud metadata service or at link-local
+devices. Agents on one box live on loopback or private addresses, so those
+stay allowed; link-local (which holds 169.254.169.254, the metadata address of
+most clouds), the other well-known metadata addresses and addresses that are
+not unicast are refused unless `auth.allow_link_local_agents` is set. Hostnames
+are resolved and every address they resolve to is checked. The config file is
+the operator's own word and is not checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from .errors import InvalidBody
+
+# Metadata services outside the link-local ranges.
+METADATA_ADDRESSES = frozenset(
+    {
+        ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+        ipaddress.ip_address("fd00:ec2::254"),  # AWS, IPv6
+    }
+)
+METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal"})
+RESOLVE_TIMEOUT = 5.0
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _refusal(address: Address) -> str | None:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return None  # the usual place for an agent on the same box
+    if address in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if address.is_link_local:
+        return "a link-local address (cloud metadata services live there)"
+    if address.is_multicast or address.is_unspecified or address.is_reserved:
+        return "not a unicast address"
+    return None
+
+
+async def _resolve(host: str, port: int) -> list[Address]:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(RESOLVE_TIMEOUT):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError) as exc:
+        raise InvalidBody(f"url: cannot resolve {host!r}: {exc}") from None
+    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+
+
+async def check_agent_url(url: str, *, allow_link_local: bool) -> None:
+    """Raise InvalidBody when a run-time workspace may not use `url`."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise InvalidBody("url: only http and https agent URLs are allowed")
+    if parts.username or parts.password:
+        raise InvalidBody("url: credentials in the URL are not allowed; use a token")
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        raise InvalidBody("url: the URL has no host")
+    if allow_link_local:
+        return
+    if host in METADATA_HOSTS:
+        raise InvalidBody(f"url: {host} is a cloud metadata service (auth.allow_link_local_agents)")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise InvalidBody("url: the port is not a number from 0 to 65535") from None
+    try:
+        addresses: list[Address] = [ipaddress.ip_address(host)]
+    except ValueError:
+        addresses = await _resolve(host, port)
+    for address in addresses:
+        why = _refusal(address)
+        if why:
+            raise InvalidBody(
+                f"url: {host} is {why}; a2ad refuses it for run-time workspaces"
+                " unless auth.allow_link_local_agents = true"
+            )
