@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import aiohttp
 from aiohttp import web
 
-from . import __version__, queue_cli, systemd
+from . import __version__, logs, queue_cli, systemd
 from .app import create_app
 from .daemon import DAEMON
 from .listener import Runner
@@ -31,15 +31,6 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_CONFIG) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -210,14 +201,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def log_options(parser: argparse.ArgumentParser, *, default: bool) -> None:
+    """--log-level and --log-format, before or after the command's name (a
+    command's own copy keeps the value given before it unless given again)."""
+    level = os.environ.get("A2AD_LOG_LEVEL", "info") if default else argparse.SUPPRESS
+    fmt = os.environ.get("A2AD_LOG_FORMAT", "plain") if default else argparse.SUPPRESS
+    parser.add_argument("--log-level", default=level, help="debug, info, warning or error")
+    parser.add_argument(
+        "--log-format",
+        default=fmt,
+        choices=logs.FORMATS,
+        help="plain text or one JSON object a line",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="a2ad", description="The A2A delivery daemon.")
     parser.add_argument("--version", action="version", version=f"a2ad {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("A2AD_LOG_LEVEL", "info"))
+    log_options(parser, default=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_arg(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("--config", "-c", help="path to a2ad.toml (or A2AD_CONFIG)")
+        log_options(cmd, default=False)
 
     for name, func, help_text in (
         ("serve", cmd_serve, "run the daemon"),
@@ -243,7 +249,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    logs.setup(args.log_level, args.log_format)
     try:
         code = args.func(args)
     except CliError as exc:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import a2a
+from . import a2a, logs
 from .clock import Clock
 from .errors import QueueFull, StoreUnavailable
 from .metrics import Metrics
@@ -28,6 +28,12 @@ from .upstream import Answer, Opened, Outcome, Upstream, connection_failure, ite
 from .workspaces import Registry, Workspace
 
 log = logging.getLogger("a2ad.delivery")
+
+
+def _about(item: Item) -> dict[str, Any]:
+    """Log fields naming an item and the request that brought it."""
+    return logs.context(item.request_id, item.id, item.workspace)
+
 
 IDLE_RECHECK_SECONDS = 5.0  # a pump with queued items re-checks at least this often
 STORE_RETRY_SECONDS = 1.0
@@ -477,6 +483,7 @@ class Dispatcher:
                     answer.error,
                     ws.id,
                     a2a.timestamp(ws.paused_until),
+                    extra=_about(item),
                 )
                 await self._settle_back(
                     ws, item, token, now=now, busy=True, last_error=answer.error
@@ -497,7 +504,14 @@ class Dispatcher:
                 agent_context_id=context_id,
                 last_error=answer.error,
             )
-            log.info("item %s delivered to %s (HTTP %s)", item.id, ws.id, answer.status)
+            log.info(
+                "item %s delivered to %s (HTTP %s; request %s)",
+                item.id,
+                ws.id,
+                answer.status,
+                item.request_id,
+                extra=_about(item),
+            )
             if settled:  # else the sweeper took it back: it is counted when delivered again
                 metrics.delivered.inc()
                 metrics.wait.observe(started - item.enqueued_at)
@@ -515,10 +529,12 @@ class Dispatcher:
         except StoreUnavailable as exc:
             # The answer could not be recorded: the lease runs out and the
             # sweeper hands the item back, so it is delivered again later.
-            log.error("item %s: cannot record the outcome: %s", item.id, exc.message)
+            log.error(
+                "item %s: cannot record the outcome: %s", item.id, exc.message, extra=_about(item)
+            )
             free_slot()
         except Exception:
-            log.exception("item %s: delivery error", item.id)
+            log.exception("item %s: delivery error", item.id, extra=_about(item))
             free_slot()
         finally:
             self._claims.pop(item.id, None)
@@ -533,7 +549,14 @@ class Dispatcher:
             )
             if settled:
                 self.metrics.of(ws.id).failed.inc()
-            log.warning("item %s failed after %d attempts: %s", item.id, attempts, answer.error)
+            log.warning(
+                "item %s failed after %d attempts (request %s): %s",
+                item.id,
+                attempts,
+                item.request_id,
+                answer.error,
+                extra=_about(item),
+            )
             self._settled(ws, item)
             return
         delay = self.backoff(attempts)
@@ -543,6 +566,7 @@ class Dispatcher:
             attempts,
             answer.error,
             delay,
+            extra=_about(item),
         )
         await self._settle_back(
             ws,
@@ -661,11 +685,20 @@ class Dispatcher:
             now=now, max_attempts=self.queue_settings.max_attempts
         )
         for released in expired:
-            log.info("item %s expired before delivery", released.id)
+            log.info(
+                "item %s expired before delivery",
+                released.id,
+                extra=logs.context(item=released.id, workspace=released.workspace),
+            )
             self.metrics.of(released.workspace).expired.inc()
             self.notify(released.id)
         for released in swept:
-            log.warning("item %s: lease expired; now %s", released.id, released.state)
+            log.warning(
+                "item %s: lease expired; now %s",
+                released.id,
+                released.state,
+                extra=logs.context(item=released.id, workspace=released.workspace),
+            )
             if released.state == "failed":
                 self.metrics.of(released.workspace).failed.inc()
             self.notify(released.id)

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import ClientError, ClientResponse, web
 from multidict import CIMultiDictProxy
 
-from . import a2a
+from . import a2a, logs
 from .daemon import DAEMON, Daemon
 from .errors import (
     BodyTooLarge,
@@ -165,11 +165,23 @@ async def _send_message(
         if answer.outcome is Outcome.FINAL:
             return relay(answer)
         if answer.outcome is Outcome.FAILURE:
-            log.warning("request %s to %s failed: %s", request_id, ws.id, answer.error)
+            log.warning(
+                "request %s to %s failed: %s",
+                request_id,
+                ws.id,
+                answer.error,
+                extra=logs.context(request_id, workspace=ws.id),
+            )
             if answer.timed_out:
                 raise UpstreamTimeout(f"workspace {ws.id!r}: {answer.error}")
             raise UpstreamFailed(f"workspace {ws.id!r}: {answer.error}")
-        log.info("request %s: %s busy (%s); queueing", request_id, ws.id, answer.error)
+        log.info(
+            "request %s: %s busy (%s); queueing",
+            request_id,
+            ws.id,
+            answer.error,
+            extra=logs.context(request_id, workspace=ws.id),
+        )
         busy_answers = 1
     if options.never_queue:
         wait = max(1.0, ws.paused_until - now)
@@ -205,6 +217,7 @@ async def _send_message(
             item.id,
             ws.id,
             queued.position,
+            extra=logs.context(request_id, item.id, ws.id),
         )
     queue_info = {"queued": True, "queue_depth": queued.depth, "position": queued.position}
     if rpc.is_stream:
