@@ -10,15 +10,15 @@ import signal
 import sys
 from collections.abc import Sequence
 
-import aiohttp
 from aiohttp import web
 
-from . import __version__, logs, queue_cli, systemd
+from . import __version__, check, logs, queue_cli, systemd
 from .app import create_app
 from .daemon import DAEMON
+from .errors import StoreUnavailable
 from .listener import Runner
 from .settings import ConfigError, Settings, load_settings
-from .store import Store, StoreLock, StoreLocked, bundled_migrations
+from .store import Store, StoreLock, StoreLocked
 
 EXIT_CONFIG = 2
 
@@ -92,7 +92,10 @@ async def _serve(settings: Settings, lock: StoreLock) -> None:
         # A caller that leaves ends its handler, so a relayed stream frees its slot.
         handler_cancellation=True,
     )
-    await runner.setup()  # takes the store: migrations, recovery, loops
+    try:
+        await runner.setup()  # takes the store: migrations, recovery, loops
+    except StoreUnavailable as exc:
+        raise CliError(exc.message, code=1) from None
     try:
         site = web.TCPSite(runner, server.host, server.port)
         try:
@@ -152,53 +155,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _probe_card(session: aiohttp.ClientSession, url: str) -> str:
-    card_url = url.rstrip("/") + "/.well-known/agent-card.json"
-    try:
-        async with session.get(card_url, allow_redirects=False) as resp:
-            return "ok" if resp.status < 300 else f"card answered HTTP {resp.status}"
-    except TimeoutError:
-        return "no answer within 3 s"
-    except aiohttp.ClientError as exc:
-        return f"unreachable ({type(exc).__name__})"
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _refuse_open(settings)
-    problems = 0
-    print(f"config      ok ({args.config or 'defaults'})")
-
-    path = settings.store.path
-    store_exists = os.path.exists(path)
-
-    async def run() -> tuple[str, list[tuple[str, str, str]]]:
-        if not store_exists:
-            store_line = f"{path} does not exist yet; a2ad serve creates it"
-        else:
-            async with Store(path, synchronous=settings.store.synchronous) as store:
-                version = await store.schema_version()
-                latest = bundled_migrations()[-1].version
-                store_line = f"{path}, schema {version} of {latest}"
-                if version < latest:
-                    store_line += " (a2ad serve or a2ad migrate applies the rest)"
-        rows = []
-        timeout = aiohttp.ClientTimeout(total=3)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            for ws in settings.workspaces:
-                rows.append((ws.id, ws.url, await _probe_card(session, ws.url)))
-        return store_line, rows
-
-    store_line, rows = asyncio.run(run())
-    print(f"store       {store_line}")
-    if not rows:
-        print("workspaces  none configured")
-    width = max([len(r[0]) for r in rows] + [9])
-    for ws_id, url, status in rows:
-        if status != "ok":
-            problems += 1
-        print(f"workspace   {ws_id:<{width}}  {url}  {status}")
-    return 1 if problems else 0
+    return check.run(settings, args.config)
 
 
 def log_options(parser: argparse.ArgumentParser, *, default: bool) -> None:

@@ -220,7 +220,7 @@ async def _on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: An
     return cast(T, await conn._execute(fn, *args))  # type: ignore[no-untyped-call]
 
 
-def _connect(path: str, synchronous: str, busy_timeout: float) -> aiosqlite.Connection:
+async def _connect(path: str, synchronous: str, busy_timeout: float) -> aiosqlite.Connection:
     def configure() -> sqlite3.Connection:
         conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
         conn.row_factory = sqlite3.Row
@@ -232,7 +232,14 @@ def _connect(path: str, synchronous: str, busy_timeout: float) -> aiosqlite.Conn
         conn.execute("PRAGMA journal_size_limit=16777216")
         return conn
 
-    return aiosqlite.Connection(configure, iter_chunk_size=64)
+    conn = aiosqlite.Connection(configure, iter_chunk_size=64)
+    try:
+        return await conn
+    except BaseException:
+        # aiosqlite stops its thread on a failed connect without waiting for it;
+        # wait here, or the thread reports to an event loop that may be gone.
+        await asyncio.get_running_loop().run_in_executor(None, conn._thread.join, 5.0)
+        raise
 
 
 _CLAIM_HEAD = """
@@ -296,8 +303,14 @@ class Store:
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        self._writer = await _connect(self.path, self.synchronous, self.busy_timeout)
-        self._reader = await _connect(self.path, self.synchronous, self.busy_timeout)
+        try:
+            self._writer = await _connect(self.path, self.synchronous, self.busy_timeout)
+            self._reader = await _connect(self.path, self.synchronous, self.busy_timeout)
+        except sqlite3.Error as exc:
+            if self._writer is not None:
+                await self._writer.close()
+                self._writer = None
+            raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from None
         self._writer_task = asyncio.create_task(self._run_writer(), name="a2ad-store-writer")
 
     async def close(self) -> None:

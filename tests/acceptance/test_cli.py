@@ -152,9 +152,11 @@ def test_check_reaches_a_running_agent(launcher: Launcher, demo_agent: Process) 
     done = launcher.run("check", "--config", str(config.path))
 
     assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0].split() == ["CHECK", "RESULT", "DETAIL"]
     line = workspace_line(done.stdout, "demo")
     assert demo_agent.url in line
-    assert line.split()[-1] == "ok"
+    assert line.split()[2] == "ok"
+    assert "does not exist yet" in done.stdout
     # check only looks: it creates no store.
     assert not config.store.exists()
 
@@ -164,9 +166,37 @@ def test_check_reports_an_unreachable_agent(launcher: Launcher) -> None:
 
     done = launcher.run("check", "--config", str(config.path))
 
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    assert "unreachable" in workspace_line(done.stdout, "demo")
+    line = workspace_line(done.stdout, "demo")
+    assert line.split()[2] == "FAIL"
+    assert "Connection refused" in line
+
+
+def test_check_runs_the_status_command(launcher: Launcher) -> None:
+    url = "http://127.0.0.1:9/"
+    running = {"id": "up", "url": url, "heartbeat": False, "status_command": ["true"]}
+    stopped = {"id": "down", "url": url, "heartbeat": False, "status_command": ["false"]}
+    config = launcher.config(workspaces=[running, stopped])
+
+    done = launcher.run("check", "--config", str(config.path))
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert workspace_line(done.stdout, "up").split()[2] == "ok"
+    assert "status_command exited 1" in workspace_line(done.stdout, "down")
+
+
+def test_check_reports_a_store_it_cannot_write(launcher: Launcher, demo_agent: Process) -> None:
+    config = check_config(launcher, demo_agent.url + "/")
+    assert launcher.run("migrate", "--config", str(config.path)).returncode == 0
+    config.store.write_bytes(b"this is not a database" * 100)
+
+    done = launcher.run("check", "--config", str(config.path))
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    store_line = next(line for line in done.stdout.splitlines() if line.startswith("store"))
+    assert store_line.split()[1] == "FAIL" and "not a database" in store_line, store_line
 
 
 # -- signals -------------------------------------------------------------------
