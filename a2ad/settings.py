@@ -83,7 +83,8 @@ class StoreSettings(_Section):
     path: str = "var/a2ad.db"
     """SQLite database file (WAL mode), relative to the working directory."""
     synchronous: Literal["full", "normal"] = "full"
-    """SQLite synchronous: full keeps every 202 through a power cut, normal through a crash."""
+    """SQLite synchronous for new items and operator changes: full keeps every 202
+    through a power cut, normal through a crash (a delivery's steps always use normal)."""
     busy_timeout_seconds: float = Field(5.0, ge=0)
     """How long a write waits for another process's lock (the queue commands)."""
 

@@ -188,11 +188,16 @@ def _is_store_failure(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError)
 
 
-def _run_batch(conn: sqlite3.Connection, ops: list[Op[Any]]) -> tuple[list[tuple[bool, Any]], bool]:
-    """Run every op in one transaction, each in a savepoint, then commit once.
+def _run_batch(
+    conn: sqlite3.Connection, ops: list[Op[Any]], synchronous: str | None
+) -> tuple[list[tuple[bool, Any]], bool]:
+    """Run every op in one transaction, each in a savepoint, then commit once
+    (at `synchronous`, when given: the connection keeps it for later batches).
     Also says whether the commit wrote anything: one that changed no row
     succeeds even on a full disk, so it proves nothing about the store."""
     results: list[tuple[bool, Any]] = []
+    if synchronous is not None:
+        conn.execute(f"PRAGMA synchronous={synchronous}")
     changes = conn.total_changes
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -290,7 +295,8 @@ class Store:
         self.busy_timeout = busy_timeout
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Op[Any], asyncio.Future[Any], bool]] = []
+        self._writer_synchronous = synchronous
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -343,11 +349,18 @@ class Store:
                 raise StoreUnavailable(f"the store cannot be read: {exc}", retry_after=1) from exc
             raise
 
-    async def _write(self, op: Op[T]) -> T:
+    async def _write(self, op: Op[T], *, durable: bool = True) -> T:
+        """Run `op` in the next batch. A durable write (a new item, an operator's
+        change) is committed at the configured `synchronous`; the rest, a
+        delivery's steps (claims, leases, outcomes, expiry), need no fsync: a
+        power cut can only undo a suffix of commits (the WAL is written in
+        order and every durable commit syncs all before it), so it can undo a
+        delivery's steps, and the item is delivered again, but never an
+        acknowledged item. A process crash loses none of them either way."""
         if self._closing or self._writer is None:
             raise StoreUnavailable("the store is closed", retry_after=1)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
+        self._pending.append((op, future, durable))
         self._wake.set()
         return await future
 
@@ -362,9 +375,13 @@ class Store:
                     return
                 continue
             batch, self._pending = self._pending, []
-            ops = [op for op, _ in batch]
+            ops = [op for op, _, _ in batch]
+            durable = any(d for _, _, d in batch)
+            wanted = self.synchronous if durable else "normal"
+            change = wanted if wanted != self._writer_synchronous else None
             try:
-                outcomes, wrote = await _on_thread(writer, _run_batch, writer._conn, ops)
+                outcomes, wrote = await _on_thread(writer, _run_batch, writer._conn, ops, change)
+                self._writer_synchronous = wanted
             except Exception as exc:
                 error: BaseException = exc
                 if _is_store_failure(exc):
@@ -372,7 +389,7 @@ class Store:
                         log.error("the store cannot write: %s", exc)
                     self.last_write_error = str(exc)
                     error = StoreUnavailable(f"the store cannot write: {exc}", retry_after=1)
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(error)
             else:
@@ -380,7 +397,7 @@ class Store:
                 if wrote and self.last_write_error is not None:
                     log.warning("the store writes again")
                     self.last_write_error = None
-                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():
                         continue
                     if ok:
@@ -518,7 +535,7 @@ class Store:
                 claimed.append(Item.from_row(row))
             return claimed
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def renew(self, claims: dict[str, str], *, lease_until: float, now: float) -> set[str]:
         """Extend the leases of these claims (item id → token) in one transaction;
@@ -536,7 +553,7 @@ class Store:
                     lost.add(item_id)
             return lost
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def settle(
         self,
@@ -570,6 +587,7 @@ class Store:
                 item_id,
                 token,
             ),
+            durable=False,
         )
 
     async def hand_back(
@@ -590,13 +608,16 @@ class Store:
             " last_error = COALESCE(?, last_error), claim_token = NULL, lease_until = NULL,"
             " updated_at = ? WHERE id = ? AND claim_token = ? AND state = 'dispatching'",
             (int(attempt_used), int(busy), not_before, last_error, now, item_id, token),
+            durable=False,
         )
 
-    async def _write_checked(self, sql: str, params: tuple[Any, ...]) -> bool:
+    async def _write_checked(
+        self, sql: str, params: tuple[Any, ...], *, durable: bool = True
+    ) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             return conn.execute(sql, params).rowcount == 1
 
-        return await self._write(op)
+        return await self._write(op, durable=durable)
 
     async def recover_dispatching(self, *, now: float, max_attempts: int) -> list[Released]:
         """At start-up, under the owner's lock: every `dispatching` row belongs to a
@@ -623,7 +644,7 @@ class Store:
         def op(conn: sqlite3.Connection) -> list[Released]:
             return [Released(*row) for row in conn.execute(sql, params).fetchall()]
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def expire_due(self, *, now: float) -> list[Released]:
         """Queued items past their expiry become `expired`."""
@@ -638,7 +659,7 @@ class Store:
             ).fetchall()
             return [Released(*row) for row in rows]
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def cancel(self, item_id: str, *, now: float) -> bool:
         """A queued item → `cancelled`; False when it is not queued."""
@@ -710,7 +731,7 @@ class Store:
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute("DELETE FROM items WHERE finished_at < ?", (before,)).rowcount
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     # -- run-time workspaces ------------------------------------------------
 

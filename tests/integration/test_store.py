@@ -710,6 +710,42 @@ async def test_concurrent_enqueues_share_commits_and_are_durable(db_path: Path) 
         assert all(i == by_id[i.id] for i in stored)
 
 
+async def writer_synchronous(store: Store) -> int:
+    """The synchronous level the writer connection committed its last batch at."""
+    writer = store._writer
+    assert writer is not None
+    level: int = await writer._execute(  # type: ignore[no-untyped-call]
+        lambda: writer._conn.execute("PRAGMA synchronous").fetchone()[0]
+    )
+    return level
+
+
+FULL, NORMAL = 2, 1
+
+
+async def test_only_a_deliverys_steps_skip_the_fsync(store: Store) -> None:
+    """New items commit at FULL; claims, leases and outcomes at NORMAL (a power
+    cut may undo them, making an item be delivered again, never lose one)."""
+    await put(store, T0)
+    assert await writer_synchronous(store) == FULL
+    item = await claim_one(store, T0)
+    assert await writer_synchronous(store) == NORMAL
+    assert await store.settle(item.id, item.claim_token or "", state="delivered", now=T0 + 1)
+    assert await writer_synchronous(store) == NORMAL
+    # A batch holding both is as durable as its most durable write.
+    await asyncio.gather(put(store, T0 + 2), claim(store, T0 + 2))
+    assert await writer_synchronous(store) == FULL
+    assert await store.cancel((await put(store, T0 + 3)).id, now=T0 + 3)
+    assert await writer_synchronous(store) == FULL
+
+
+async def test_synchronous_normal_applies_to_every_write(db_path: Path) -> None:
+    async with Store(str(db_path), synchronous="normal") as s:
+        await s.migrate()
+        await put(s, T0)
+        assert await writer_synchronous(s) == NORMAL
+
+
 async def test_an_error_in_one_op_fails_only_its_caller(store: Store) -> None:
     existing = await put(store, T0)
     commits = store.commits
