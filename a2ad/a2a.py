@@ -3,11 +3,13 @@ write Tasks in the A2A 1.0 or v0.3 form, whichever the request speaks."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from .errors import InvalidRequest, ParseError
@@ -126,13 +128,19 @@ def protocol_of(headers: Mapping[str, str]) -> Protocol:
     return "1.0" if version.startswith("1") else "0.3"
 
 
+@functools.lru_cache(maxsize=64)
+def _whole_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def timestamp(seconds: float) -> str:
-    """RFC 3339 UTC with milliseconds."""
-    return (
-        datetime.fromtimestamp(seconds, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    """RFC 3339 UTC with milliseconds (the date part cached: every Task a2ad
+    writes carries one, and most fall in the same few seconds)."""
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1_000_000)  # as datetime rounds, then truncates
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, 0
+    return f"{_whole_second(whole)}.{micros // 1000:03d}Z"
 
 
 def state_name(state: str, protocol: Protocol) -> str:

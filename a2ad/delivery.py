@@ -504,7 +504,7 @@ class Dispatcher:
                 agent_context_id=context_id,
                 last_error=answer.error,
             )
-            log.info(
+            log.debug(
                 "item %s delivered to %s (HTTP %s; request %s)",
                 item.id,
                 ws.id,

@@ -94,6 +94,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise BodyTooLarge(f"the body is over {limit} bytes (server.max_body_bytes)")
     timeout = request.app[DAEMON].settings.server.client_timeout_seconds
     try:
+        if request.content.is_eof():
+            # The whole body came with the headers (the usual small request):
+            # no timer to arm.
+            return await request.read()
         async with asyncio.timeout(timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -211,7 +215,9 @@ async def _send_message(
     queued = await daemon.dispatcher.enqueue(ws, new)
     item = queued.item
     if queued.created:
-        log.info(
+        # DEBUG, as every per-message success line: thousands a second would
+        # swamp the log (journald drops lines past its rate limit).
+        log.debug(
             "request %s queued as %s for %s (position %d)",
             request_id,
             item.id,

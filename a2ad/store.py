@@ -191,26 +191,22 @@ def _is_store_failure(exc: BaseException) -> bool:
 def _run_batch(
     conn: sqlite3.Connection, ops: list[Op[Any]], synchronous: str | None
 ) -> tuple[list[tuple[bool, Any]], bool]:
-    """Run every op in one transaction, each in a savepoint, then commit once
-    (at `synchronous`, when given: the connection keeps it for later batches).
+    """Run every op in one transaction, then commit once (at `synchronous`, when
+    given: the connection keeps it for later batches). An op that raises fails
+    only its own caller: the batch then runs again with each op in a savepoint,
+    a cost paid only on that rare path. Ops are functions of the database alone,
+    so running one again after a rollback is safe.
+
     Also says whether the commit wrote anything: one that changed no row
     succeeds even on a full disk, so it proves nothing about the store."""
-    results: list[tuple[bool, Any]] = []
     if synchronous is not None:
         conn.execute(f"PRAGMA synchronous={synchronous}")
     changes = conn.total_changes
-    conn.execute("BEGIN IMMEDIATE")
     try:
-        for op in ops:
-            conn.execute("SAVEPOINT op")
-            try:
-                results.append((True, op(conn)))
-            except Exception as exc:
-                if _is_store_failure(exc):
-                    raise
-                conn.execute("ROLLBACK TO op")
-                results.append((False, exc))
-            conn.execute("RELEASE op")
+        results = _run_ops(conn, ops, savepoints=False)
+        if results is None:
+            results = _run_ops(conn, ops, savepoints=True)
+            assert results is not None
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -218,6 +214,30 @@ def _run_batch(
                 conn.execute("ROLLBACK")
         raise
     return results, conn.total_changes != changes
+
+
+def _run_ops(
+    conn: sqlite3.Connection, ops: list[Op[Any]], *, savepoints: bool
+) -> list[tuple[bool, Any]] | None:
+    """Begin and run the ops; None (rolled back) when one failed without savepoints."""
+    results: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    for op in ops:
+        if savepoints:
+            conn.execute("SAVEPOINT op")
+        try:
+            results.append((True, op(conn)))
+        except Exception as exc:
+            if _is_store_failure(exc):
+                raise
+            if not savepoints:
+                conn.execute("ROLLBACK")
+                return None
+            conn.execute("ROLLBACK TO op")
+            results.append((False, exc))
+        if savepoints:
+            conn.execute("RELEASE op")
+    return results
 
 
 async def _on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
@@ -269,7 +289,6 @@ INSERT INTO items (id, workspace, caller, method, body, headers, message_id, con
                    enqueued_at, updated_at)
 VALUES (:id, :workspace, :caller, :method, :body, :headers, :message_id, :context_id,
         :request_id, :priority, :ttl_seconds, :expires_at, :busy_answers, :now, :now)
-RETURNING *
 """
 
 # Items whose claimer is gone go back to queued with an attempt counted, or
@@ -502,7 +521,38 @@ class Store:
                 "busy_answers": new.busy_answers,
                 "now": now,
             }
-            return Enqueued(Item.from_row(conn.execute(_INSERT, values).fetchone()), True)
+            seq = conn.execute(_INSERT, values).lastrowid
+            assert seq is not None
+            # The row as stored, built here rather than read back: the hot path.
+            item = Item(
+                seq=seq,
+                id=new.id,
+                workspace=new.workspace,
+                caller=new.caller,
+                method=new.method,
+                body=new.body,
+                headers=dict(new.headers),
+                message_id=new.message_id,
+                context_id=new.context_id,
+                request_id=new.request_id,
+                priority=new.priority,
+                state="queued",
+                attempts=0,
+                busy_answers=new.busy_answers,
+                ttl_seconds=new.ttl_seconds,
+                not_before=0.0,
+                expires_at=new.expires_at,
+                lease_until=None,
+                claim_token=None,
+                result=None,
+                last_error=None,
+                agent_task_id=None,
+                agent_context_id=None,
+                enqueued_at=now,
+                updated_at=now,
+                finished_at=None,
+            )
+            return Enqueued(item, created=True)
 
         return await self._write(op)
 
