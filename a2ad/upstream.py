@@ -7,6 +7,8 @@ import asyncio
 import email.utils
 import errno
 import functools
+import json
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -56,20 +58,24 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         except (TypeError, ValueError):
             return None
         seconds = when.timestamp() - now
-    if seconds != seconds:  # NaN
+    if not math.isfinite(seconds):  # "inf" or "nan" parse as floats, and mean nothing
         return None
     return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def _is_jsonrpc_response(body: bytes) -> bool:
-    """A JSON object naming a result or an error. A structural check, not a parse:
-    this runs on every direct answer, and the agent's own JSON is relayed as is."""
+    """A JSON object with a result or an error (SPEC: anything else is malformed,
+    a failure). The byte check first turns most bad answers away without a parse."""
     text = body.strip()
-    return (
-        text.startswith(b"{")
-        and text.endswith(b"}")
-        and (b'"result"' in text or b'"error"' in text)
-    )
+    if not (text.startswith(b"{") and text.endswith(b"}")):
+        return False
+    if b'"result"' not in text and b'"error"' not in text:
+        return False
+    try:
+        parsed = json.loads(text)
+    except ValueError:  # also UnicodeDecodeError
+        return False
+    return isinstance(parsed, dict) and ("result" in parsed or "error" in parsed)
 
 
 @functools.lru_cache(maxsize=64)

@@ -252,13 +252,19 @@ async def test_direct_failure_goes_back_to_the_caller_and_stores_nothing(
     agent_factory: AgentFactory, a2ad_factory: A2adFactory
 ) -> None:
     agent = await agent_factory()
-    agent.script = [(502, {"error": "x"}, {}), (200, b"not json", {})]
+    agent.script = [
+        (502, {"error": "x"}, {}),
+        (200, b"not json", {}),
+        # Looks like a JSON-RPC answer to a byte check, but is not JSON.
+        (200, b'{"jsonrpc": "2.0", "id": 1, "result": oops}', {}),
+    ]
     a2ad = await a2ad_factory([ws(agent)])
     status, data = await a2ad.send("w", "x", rpc_id=5)
     assert status == 502
     assert data["id"] == 5 and data["error"]["data"]["code"] == "upstream_failed"
-    status, data = await a2ad.send("w", "x")
-    assert status == 502 and "malformed" in data["error"]["message"]
+    for _ in range(2):
+        status, data = await a2ad.send("w", "x")
+        assert status == 502 and "malformed" in data["error"]["message"]
     assert await a2ad.daemon.store.counts() == {}
 
 

@@ -90,6 +90,9 @@ def test_retry_after() -> None:
     assert parse_retry_after(None, 0) is None
     assert parse_retry_after("Thu, 01 Jan 1970 00:00:30 GMT", 10) == 20
     assert parse_retry_after("99999999", 0) == 3600
+    # Floats Python parses but HTTP does not mean: ignored, not an hour's pause.
+    for nonsense in ("inf", "-inf", "nan", "1e999"):
+        assert parse_retry_after(nonsense, 0) is None, nonsense
 
 
 def make_workspace(**config: object) -> Workspace:

@@ -1,0 +1,258 @@
+"""Soak: kill -9 a2ad at random moments under concurrent load, restart it on the same
+store, again and again; then reconcile. Every send a2ad acknowledged (a 202 with a
+queue id, or the agent's own answer relayed with a 200) is delivered in the end:
+at least once (duplicates are allowed), never lost.
+
+A2AD_SOAK_TRIALS sets the number of kills (3 here, 100 under `make soak`);
+A2AD_SOAK_SEED replays a run's kill schedule (the seed is printed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sqlite3
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import fault_agent
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import A2adConfig, Launcher, Process
+
+AGENT_SCRIPT = Path(__file__).with_name("fault_agent.py")
+WORKSPACE = "soak"
+TRIALS = int(os.environ.get("A2AD_SOAK_TRIALS", "3"))
+SEED = int(os.environ.get("A2AD_SOAK_SEED") or time.time_ns() % 2**32)
+AGENT_DELAY = 0.02  # seconds per answer, two at a time: six senders fill the queue
+AGENT_SLOTS = 2
+SENDERS = 6
+SENDS_PER_SENDER = 6  # per trial, so the backlog stays bounded over 100 trials
+SEND_GAP = 0.1  # a sender waits up to this long between its sends
+KILL_WINDOW = 0.8  # a2ad is killed this many seconds (at most) after the load starts
+EARLY_KILL_SHARE = 0.2  # trials that kill a2ad while it starts, before it answers
+EARLY_KILL_WINDOW = 0.5
+CLIENT_TIMEOUT = 5.0
+# The final drain fails only when it stops making progress (or, as a last guard
+# against hanging, at DRAIN_CAP): the backlog after 100 kills is not a fixed size.
+DRAIN_STALL = 15.0
+DRAIN_CAP = 300.0
+
+
+@dataclass
+class Send:
+    """One message sent through a2ad, and what a2ad answered."""
+
+    message_id: str
+    rpc_id: str
+    trial: int
+    status: int = 0
+    body: Any = None
+    error: str = ""
+
+    @property
+    def queue_id(self) -> str | None:
+        if self.status != 202:
+            return None
+        queue_id: str = self.body["result"]["id"]
+        return queue_id
+
+
+def start_agent(launcher: Launcher, log: Path) -> Process:
+    """fault_agent.py without faults: it answers every message after AGENT_DELAY."""
+    port = launcher.free_port()
+    argv = [sys.executable, str(AGENT_SCRIPT), "--port", str(port), "--log", str(log)]
+    argv += ["--delay", str(AGENT_DELAY)]
+    process = launcher.spawn("fault-agent", argv, url=f"http://127.0.0.1:{port}")
+    process.wait_until("/stats")
+    return process
+
+
+def stored(store: Path) -> dict[str, dict[str, Any]]:
+    """Every row of the items table, straight from the SQLite file, by id (none while
+    a2ad has not made the file yet: it was killed that early)."""
+    if not store.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{store}?mode=rw", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute(
+            "SELECT id, state, attempts, last_error, message_id, result FROM items"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {row["id"]: dict(row) for row in rows}
+
+
+def integrity(store: Path) -> list[tuple[str]]:
+    conn = sqlite3.connect(store, timeout=10)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+
+
+def tracebacks(directory: Path) -> dict[str, str]:
+    """The stderr of each a2ad process started in `directory` that logged a traceback."""
+    found = {}
+    for log in sorted(directory.glob("a2ad-*.err")):
+        text = log.read_text(errors="replace")
+        if "Traceback" in text:
+            found[log.name] = text[-4000:]
+    return found
+
+
+async def post(session: aiohttp.ClientSession, base: str, send: Send) -> None:
+    message = {
+        "kind": "message",
+        "role": "user",
+        "messageId": send.message_id,
+        "parts": [{"kind": "text", "text": "soak"}],
+    }
+    payload = {
+        "jsonrpc": "2.0",
+        "id": send.rpc_id,
+        "method": "message/send",
+        "params": {"message": message},
+    }
+    try:
+        async with session.post(f"{base}/workspaces/{WORKSPACE}/a2a", json=payload) as resp:
+            status, body = resp.status, json.loads(await resp.read())
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        # Cut off by the kill: a2ad may or may not have stored it; no promise was made.
+        send.error = f"{type(exc).__name__}: {exc}"
+    else:
+        send.status, send.body = status, body
+
+
+def live_counts(store: Path) -> dict[str, int]:
+    conn = sqlite3.connect(f"file:{store}?mode=rw", uri=True, timeout=10)
+    try:
+        rows = conn.execute(
+            "SELECT state, COUNT(*) FROM items WHERE state IN ('queued', 'dispatching')"
+            " GROUP BY state"
+        ).fetchall()
+    finally:
+        conn.close()
+    return dict(rows)
+
+
+async def wait_drained(store: Path) -> dict[str, int]:
+    """Poll the store until nothing is queued or dispatching, or until the number
+    left has not gone down for DRAIN_STALL seconds; what was left at the end."""
+    start = last_progress = time.monotonic()
+    fewest: int | None = None
+    while True:
+        live = await asyncio.to_thread(live_counts, store)
+        now = time.monotonic()
+        if fewest is None or sum(live.values()) < fewest:
+            fewest, last_progress = sum(live.values()), now
+        if not live or now - last_progress > DRAIN_STALL or now - start > DRAIN_CAP:
+            return live
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_sigkill_at_random_moments_loses_nothing(launcher: Launcher, tmp_path: Path) -> None:
+    schedule = random.Random(SEED)  # which trials kill early, and when: replayable
+    gaps = random.Random(SEED + 1)  # drawn by concurrent senders, so in no fixed order
+    context = f"A2AD_SOAK_SEED={SEED}"
+    print(f"\n{context}, {TRIALS} trials")
+    agent_log = tmp_path / "agent.log"
+    agent = await asyncio.to_thread(start_agent, launcher, agent_log)
+    config: A2adConfig = launcher.config(
+        workspaces=[
+            {
+                "id": WORKSPACE,
+                "url": agent.url + "/",
+                "heartbeat": False,
+                "max_concurrent": AGENT_SLOTS,
+                "request_timeout_seconds": 5.0,
+            }
+        ],
+        # A kill mid-delivery costs the item an attempt; it must never run out.
+        queue={"max_attempts": 1000, "lease_seconds": 10.0},
+    )
+    base = config.url
+    sends: list[Send] = []
+    kills = Counter[str]()
+
+    async def sender(session: aiohttp.ClientSession, trial: int, stop: asyncio.Event) -> None:
+        for _ in range(SENDS_PER_SENDER):
+            if stop.is_set():
+                return
+            n = len(sends)
+            send = Send(f"soak-{trial}-{n}-{uuid.uuid4().hex}", f"rpc-{n}", trial)
+            sends.append(send)
+            await post(session, base, send)
+            await asyncio.sleep(gaps.uniform(0, SEND_GAP))
+
+    for trial in range(TRIALS):
+        early = schedule.random() < EARLY_KILL_SHARE
+        a2ad: Process = await asyncio.to_thread(launcher.a2ad, config, ready=not early)
+        delay = schedule.uniform(0, EARLY_KILL_WINDOW if early else KILL_WINDOW)
+        stop = asyncio.Event()
+        timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            load = [asyncio.create_task(sender(session, trial, stop)) for _ in range(SENDERS)]
+            await asyncio.sleep(delay)
+            assert a2ad.running(), f"{context}: a2ad exited on its own:\n{a2ad.stderr()[-4000:]}"
+            await asyncio.to_thread(a2ad.kill)
+            stop.set()
+            await asyncio.gather(*load)
+        kills["while starting" if early else "under load"] += 1
+        # Checkpoint, with a2ad dead: everything acknowledged so far is in the file.
+        items = await asyncio.to_thread(stored, config.store)
+        acked = [s.queue_id for s in sends if s.queue_id is not None]
+        missing = [qid for qid in acked if qid not in items]
+        assert not missing, f"{context}: trial {trial}: acknowledged but not stored: {missing}"
+
+    # The last restart: a2ad recovers what the kills left and delivers it all.
+    a2ad = await asyncio.to_thread(launcher.a2ad, config)
+    left = await wait_drained(config.store)
+    items = await asyncio.to_thread(stored, config.store)
+    outcomes = Counter(entry["messageId"] for entry in fault_agent.read_log(agent_log))
+    statuses = Counter(s.status or "cut off" for s in sends)
+    duplicates = sum(1 for n in outcomes.values() if n > 1)
+    print(
+        f"kills {dict(kills)}; sends {dict(statuses)}; items {len(items)};"
+        f" agent requests {sum(outcomes.values())}, messages seen twice or more {duplicates}"
+    )
+
+    assert set(statuses) <= {200, 202, "cut off"}, f"{context}: {statuses}"
+    assert not left, f"{context}: delivery stopped making progress, still live: {left}"
+    lost = []
+    for send in sends:
+        qid = send.queue_id
+        if send.status == 200:
+            # A direct answer: the agent's own, to this message.
+            assert send.body["id"] == send.rpc_id, (context, send)
+            assert send.message_id in json.dumps(send.body), (context, send)
+            if not outcomes[send.message_id]:
+                lost.append(send)
+            continue
+        if qid is None:
+            continue
+        item = items.get(qid)
+        if item is None or item["state"] != "delivered" or not outcomes[send.message_id]:
+            lost.append(send)
+            continue
+        assert item["message_id"] == send.message_id, (context, item)
+        result = json.loads(item["result"])
+        assert result["id"] == send.rpc_id, (context, item)
+        assert f"ok {send.message_id}" in item["result"].decode(), (context, item)
+    report = [(s.trial, s.queue_id, items.get(s.queue_id or "")) for s in lost[:5]]
+    assert not lost, f"{context}: {len(lost)} acknowledged sends lost: {report}"
+    assert any(s.queue_id for s in sends), f"{context}: nothing was ever queued"
+    assert integrity(config.store) == [("ok",)]
+    # No a2ad process, killed or not, met an exception it did not expect.
+    assert not tracebacks(tmp_path), f"{context}: {tracebacks(tmp_path)}"
+    assert a2ad.running()
