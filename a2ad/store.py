@@ -867,8 +867,10 @@ class Store:
         state: str | None = None,
         limit: int = 100,
         after: int = 0,
+        newest_first: bool = False,
     ) -> list[Item]:
-        """Items in insertion order, paged by `seq` (the cursor)."""
+        """Items in insertion order, paged by `seq` (the cursor); with
+        `newest_first`, the newest `limit` items, newest first (no cursor)."""
         clauses, params = ["seq > ?"], [after]
         if workspace is not None:
             clauses.append("workspace = ?")
@@ -876,7 +878,8 @@ class Store:
         if state is not None:
             clauses.append("state = ?")
             params.append(state)  # type: ignore[arg-type]
-        sql = f"SELECT * FROM items WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT ?"
+        order = "seq DESC" if newest_first else "seq"
+        sql = f"SELECT * FROM items WHERE {' AND '.join(clauses)} ORDER BY {order} LIMIT ?"
 
         def read(conn: sqlite3.Connection) -> list[Item]:
             rows = conn.execute(sql, (*params, limit)).fetchall()

@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from html import escape
@@ -41,7 +40,6 @@ CSRF_FIELD = "csrf"
 SESSION_SECONDS = 12 * 3600.0
 MAX_SESSIONS = 64  # oldest dropped first; only the admin can make sessions
 FAILED_SHOWN = 50
-SCAN_PAGE = 100
 ERROR_SHOWN_CHARS = 300
 _TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
 _QUEUE_ID = re.compile(r"^q-[0-9a-f]{32}$")
@@ -338,19 +336,10 @@ def _failed_table(items: list[Item], total: int, csrf: str) -> str:
 
 
 async def _newest_failed(daemon: Daemon, total: int) -> list[Item]:
-    """The newest failed items, newest first. The store lists items oldest first by
-    cursor, so this pages through the failed ones keeping the last few: memory stays
-    bounded, while the time grows with the number of failed items kept."""
+    """The newest failed items, newest first."""
     if total == 0:
         return []
-    newest: deque[Item] = deque(maxlen=FAILED_SHOWN)
-    after = 0
-    while True:
-        page = await daemon.store.list_items(state="failed", limit=SCAN_PAGE, after=after)
-        newest.extend(page)
-        if len(page) < SCAN_PAGE:
-            return list(reversed(newest))
-        after = page[-1].seq
+    return await daemon.store.list_items(state="failed", limit=FAILED_SHOWN, newest_first=True)
 
 
 async def _status_page(
