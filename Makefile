@@ -47,10 +47,13 @@ chromium:
 			echo "could not install chromium; the status page's browser test will be skipped"; \
 	}
 
-## soak: kill -9 a2ad at random moments under load, 100 times, and reconcile.
+## soak: kill -9 a2ad at random moments under load, 100 times, and reconcile; then
+## fuzz every endpoint with ten times the examples, freshly random.
 soak: install
 	A2AD_SOAK_TRIALS=$${A2AD_SOAK_TRIALS:-100} $(BIN)/python -m pytest -q -p no:cacheprovider \
 		tests/acceptance/test_soak.py
+	A2AD_FUZZ_EXPLORE=$${A2AD_FUZZ_EXPLORE:-10} $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/integration/test_fuzz.py
 
 ## wheelhouse: a2ad and every runtime dependency as wheels in dist/wheelhouse/, for
 ## machines without network: pip install --no-index --find-links dist/wheelhouse a2ad

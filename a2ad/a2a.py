@@ -97,9 +97,19 @@ def readable_id(body: Any) -> str | int | None:
 def parse_json(raw: bytes) -> Any:
     """The body as JSON; raise ParseError."""
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except (ValueError, RecursionError):
         raise ParseError("the body is not valid JSON") from None
+    if b"\\ud" in raw or b"\\uD" in raw:
+        # JSON lets "\ud800" escape half a surrogate pair; such a string is not
+        # Unicode, and SQLite and every UTF-8 writer refuse it later.
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ParseError("the body has a lone surrogate escape (such as \\ud800)") from None
+        except RecursionError:
+            raise ParseError("the body is not valid JSON (nested too deeply)") from None
+    return value
 
 
 def parse_request(body: Any) -> RpcRequest:

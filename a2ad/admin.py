@@ -59,7 +59,8 @@ def _int_param(request: web.Request, name: str, default: int, maximum: int) -> i
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not 0 <= int(raw) <= maximum:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not 0 <= int(raw) <= maximum:
         raise InvalidRequest(f"?{name}= must be an integer from 0 to {maximum}")
     return int(raw)
 
@@ -112,12 +113,13 @@ async def get_item(request: web.Request) -> web.Response:
     caller = daemon.auth.reader(request)
     wait = _float_param(request, "wait", 0.0, MAX_WAIT_SECONDS)
     item_id = request.match_info["qid"]
-    if wait > 0:
-        item = await daemon.dispatcher.wait_final(item_id, wait)
-    else:
-        item = await daemon.store.get(item_id)
+    item = await daemon.store.get(item_id)
+    # Another caller's item answers at once, as an unknown one does: waiting
+    # first would tell that it exists.
     if item is None or (caller is not None and item.caller != caller):
         raise NotFound(f"no queue item {item_id!r}")
+    if wait > 0 and not item.is_final:
+        item = await daemon.dispatcher.wait_final(item_id, wait) or item
     return json_response(item_view(item))
 
 
@@ -134,7 +136,7 @@ async def put_workspace(request: web.Request) -> web.Response:
     existing = daemon.registry.find(workspace_id)
     if existing is not None and existing.from_config:
         raise Conflict(f"workspace {workspace_id!r} comes from the config file; change it there")
-    body = a2a.parse_json(await read_body(request, 65536))
+    body = a2a.parse_json(await read_body(request))
     if not isinstance(body, dict):
         raise InvalidBody('the body is a JSON object: {"url": ..., "max_concurrent": ...}')
     if "restart_command" in body or "status_command" in body:

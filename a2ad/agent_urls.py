@@ -60,7 +60,11 @@ async def _resolve(host: str, port: int) -> list[Address]:
 
 async def check_agent_url(url: str, *, allow_link_local: bool) -> None:
     """Raise InvalidBody when a run-time workspace may not use `url`."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # an unmatched "[", a port that is not a number
+        raise InvalidBody(f"url: not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise InvalidBody("url: only http and https agent URLs are allowed")
     if parts.username or parts.password:
@@ -72,10 +76,6 @@ async def check_agent_url(url: str, *, allow_link_local: bool) -> None:
         return
     if host in METADATA_HOSTS:
         raise InvalidBody(f"url: {host} is a cloud metadata service (auth.allow_link_local_agents)")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise InvalidBody("url: the port is not a number from 0 to 65535") from None
     try:
         addresses: list[Address] = [ipaddress.ip_address(host)]
     except ValueError:

@@ -67,7 +67,9 @@ class Auth:
         token = bearer_token(request)
         if token is None:
             return None
-        given = token.encode()
+        # Header bytes that are not UTF-8 arrive as lone surrogates: keep them as
+        # bytes so they compare (unequal) instead of failing to encode.
+        given = token.encode("utf-8", "surrogateescape")
         found: Principal | None = None
         # Compare against every token, in constant time each, so timing tells nothing.
         for known, principal in self._tokens:
@@ -79,7 +81,7 @@ class Auth:
 
     def admin_token_matches(self, token: str) -> bool:
         """Is `token` the admin token? For the status page's login form."""
-        given = token.encode()
+        given = token.encode("utf-8", "surrogatepass")
         found = False
         # Every token compared, each in constant time, as in identify().
         for known, principal in self._tokens:

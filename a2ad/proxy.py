@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import ClientError, ClientResponse, web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
 from . import a2a, logs
@@ -20,6 +21,7 @@ from .errors import (
     CardUnavailable,
     InvalidBody,
     InvalidHeader,
+    ParseError,
     QueueFull,
     RequestTimeout,
     UpstreamFailed,
@@ -87,12 +89,21 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     )
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+SMALL_BODY_LIMIT = 65536  # heartbeats and workspace registrations
+
+
+async def read_body(request: web.Request, limit: int = SMALL_BODY_LIMIT) -> bytes:
     """The body, refused when over `limit` or when the client sends it too slowly
     (a slow body would otherwise hold a connection and a handler forever)."""
+    settings = request.app[DAEMON].settings.server
+
+    def too_large() -> BodyTooLarge:
+        setting = " (server.max_body_bytes)" if limit == settings.max_body_bytes else ""
+        return BodyTooLarge(f"the body is over {limit} bytes{setting}")
+
     if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"the body is over {limit} bytes (server.max_body_bytes)")
-    timeout = request.app[DAEMON].settings.server.client_timeout_seconds
+        raise too_large()
+    timeout = settings.client_timeout_seconds
     try:
         if request.content.is_eof():
             # The whole body came with the headers (the usual small request):
@@ -101,7 +112,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         async with asyncio.timeout(timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge(f"the body is over {limit} bytes (server.max_body_bytes)") from None
+        raise too_large() from None
+    except RequestPayloadError:
+        encoding = request.headers.get("Content-Encoding", "none")[:20]
+        raise ParseError(f"the body does not decode as its Content-Encoding ({encoding})") from None
     except TimeoutError:
         raise RequestTimeout(
             f"the body did not arrive within {timeout:g} s (server.client_timeout_seconds)"
@@ -514,7 +528,7 @@ async def handle_heartbeat(request: web.Request) -> web.Response:
     workspace_id = request.match_info["workspace"]
     daemon.auth.workspace(request, workspace_id)
     ws = daemon.registry.get(workspace_id)
-    raw = await read_body(request, 65536)
+    raw = await read_body(request)
     active, capacity = _heartbeat_fields(a2a.parse_json(raw))
     now = daemon.clock.now()
     ws.record_heartbeat(active, capacity, now)

@@ -27,7 +27,10 @@ WORKSPACE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 class _Section(BaseModel):
     # Each field's docstring is its description: the configuration reference
     # (a2ad/config_reference.py) is generated from them.
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # No inf or nan: an infinite timeout or TTL breaks the arithmetic built on it.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 def _read_secret(path: str, field: str) -> str:
