@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from fakes import A2ad, FakeAgent
 
 A2adFactory = Callable[..., Awaitable[A2ad]]
@@ -75,3 +77,34 @@ async def test_the_operator_can_allow_link_local_agents(a2ad_factory: A2adFactor
     # Schemes other than http(s) stay refused whatever the setting.
     status, data = await put(a2ad, "ftp://169.254.10.20/")
     assert status == 400, data
+
+
+async def test_redirects_from_an_agent_are_not_followed(
+    a2ad_factory: A2adFactory, agent_factory: AgentFactory
+) -> None:
+    """An agent that answers 307 elsewhere: a2ad relays the redirect and does not
+    go there itself (it connects only to registered URLs)."""
+    target = await agent_factory()
+    redirector = web.Application()
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(target.url)
+
+    redirector.router.add_post("/", redirect)
+    server = TestServer(redirector, host="127.0.0.1")
+    await server.start_server()
+    try:
+        a2ad = await a2ad_factory(
+            [{"id": "w", "url": str(server.make_url("/")), "heartbeat": False}]
+        )
+        body = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "message/send",
+            "params": {"message": {"role": "user", "parts": [{"kind": "text", "text": "hi"}]}},
+        }
+        resp = await a2ad.client.post("/workspaces/w/a2a", json=body, allow_redirects=False)
+        assert resp.status == 307
+        assert target.received == []
+    finally:
+        await server.close()
