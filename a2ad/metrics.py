@@ -3,7 +3,10 @@
 Each Metrics owns its CollectorRegistry: several apps may run in one process
 (tests, embedding), and the global default registry would mix them up.
 Labels are workspace ids and fixed sets only, never item ids, so the number
-of series stays bounded by the number of workspaces.
+of series stays bounded by the number of workspaces. Only counters and gauges
+carry the workspace: a histogram is 17 series a label set, and a box with
+10,000 workspaces would have a2ad and Prometheus keep millions of them; the
+latency histograms are by outcome, for all workspaces together.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ WAIT_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 8640
 
 
 class WorkspaceMetrics:
-    """One workspace's labelled children, bound once: the hot path only calls them."""
+    """One workspace's labelled children, bound once: the hot path only calls them
+    (the histograms are shared by every workspace)."""
 
     __slots__ = ("busy", "delivered", "delivery", "enqueued", "expired", "failed", "proxy", "wait")
 
@@ -35,9 +39,9 @@ class WorkspaceMetrics:
         self.failed = metrics.failed.labels(workspace_id)
         self.expired = metrics.expired.labels(workspace_id)
         self.busy = metrics.busy.labels(workspace_id)
-        self.wait = metrics.queue_wait.labels(workspace_id)
-        self.delivery = {o: metrics.delivery.labels(workspace_id, o.value) for o in Outcome}
-        self.proxy = {o: metrics.proxy.labels(workspace_id, o.value) for o in Outcome}
+        self.wait = metrics.queue_wait
+        self.delivery = metrics.delivery_by_outcome
+        self.proxy = metrics.proxy_by_outcome
 
 
 class Metrics:
@@ -66,24 +70,25 @@ class Metrics:
         self.queue_wait = Histogram(
             "a2ad_queue_wait_seconds",
             "From enqueue to the start of the delivery that settled the item.",
-            ws,
             buckets=WAIT_BUCKETS,
             registry=r,
         )
         self.delivery = Histogram(
             "a2ad_delivery_seconds",
             "Queued path: each delivery attempt, by how the agent answered.",
-            ["workspace", "outcome"],
+            ["outcome"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.proxy = Histogram(
             "a2ad_proxy_seconds",
             "Direct path: until the agent's answer (its headers, for a stream).",
-            ["workspace", "outcome"],
+            ["outcome"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.delivery_by_outcome = {o: self.delivery.labels(o.value) for o in Outcome}
+        self.proxy_by_outcome = {o: self.proxy.labels(o.value) for o in Outcome}
         r.register(_RegistryCollector(workspaces))
         self._by_workspace: dict[str, WorkspaceMetrics] = {}
 
@@ -100,10 +105,6 @@ class Metrics:
             return
         for metric in (self.enqueued, self.delivered, self.failed, self.expired, self.busy):
             metric.remove(workspace_id)
-        self.queue_wait.remove(workspace_id)
-        for histogram in (self.delivery, self.proxy):
-            for outcome in Outcome:
-                histogram.remove(workspace_id, outcome.value)
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """The exposition body and its content type (OpenMetrics when asked for)."""
