@@ -44,7 +44,7 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 		echo "chromium is missing; installing Debian's chromium with apt-get"; \
 		{ apt-get update -q && apt-get install -y -q --no-install-recommends chromium; } >/dev/null || \
-			echo "could not install chromium; the status page's browser test will be skipped"; \
+			{ echo "could not install chromium (apt-get failed); the status page's browser test needs it"; exit 1; }; \
 	}
 
 ## soak: kill -9 a2ad at random moments under load, 100 times, and reconcile; then

@@ -665,7 +665,7 @@ async def test_fuzz_proxy_bodies(world: World) -> None:
             reply.queued_ids.add(reply.json["result"].get("task", reply.json["result"])["id"])
         assert await world.item_ids() == before | reply.queued_ids
 
-    await fuzz(RPC_CASES, example, max_examples=300)
+    await fuzz(RPC_CASES, example, max_examples=800)
     await assert_still_works(world)
 
 
@@ -811,7 +811,7 @@ async def test_fuzz_proxy_headers(world: World) -> None:
             assert lived == pytest.approx(ttl, abs=0.05), (h, item)
         assert await world.item_ids() == before | reply.queued_ids
 
-    await fuzz(HEADER_CASES, example, max_examples=250)
+    await fuzz(HEADER_CASES, example, max_examples=500)
     await assert_still_works(world)
 
 
@@ -1035,7 +1035,7 @@ async def test_fuzz_operator_endpoints(world: World) -> None:
         assert await world.item_ids() == before
         assert await world.workspace_ids() == workspaces
 
-    await fuzz(OPERATOR_CASES, example, max_examples=400)
+    await fuzz(OPERATOR_CASES, example, max_examples=800)
     await assert_still_works(world)
 
 
@@ -1205,7 +1205,7 @@ async def test_fuzz_put_workspace(world: World) -> None:
         check_reply(send, rpc_path=True, sent=send_body("to a new workspace"))
         assert send.status in (200, 202, 502, 504), send.text
 
-    await fuzz(PUT_CASES, example, max_examples=200)
+    await fuzz(PUT_CASES, example, max_examples=400)
     await assert_still_works(world)
 
 
@@ -1280,7 +1280,7 @@ async def test_fuzz_heartbeats(world: World) -> None:
         assert after["capacity"] == (body.get("max_concurrent_tasks") or 1)
         assert after["state"] == "online"
 
-    await fuzz(HEARTBEAT_BODIES, example, max_examples=200)
+    await fuzz(HEARTBEAT_BODIES, example, max_examples=400)
     # The heartbeat workspace still takes a plain heartbeat, and everything else works.
     await heartbeat(world, "hb", HB_TOKEN, 0)
     await assert_still_works(world)
