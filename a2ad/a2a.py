@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import InvalidRequest, ParseError
+from .ids import random_hex
 
 Protocol = Literal["1.0", "0.3"]
 
@@ -167,7 +168,7 @@ CONTEXT_PREFIX = "ctx-"  # marks the context ids a2ad makes, so only those are l
 
 
 def new_context_id() -> str:
-    return CONTEXT_PREFIX + uuid.uuid4().hex
+    return CONTEXT_PREFIX + random_hex(128)
 
 
 def text_message(

@@ -504,14 +504,15 @@ class Dispatcher:
                 agent_context_id=context_id,
                 last_error=answer.error,
             )
-            log.debug(
-                "item %s delivered to %s (HTTP %s; request %s)",
-                item.id,
-                ws.id,
-                answer.status,
-                item.request_id,
-                extra=_about(item),
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "item %s delivered to %s (HTTP %s; request %s)",
+                    item.id,
+                    ws.id,
+                    answer.status,
+                    item.request_id,
+                    extra=_about(item),
+                )
             if settled:  # else the sweeper took it back: it is counted when delivered again
                 metrics.delivered.inc()
                 metrics.wait.observe(started - item.enqueued_at)

@@ -228,7 +228,7 @@ async def _send_message(
     )
     queued = await daemon.dispatcher.enqueue(ws, new)
     item = queued.item
-    if queued.created:
+    if queued.created and log.isEnabledFor(logging.DEBUG):
         # DEBUG, as every per-message success line: thousands a second would
         # swamp the log (journald drops lines past its rate limit).
         log.debug(

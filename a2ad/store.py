@@ -15,10 +15,8 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,6 +26,7 @@ from typing import Any, Literal, TypeVar, cast
 import aiosqlite
 
 from .errors import StoreUnavailable
+from .ids import random_hex
 
 log = logging.getLogger("a2ad.store")
 
@@ -49,7 +48,7 @@ def new_queue_id() -> str:
     """`q-` + 32 hex digits: 13 of a microsecond timestamp, then 76 random bits. Ids
     that grow with time land at the end of the id index, so inserts and look-ups
     stay on hot pages however many items the store holds."""
-    return f"q-{time.time_ns() // 1000:013x}{secrets.token_hex(10)[:19]}"
+    return f"q-{time.time_ns() // 1000:013x}{random_hex(76)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,7 +574,7 @@ class Store:
                     {
                         "workspace": workspace,
                         "now": now,
-                        "token": uuid.uuid4().hex,
+                        "token": random_hex(128),
                         "lease_until": now + lease_seconds,
                         "promote_after": promote_after,
                     },
