@@ -8,16 +8,14 @@ restart and without any request to nudge it."""
 
 from __future__ import annotations
 
-import json
 import resource
 import sqlite3
 import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from a2ad_http import http_call, http_json, send_body
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher, Process
@@ -26,38 +24,11 @@ PADDING = "x" * 20_000  # each message adds about this much to the WAL
 
 
 def send(base: str, text: str) -> tuple[int, dict[str, Any], dict[str, str]]:
-    body = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "message/send",
-        "params": {
-            "message": {
-                "role": "user",
-                "messageId": str(uuid.uuid4()),
-                "parts": [{"kind": "text", "text": text}],
-            }
-        },
-    }
-    request = urllib.request.Request(
-        f"{base}/workspaces/w/a2a",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read()), dict(exc.headers)
+    return http_call("POST", f"{base}/workspaces/w/a2a", send_body(text))
 
 
 def get(url: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(url, timeout=20) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
+    return http_json("GET", url)
 
 
 def largest_file(store: Path) -> int:

@@ -9,8 +9,9 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from typing import TYPE_CHECKING, Any
+
+from a2ad_http import http_call, send_body
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher, Process
@@ -19,27 +20,12 @@ PLAIN_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ER
 
 
 def send(base: str, request_id: str) -> dict[str, Any]:
-    body = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "message/send",
-        "params": {
-            "message": {
-                "role": "user",
-                "messageId": str(uuid.uuid4()),
-                "parts": [{"kind": "text", "text": "hello"}],
-            }
-        },
-    }
-    request = urllib.request.Request(
-        f"{base}/workspaces/w/a2a",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+    status, data, headers = http_call(
+        "POST", f"{base}/workspaces/w/a2a", send_body("hello"), {"X-Request-Id": request_id}
     )
-    with urllib.request.urlopen(request, timeout=10) as resp:
-        assert resp.headers["X-Request-Id"] == request_id
-        data: dict[str, Any] = json.loads(resp.read())
-        return data
+    assert status in (200, 202), data
+    assert headers["X-Request-Id"] == request_id
+    return dict(data)
 
 
 def queue_two_and_deliver(config: A2adConfig) -> str:

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from a2ad_http import http_json, send_body
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher
@@ -24,25 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def send(base: str, text: str) -> tuple[int, dict[str, Any]]:
-    body = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "message/send",
-        "params": {
-            "message": {
-                "role": "user",
-                "messageId": str(uuid.uuid4()),
-                "parts": [{"kind": "text", "text": text}],
-            }
-        },
-    }
-    request = urllib.request.Request(
-        f"{base}/workspaces/w/a2a",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as resp:
-        return resp.status, json.loads(resp.read())
+    return http_json("POST", f"{base}/workspaces/w/a2a", send_body(text))
 
 
 def get(url: str) -> dict[str, Any]:

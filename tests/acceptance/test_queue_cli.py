@@ -9,14 +9,13 @@ import json
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from a2ad_http import http_json, send_body
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher, Process
@@ -31,37 +30,9 @@ STATES = ("queued", "dispatching", "delivered", "failed", "expired", "cancelled"
 # -- HTTP ----------------------------------------------------------------------
 
 
-def http_json(
-    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, Any]:
-    """One request; the status and the parsed JSON body, also for HTTP errors."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=ITEM_DEADLINE + 5) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-
 def send(base: str, text: str, headers: dict[str, str] | None = None) -> str:
     """message/send that a2ad must queue; the queue id."""
-    body = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "message/send",
-        "params": {
-            "message": {
-                "kind": "message",
-                "role": "user",
-                "messageId": f"m-{text}",
-                "parts": [{"kind": "text", "text": text}],
-            }
-        },
-    }
+    body = send_body(text, message_id=f"m-{text}")
     status, data = http_json("POST", f"{base}/workspaces/{WORKSPACE}/a2a", body, headers)
     assert status == 202, data
     qid: str = data["result"]["id"]

@@ -6,17 +6,15 @@ queue counts and a failed item with its error, and presses Retry (SPEC, Operator
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from a2ad_http import http_json, send_body
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher, Process
@@ -50,22 +48,6 @@ WORKSPACE = "w"
 ITEM_DEADLINE = 10.0
 UI_TIMEOUT_MS = 10_000
 STATES = ("queued", "dispatching", "delivered", "failed", "expired", "cancelled")
-
-
-def http_json(
-    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, Any]:
-    """One request; the status and the parsed JSON body, also for HTTP errors."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=ITEM_DEADLINE + 5) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read() or b"null")
 
 
 def heartbeat(base: str, active: int) -> None:
@@ -125,19 +107,7 @@ def live(launcher: Launcher) -> Iterator[Live]:
         daemon = launcher.a2ad(config)
         base = config.url
         heartbeat(base, 1)
-        send = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "message/send",
-            "params": {
-                "message": {
-                    "kind": "message",
-                    "role": "user",
-                    "messageId": "m-ui",
-                    "parts": [{"kind": "text", "text": "hello"}],
-                }
-            },
-        }
+        send = send_body("hello", message_id="m-ui")
         status, data = http_json("POST", f"{base}/workspaces/{WORKSPACE}/a2a", send)
         assert status == 202, data
         qid: str = data["result"]["id"]
