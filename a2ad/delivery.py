@@ -62,10 +62,11 @@ def result_for(answer: Answer, max_result_bytes: int) -> bytes:
     return answer.body
 
 
-def agent_ids_in(result: bytes) -> tuple[str | None, str | None]:
-    """The agent's own task and context ids in its answer, when it made a Task."""
+def agent_ids_in(result: bytes, parsed: Any = None) -> tuple[str | None, str | None]:
+    """The agent's own task and context ids in its answer (`parsed`, when the
+    body was parsed already), when it made a Task."""
     try:
-        answer = a2a.read_answer(json.loads(result))
+        answer = a2a.read_answer(json.loads(result) if parsed is None else parsed)
     except (ValueError, RecursionError):
         return None, None
     if answer.kind != "task":
@@ -493,7 +494,7 @@ class Dispatcher:
                 await self._failed_attempt(ws, item, token, answer, now)
                 return
             result = result_for(answer, self.upstream.max_result_bytes)
-            task_id, context_id = agent_ids_in(result)
+            task_id, context_id = agent_ids_in(result, answer.parsed)
             settled = await self.store.settle(
                 item.id,
                 token,

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import aiohttp
 
@@ -38,6 +39,7 @@ class Answer:
     timed_out: bool = False
     refused: bool = False
     too_large: bool = False
+    parsed: dict[str, Any] | None = None  # the JSON body, when a2ad checked it
 
     @property
     def reached_agent(self) -> bool:
@@ -63,19 +65,22 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
-def _is_jsonrpc_response(body: bytes) -> bool:
-    """A JSON object with a result or an error (SPEC: anything else is malformed,
-    a failure). The byte check first turns most bad answers away without a parse."""
+def _jsonrpc_response(body: bytes) -> dict[str, Any] | None:
+    """The answer parsed, when it is a JSON object with a result or an error (SPEC:
+    anything else is malformed, a failure). The byte check turns most bad answers
+    away without a parse; the parse is kept, so no one parses the answer twice."""
     text = body.strip()
     if not (text.startswith(b"{") and text.endswith(b"}")):
-        return False
+        return None
     if b'"result"' not in text and b'"error"' not in text:
-        return False
+        return None
     try:
         parsed = json.loads(text)
-    except ValueError:  # also UnicodeDecodeError
-        return False
-    return isinstance(parsed, dict) and ("result" in parsed or "error" in parsed)
+    except (ValueError, RecursionError):  # ValueError also covers UnicodeDecodeError
+        return None
+    if isinstance(parsed, dict) and ("result" in parsed or "error" in parsed):
+        return parsed
+    return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -211,15 +216,18 @@ class Upstream:
                 too_large=True,
                 error=f"answer over max_result_bytes ({self.max_result_bytes})",
             )
-        if expect_jsonrpc and 200 <= status < 300 and not _is_jsonrpc_response(payload):
-            return Answer(
-                Outcome.FAILURE,
-                status,
-                payload,
-                content_type,
-                error=f"malformed answer (HTTP {status}, not a JSON-RPC response)",
-            )
-        return Answer(Outcome.FINAL, status, payload, content_type)
+        parsed = None
+        if expect_jsonrpc and 200 <= status < 300:
+            parsed = _jsonrpc_response(payload)
+            if parsed is None:
+                return Answer(
+                    Outcome.FAILURE,
+                    status,
+                    payload,
+                    content_type,
+                    error=f"malformed answer (HTTP {status}, not a JSON-RPC response)",
+                )
+        return Answer(Outcome.FINAL, status, payload, content_type, parsed=parsed)
 
     async def _read_limited(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
         limit = self.max_result_bytes
