@@ -29,14 +29,13 @@ from .workspaces import Registry, Workspace
 
 log = logging.getLogger("a2ad.delivery")
 
+IDLE_RECHECK_SECONDS = 5.0  # a pump with queued items re-checks at least this often
+STORE_RETRY_SECONDS = 1.0
+
 
 def _about(item: Item) -> dict[str, Any]:
     """Log fields naming an item and the request that brought it."""
     return logs.context(item.request_id, item.id, item.workspace)
-
-
-IDLE_RECHECK_SECONDS = 5.0  # a pump with queued items re-checks at least this often
-STORE_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)

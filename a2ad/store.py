@@ -314,7 +314,7 @@ class Store:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: list[tuple[Op[Any], asyncio.Future[Any], bool]] = []
-        self._writer_synchronous = synchronous
+        self._writer_synchronous: str | None = synchronous
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -397,6 +397,9 @@ class Store:
             durable = any(d for _, _, d in batch)
             wanted = self.synchronous if durable else "normal"
             change = wanted if wanted != self._writer_synchronous else None
+            # Unknown until the batch has run: a batch that fails part way must
+            # not leave a level the next durable batch would wrongly trust.
+            self._writer_synchronous = None
             try:
                 outcomes, wrote = await _on_thread(writer, _run_batch, writer._conn, ops, change)
                 self._writer_synchronous = wanted

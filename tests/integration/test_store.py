@@ -739,6 +739,24 @@ async def test_only_a_deliverys_steps_skip_the_fsync(store: Store) -> None:
     assert await writer_synchronous(store) == FULL
 
 
+async def test_a_failed_batch_does_not_leave_the_next_durable_one_unsynced(
+    db_path: Path,
+) -> None:
+    async with Store(str(db_path), busy_timeout=0.05) as s:
+        await s.migrate()
+        await put(s, T0)
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            with pytest.raises(StoreUnavailable):
+                await claim(s, T0)  # set NORMAL, then could not begin
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await put(s, T0 + 1)
+        assert await writer_synchronous(s) == FULL
+
+
 async def test_synchronous_normal_applies_to_every_write(db_path: Path) -> None:
     async with Store(str(db_path), synchronous="normal") as s:
         await s.migrate()
