@@ -448,7 +448,7 @@ async def check_allowed(world: World, endpoint: Endpoint, credential: str, reply
         gone = await request(a2ad, "GET", "/workspaces/rt", headers=ADMIN)
         assert gone.status == 404
     elif endpoint.name == "reset workspace":
-        assert reply.json["state"] == "unknown"
+        assert reply.json["state"] in ("unknown", "online")  # left failed; may deliver at once
     elif endpoint.name == "get item":
         assert reply.json["id"] == world.queued and reply.json["caller"] == "planner"
     elif endpoint.name == "delete item":
