@@ -98,9 +98,11 @@ def readable_id(body: Any) -> str | int | None:
 def parse_json(raw: bytes) -> Any:
     """The body as JSON; raise ParseError."""
     try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ParseError("the body is not valid JSON") from None
+        # UTF-8 only (RFC 8259): json.loads would also take UTF-16 and UTF-32 bytes,
+        # in which the surrogate check below sees nothing.
+        value = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # ValueError also covers UnicodeDecodeError
+        raise ParseError("the body is not valid JSON in UTF-8") from None
     if b"\\ud" in raw or b"\\uD" in raw:
         # JSON lets "\ud800" escape half a surrogate pair; such a string is not
         # Unicode, and SQLite and every UTF-8 writer refuse it later.

@@ -202,6 +202,8 @@ async def retry(daemon: Daemon, item_id: str) -> Item:
     """A failed or expired item back to the queue: attempts reset, a fresh expiry.
     The item as it is now; NotFound or Conflict when it cannot be retried."""
     item = await _item_or_404(daemon, item_id)
+    if daemon.registry.find(item.workspace) is None:
+        raise Conflict(f"{item.id} belongs to workspace {item.workspace!r}, which is gone")
     outcome = await daemon.store.retry(
         item.id, now=daemon.clock.now(), max_age=daemon.settings.queue.max_age_seconds
     )

@@ -181,21 +181,35 @@ class Dispatcher:
         ws.add_queued(new.priority, 1)
         depth = ws.queued_total
         position = sum(n for p, n in ws.queued.items() if p >= new.priority)
+        write = asyncio.ensure_future(
+            self.store.enqueue(new, now=self.clock.now(), replay_window=q.replay_window_seconds)
+        )
         try:
-            done: Enqueued = await self.store.enqueue(
-                new, now=self.clock.now(), replay_window=q.replay_window_seconds
-            )
+            done: Enqueued = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The caller left, but the write goes on and may commit: count the item
+            # by what the store did, or the pump would not know it waits.
+            write.add_done_callback(lambda w: self._count_enqueued(ws, new.priority, w))
+            raise
         except BaseException:
             ws.add_queued(new.priority, -1)
             raise
-        if done.created:
+        self._count_enqueued(ws, new.priority, write)
+        if not done.created:
+            depth, position = ws.queued_total, 0
+        return Queued(done.item, done.created, depth, position)
+
+    def _count_enqueued(
+        self, ws: Workspace, priority: int, write: asyncio.Future[Enqueued]
+    ) -> None:
+        """Settle the count taken before an enqueue's write by what the write did."""
+        failed = write.cancelled() or write.exception() is not None
+        if failed or not write.result().created:
+            ws.add_queued(priority, -1)
+        else:
             ws.last_queued_at = self.clock.now()
             self.metrics.of(ws.id).enqueued.inc()
-        else:
-            ws.add_queued(new.priority, -1)
-            depth, position = ws.queued_total, 0
         ws.wakeup.set()
-        return Queued(done.item, done.created, depth, position)
 
     # -- the agent's ids ---------------------------------------------------------
 

@@ -498,8 +498,10 @@ class Store:
         def op(conn: sqlite3.Connection) -> Enqueued:
             if new.message_id is not None:
                 row = conn.execute(
+                    # The live row first: a retried old item can be live while a
+                    # newer one with the same messageId has failed.
                     "SELECT * FROM items WHERE workspace = ? AND caller = ? AND message_id = ?"
-                    " ORDER BY seq DESC LIMIT 1",
+                    " ORDER BY state IN ('queued', 'dispatching') DESC, seq DESC LIMIT 1",
                     (new.workspace, new.caller, new.message_id),
                 ).fetchone()
                 if row is not None:
@@ -777,13 +779,23 @@ class Store:
 
         return await self._write(op)
 
-    async def delete_finished(self, *, before: float) -> int:
-        """Retention: delete final items that became final before `before`."""
+    async def delete_finished(self, *, before: float, chunk: int = 2000) -> int:
+        """Retention: delete final items that became final before `before`, a chunk
+        per transaction, so sends never wait behind one long delete."""
 
         def op(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM items WHERE finished_at < ?", (before,)).rowcount
+            return conn.execute(
+                "DELETE FROM items WHERE seq IN"
+                " (SELECT seq FROM items WHERE finished_at < ? LIMIT ?)",
+                (before, chunk),
+            ).rowcount
 
-        return await self._write(op, durable=False)
+        deleted = 0
+        while True:
+            n = await self._write(op, durable=False)
+            deleted += n
+            if n < chunk:
+                return deleted
 
     # -- run-time workspaces ------------------------------------------------
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from html import escape
 from typing import Literal
+from urllib.parse import parse_qs
 
 from aiohttp import web
 
@@ -32,6 +33,7 @@ from .a2a import timestamp
 from .clock import Clock
 from .daemon import DAEMON, Daemon
 from .errors import A2adError, Conflict, NotFound
+from .proxy import read_body
 from .store import STATES, Item
 
 SESSION_COOKIE = "a2ad_session"
@@ -169,8 +171,9 @@ def _csrf_ok(request: web.Request, visitor: Visitor, given: str | None) -> bool:
 
 
 async def _form(request: web.Request) -> dict[str, str]:
-    form = await request.post()
-    return {k: v for k, v in form.items() if isinstance(v, str)}
+    # The same size and time limits as every other body (a form here is tiny).
+    form = parse_qs((await read_body(request)).decode("utf-8", "replace"))
+    return {k: v[0] for k, v in form.items()}
 
 
 # -- HTML ---------------------------------------------------------------------------

@@ -132,7 +132,13 @@ class Upstream:
         # servers close theirs (uvicorn: 5 s), so a send rarely meets a socket
         # the agent is closing.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # Answers are relayed and stored as the agent sent them, so a2ad asks for
+        # them uncompressed (aiohttp would otherwise offer gzip and deflate).
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            headers={"Accept-Encoding": "identity"},
+        )
 
     async def close(self) -> None:
         if self._session is not None:

@@ -7,12 +7,14 @@ gets delivered without moving it was delivered by a trigger, at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fakes import A2ad, FakeAgent, jsonrpc_task, wait_until
 
 from a2ad.clock import ManualClock
+from a2ad.store import NewItem
 
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
@@ -402,3 +404,41 @@ async def test_non_message_methods_are_forwarded_never_queued(
     data = await a2ad.rpc("w", "tasks/get", {"id": "agent-task-1"})
     assert data == {"jsonrpc": "2.0", "id": 7, "result": {"x": 1}}
     assert agent.received[1].body["method"] == "tasks/get"
+
+
+async def test_answers_are_asked_for_uncompressed(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """a2ad relays and stores the agent's bytes as they are, so it must not offer
+    gzip: an agent behind a compressing proxy would answer bytes a2ad cannot read."""
+    agent = await agent_factory()
+    a2ad = await a2ad_factory([ws(agent)])
+    status, data = await a2ad.send("w", "hi")
+    assert status == 200, data
+    assert agent.received[0].headers.get("Accept-Encoding") == "identity"
+
+
+async def test_a_send_whose_caller_left_mid_write_is_still_delivered(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """The caller's handler is cancelled (it disconnected) while its item's write
+    is in the group commit: the write commits, so the item must be counted and
+    delivered, not left in the store where the pump does not look."""
+    agent = await agent_factory()
+    a2ad = await a2ad_factory([ws(agent)], clock=ManualClock())  # no housekeeping recount
+    workspace = a2ad.daemon.registry.get("w")
+    body = (
+        b'{"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": {"message":'
+        b' {"role": "user", "messageId": "m-left", "parts": [{"kind": "text", "text": "left"}]}}}'
+    )
+    new = NewItem(workspace="w", method="message/send", body=body, message_id="m-left")
+    send = asyncio.create_task(a2ad.daemon.dispatcher.enqueue(workspace, new))
+    await asyncio.sleep(0)  # the write is queued for the writer
+    send.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await send
+    await agent.wait_received(1)
+    assert agent.received[0].text == "left"
+    item = await a2ad.final(new.id)
+    assert item["state"] == "delivered"
+    assert workspace.queued_total == 0

@@ -154,6 +154,13 @@ async def test_a_caller_sees_only_its_own_items(
     [
         (b"{not json", 400, -32700, "parse_error"),
         (b"", 400, -32700, "parse_error"),
+        # JSON, but in UTF-16: RFC 8259 wants UTF-8 on the wire.
+        (
+            '{"jsonrpc": "2.0", "id": 1, "method": "message/send"}'.encode("utf-16"),
+            400,
+            -32700,
+            "parse_error",
+        ),
         (b"[1, 2]", 400, -32600, "invalid_request"),
         (b'{"jsonrpc": "1.0", "method": "x", "id": 1}', 400, -32600, "invalid_request"),
         (b'{"jsonrpc": "2.0", "id": 1}', 400, -32600, "invalid_request"),
@@ -321,3 +328,24 @@ async def test_health_readiness_and_workspace_views(
     assert item["priority"] == "task" and item["enqueued_at"].endswith("Z")
     resp = await a2ad.client.get("/workspaces/w/queue", params={"state": "weird"})
     assert resp.status == 400
+
+
+async def test_an_item_of_a_removed_workspace_is_not_retried(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """Its workspace is gone: a retry would queue it where no pump serves it (or,
+    were the id registered again, send it to another URL)."""
+    agent = await agent_factory()
+    a2ad = await a2ad_factory([], queue={"max_attempts": 1})
+    resp = await a2ad.client.put("/workspaces/rt", json={"url": agent.url, "heartbeat": False})
+    assert resp.status == 201
+    agent.script = [(503, {"error": "busy"}, {"Retry-After": "0"}), (502, {"error": "x"}, {})]
+    status, data = await a2ad.send("rt", "x")
+    assert status == 202, data
+    qid = data["result"]["id"]
+    assert (await a2ad.final(qid))["state"] == "failed"
+    resp = await a2ad.client.delete("/workspaces/rt")
+    assert resp.status == 200, await resp.text()
+    resp = await a2ad.client.post(f"/queue/{qid}/retry")
+    assert resp.status == 409
+    assert "gone" in (await resp.json())["error"]["message"]

@@ -942,3 +942,29 @@ async def test_an_item_round_trips_every_field(store: Store) -> None:
         T0,
     )
     assert await store.get("q-" + "f" * 32) is None
+
+
+async def test_delete_finished_works_in_chunks(store: Store) -> None:
+    for i in range(5):
+        item = await put(store, T0 + i)
+        assert await store.cancel(item.id, now=T0 + i)
+    await put(store, T0 + 10)  # still queued: kept
+    assert await store.delete_finished(before=T0 + 100, chunk=2) == 5
+    assert await store.counts() == {WS: {"queued": 1}}
+
+
+async def test_a_retried_old_item_answers_for_its_message_id(store: Store) -> None:
+    """m fails as A, then again as B; A is retried. A new send of m is A (live),
+    not a third row, which the live-message index would refuse."""
+    first = await put(store, T0, message_id="m")
+    claimed = await claim_one(store, T0)
+    assert await store.settle(claimed.id, claimed.claim_token or "", state="failed", now=T0)
+    second = await put(store, T0 + 1, message_id="m")
+    assert second.id != first.id
+    claimed = await claim_one(store, T0 + 1)
+    assert await store.settle(claimed.id, claimed.claim_token or "", state="failed", now=T0 + 1)
+    assert await store.retry(first.id, now=T0 + 2, max_age=3600) == "retried"
+
+    again = await store.enqueue(new(message_id="m"), now=T0 + 3, replay_window=REPLAY)
+    assert not again.created
+    assert again.item.id == first.id
