@@ -98,9 +98,9 @@ def readable_id(body: Any) -> str | int | None:
 def parse_json(raw: bytes) -> Any:
     """The body as JSON; raise ParseError."""
     try:
-        # UTF-8 only (RFC 8259): json.loads would also take UTF-16 and UTF-32 bytes,
-        # in which the surrogate check below sees nothing.
-        value = json.loads(raw.decode("utf-8"))
+        # UTF-8 only (RFC 8259; a leading BOM is let pass, as it allows): json.loads
+        # would also take UTF-16 and UTF-32, in which the check below sees nothing.
+        value = json.loads(raw.decode("utf-8-sig"))
     except (ValueError, RecursionError):  # ValueError also covers UnicodeDecodeError
         raise ParseError("the body is not valid JSON in UTF-8") from None
     if b"\\ud" in raw or b"\\uD" in raw:

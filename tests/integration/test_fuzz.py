@@ -598,7 +598,7 @@ def rpc_verdict(raw: bytes) -> str:
     if len(raw) > MAX_BODY:
         return "body_too_large"
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8-sig"))  # JSON in UTF-8, a BOM allowed
     except (ValueError, RecursionError):
         return "parse_error"
     if not isinstance(body, dict) or body.get("jsonrpc") != "2.0":
