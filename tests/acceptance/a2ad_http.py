@@ -9,6 +9,8 @@ import uuid
 from typing import Any
 
 TIMEOUT = 30.0
+WORKSPACE = "w"  # the workspace most tests configure
+HB_TOKEN = "hb-token"  # and its heartbeat token
 
 
 def http_call(
@@ -59,3 +61,24 @@ def send_body(text: str, message_id: str | None = None) -> dict[str, Any]:
             }
         },
     }
+
+
+def heartbeat(base: str, active: int, *, workspace: str = WORKSPACE, token: str = HB_TOKEN) -> None:
+    """The agent's heartbeat: `active` requests at work."""
+    status, data = http_json(
+        "POST",
+        f"{base}/workspaces/{workspace}/heartbeat",
+        {"active_tasks": active},
+        {"Authorization": f"Bearer {token}"},
+    )
+    assert status == 200, data
+
+
+def item(
+    base: str, qid: str, wait: float = 0.0, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """GET /queue/{qid}?wait=, which must answer 200."""
+    status, data = http_json("GET", f"{base}/queue/{qid}?wait={wait}", headers=headers)
+    assert status == 200, data
+    view: dict[str, Any] = data
+    return view

@@ -15,13 +15,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from a2ad_http import http_json, send_body
+from a2ad_http import HB_TOKEN, WORKSPACE, heartbeat, http_json, item, send_body
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher, Process
 
-WORKSPACE = "w"
-HB_TOKEN = "hb-token"
 ITEM_DEADLINE = 10.0  # seconds for an item to reach the state a test waits for
 NOTICE_WITHIN = 3.0  # the daemon looks at the file about once a second
 STATES = ("queued", "dispatching", "delivered", "failed", "expired", "cancelled")
@@ -37,23 +35,6 @@ def send(base: str, text: str, headers: dict[str, str] | None = None) -> str:
     assert status == 202, data
     qid: str = data["result"]["id"]
     return qid
-
-
-def heartbeat(base: str, active: int) -> None:
-    status, data = http_json(
-        "POST",
-        f"{base}/workspaces/{WORKSPACE}/heartbeat",
-        {"active_tasks": active},
-        {"Authorization": f"Bearer {HB_TOKEN}"},
-    )
-    assert status == 200, data
-
-
-def item(base: str, qid: str, wait: float = 0.0) -> dict[str, Any]:
-    status, data = http_json("GET", f"{base}/queue/{qid}?wait={wait}")
-    assert status == 200, data
-    view: dict[str, Any] = data
-    return view
 
 
 def wait_for_state(base: str, qid: str, state: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from a2ad_http import http_json, send_body
+from a2ad_http import HB_TOKEN, WORKSPACE, heartbeat, http_json, item, send_body
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher, Process
@@ -43,28 +43,9 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 ADMIN_TOKEN = "ui-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-HB_TOKEN = "hb-token"
-WORKSPACE = "w"
 ITEM_DEADLINE = 10.0
 UI_TIMEOUT_MS = 10_000
 STATES = ("queued", "dispatching", "delivered", "failed", "expired", "cancelled")
-
-
-def heartbeat(base: str, active: int) -> None:
-    status, data = http_json(
-        "POST",
-        f"{base}/workspaces/{WORKSPACE}/heartbeat",
-        {"active_tasks": active},
-        {"Authorization": f"Bearer {HB_TOKEN}"},
-    )
-    assert status == 200, data
-
-
-def item(base: str, qid: str, wait: float = 0.0) -> dict[str, Any]:
-    status, data = http_json("GET", f"{base}/queue/{qid}?wait={wait}", headers=ADMIN)
-    assert status == 200, data
-    view: dict[str, Any] = data
-    return view
 
 
 @contextlib.contextmanager
@@ -112,7 +93,7 @@ def live(launcher: Launcher) -> Iterator[Live]:
         assert status == 202, data
         qid: str = data["result"]["id"]
         heartbeat(base, 0)
-        view = item(base, qid, wait=ITEM_DEADLINE)
+        view = item(base, qid, wait=ITEM_DEADLINE, headers=ADMIN)
         assert view["state"] == "failed", view
         heartbeat(base, 1)
         yield Live(config, daemon, qid)
@@ -185,7 +166,7 @@ def test_sign_in_see_a_failed_item_and_retry_it(live: Live, browser: Any) -> Non
         refused = context.request.post(f"{base}/ui/items/{qid}/retry", form=form, max_redirects=0)
         assert refused.status == 403
         assert "CSRF token is missing or does not match" in refused.text()
-    assert item(base, qid)["state"] == "failed"
+    assert item(base, qid, headers=ADMIN)["state"] == "failed"
 
     # Retry: the item is queued again, on the page and through the API.
     failed.get_by_role("button", name="Retry").click()
@@ -194,7 +175,7 @@ def test_sign_in_see_a_failed_item_and_retry_it(live: Live, browser: Any) -> Non
     assert page.locator("#no-failed").is_visible()
     values = dict(zip(headers, cells(row), strict=True))
     assert values["queued"] == "1" and values["failed"] == "0"
-    view = item(base, qid)
+    view = item(base, qid, headers=ADMIN)
     assert view["state"] == "queued" and view["attempts"] == 0
 
     # Signing out ends the session: the login form again.
