@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import fault_agent
 import pytest
+from queue_drain import wait_drained
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher, Process
@@ -78,33 +79,6 @@ def read_items(store: Path) -> dict[str, dict[str, Any]]:
     finally:
         conn.close()
     return {row["id"]: dict(row) for row in rows}
-
-
-def live_counts(store: Path) -> dict[str, int]:
-    conn = sqlite3.connect(store, timeout=10)
-    try:
-        rows = conn.execute(
-            "SELECT state, COUNT(*) FROM items WHERE state IN ('queued', 'dispatching')"
-            " GROUP BY state"
-        ).fetchall()
-    finally:
-        conn.close()
-    return dict(rows)
-
-
-async def wait_drained(store: Path) -> dict[str, int]:
-    """Poll the store until nothing is queued or dispatching, or until the number
-    left has not gone down for DRAIN_STALL seconds; what was left at the end."""
-    start = last_progress = time.monotonic()
-    fewest: int | None = None
-    while True:
-        live = await asyncio.to_thread(live_counts, store)
-        now = time.monotonic()
-        if fewest is None or sum(live.values()) < fewest:
-            fewest, last_progress = sum(live.values()), now
-        if not live or now - last_progress > DRAIN_STALL or now - start > DRAIN_CAP:
-            return live
-        await asyncio.sleep(0.2)
 
 
 @dataclass
@@ -234,7 +208,7 @@ async def test_nothing_acknowledged_is_lost_to_a_faulty_agent(
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await asyncio.gather(kill_and_restart_agent(), send_all(session))
-        left = await wait_drained(config.store)
+        left = await wait_drained(config.store, stall=DRAIN_STALL, cap=DRAIN_CAP)
         items = await asyncio.to_thread(read_items, config.store)
         acked = {send.queue_id: send for send in sends if send.queue_id is not None}
 

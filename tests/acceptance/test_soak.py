@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import fault_agent
 import pytest
+from queue_drain import wait_drained
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher, Process
@@ -133,33 +134,6 @@ async def post(session: aiohttp.ClientSession, base: str, send: Send) -> None:
         send.status, send.body = status, body
 
 
-def live_counts(store: Path) -> dict[str, int]:
-    conn = sqlite3.connect(f"file:{store}?mode=rw", uri=True, timeout=10)
-    try:
-        rows = conn.execute(
-            "SELECT state, COUNT(*) FROM items WHERE state IN ('queued', 'dispatching')"
-            " GROUP BY state"
-        ).fetchall()
-    finally:
-        conn.close()
-    return dict(rows)
-
-
-async def wait_drained(store: Path) -> dict[str, int]:
-    """Poll the store until nothing is queued or dispatching, or until the number
-    left has not gone down for DRAIN_STALL seconds; what was left at the end."""
-    start = last_progress = time.monotonic()
-    fewest: int | None = None
-    while True:
-        live = await asyncio.to_thread(live_counts, store)
-        now = time.monotonic()
-        if fewest is None or sum(live.values()) < fewest:
-            fewest, last_progress = sum(live.values()), now
-        if not live or now - last_progress > DRAIN_STALL or now - start > DRAIN_CAP:
-            return live
-        await asyncio.sleep(0.2)
-
-
 @pytest.mark.slow
 async def test_sigkill_at_random_moments_loses_nothing(launcher: Launcher, tmp_path: Path) -> None:
     schedule = random.Random(SEED)  # which trials kill early, and when: replayable
@@ -217,7 +191,7 @@ async def test_sigkill_at_random_moments_loses_nothing(launcher: Launcher, tmp_p
 
     # The last restart: a2ad recovers what the kills left and delivers it all.
     a2ad = await asyncio.to_thread(launcher.a2ad, config)
-    left = await wait_drained(config.store)
+    left = await wait_drained(config.store, stall=DRAIN_STALL, cap=DRAIN_CAP)
     items = await asyncio.to_thread(stored, config.store)
     outcomes = Counter(entry["messageId"] for entry in fault_agent.read_log(agent_log))
     statuses = Counter(s.status or "cut off" for s in sends)
