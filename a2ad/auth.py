@@ -67,26 +67,26 @@ class Auth:
         token = bearer_token(request)
         if token is None:
             return None
-        # Header bytes that are not UTF-8 arrive as lone surrogates: keep them as
-        # bytes so they compare (unequal) instead of failing to encode.
-        given = token.encode("utf-8", "surrogateescape")
-        found: Principal | None = None
-        # Compare against every token, in constant time each, so timing tells nothing.
-        for known, principal in self._tokens:
-            if hmac.compare_digest(given, known):
-                found = principal
+        found = self._owner(token)
         if found is None:
             raise Unauthorized("unknown token")
         return found
 
     def admin_token_matches(self, token: str) -> bool:
         """Is `token` the admin token? For the status page's login form."""
-        given = token.encode("utf-8", "surrogatepass")
-        found = False
-        # Every token compared, each in constant time, as in identify().
+        found = self._owner(token)
+        return found is not None and found.kind == "admin"
+
+    def _owner(self, token: str) -> Principal | None:
+        """Whose token this is, compared against every token, each in constant time,
+        so timing tells nothing."""
+        # Header bytes that are not UTF-8 arrive as lone surrogates: keep them as
+        # bytes so they compare (unequal) instead of failing to encode.
+        given = token.encode("utf-8", "surrogateescape")
+        found: Principal | None = None
         for known, principal in self._tokens:
-            if hmac.compare_digest(given, known) and principal.kind == "admin":
-                found = True
+            if hmac.compare_digest(given, known):
+                found = principal
         return found
 
     def _require(self, request: web.Request, *kinds: Kind) -> Principal:

@@ -88,10 +88,10 @@ class Dispatcher:
         upstream: Upstream,
         clock: Clock,
         *,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics(registry)
+        self.metrics = metrics
         self.queue_settings = settings.queue
         self.store = store
         self.registry = registry
