@@ -169,6 +169,15 @@ def canonical_state(name: str) -> str:
 CONTEXT_PREFIX = "ctx-"  # marks the context ids a2ad makes, so only those are looked up
 
 
+_CONTEXT_MARK = f'"{CONTEXT_PREFIX}'.encode()
+
+
+def may_name_a2ad_ids(raw: bytes) -> bool:
+    """Could this body name a queue id or a context id a2ad made? (A byte check:
+    most bodies name neither, and then nothing needs parsing or looking up.)"""
+    return b'"q-' in raw or _CONTEXT_MARK in raw
+
+
 def new_context_id() -> str:
     return CONTEXT_PREFIX + random_hex(128)
 

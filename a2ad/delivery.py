@@ -250,16 +250,17 @@ class Dispatcher:
     async def body_for_agent(self, raw: bytes, caller: str, body: Any = None) -> bytes:
         """`raw`, unless it names ids the agent knows by other names (stored bodies
         are never rewritten; this is what goes on the wire)."""
-        if b'"q-' not in raw and f'"{a2a.CONTEXT_PREFIX}'.encode() not in raw:
-            return raw  # names none of a2ad's ids: nothing to look up or parse
+        if not a2a.may_name_a2ad_ids(raw):
+            return raw  # nothing to look up or parse
         rewritten = await self.agent_ids(json.loads(raw) if body is None else body, caller)
         return raw if rewritten is None else json.dumps(rewritten).encode()
 
     # -- what answers tell -------------------------------------------------------
 
-    def observe(self, ws: Workspace, answer: Answer) -> None:
+    def observe(self, ws: Workspace, answer: Answer, now: float | None = None) -> None:
         """Learn from an agent's answer: a busy pause, a sign of life, a failure signal."""
-        now = self.clock.now()
+        if now is None:
+            now = self.clock.now()
         if answer.outcome is Outcome.BUSY:
             self.metrics.of(ws.id).busy.inc()
             ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
@@ -273,50 +274,71 @@ class Dispatcher:
 
     # -- the direct path -------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def open_direct(
-        self, ws: Workspace, body: bytes, headers: Mapping[str, str], *, stream: bool = False
-    ) -> AsyncIterator[Opened]:
-        """Forward a message send in a slot of its own. The slot is held while the
-        block runs (a relayed stream) and is free again, at once, when it ends."""
-        ws.in_flight += 1
-        opened: Opened | None = None
-        try:
-            started = self.clock.now()
-            opened = await self.upstream.open(ws.config, body, headers, stream=stream)
-            outcome = Outcome.FINAL if opened.answer is None else opened.answer.outcome
-            self.metrics.of(ws.id).proxy[outcome].observe(self.clock.now() - started)
-            if opened.answer is not None:
-                self.observe(ws, opened.answer)
-            else:
-                ws.note_answer(self.clock.now())
-            yield opened
-        finally:
-            if opened is not None and opened.stream is not None:
-                opened.stream.release()
-            ws.in_flight -= 1
-            if ws.queued_total:
-                ws.wakeup.set()  # a slot freed for the items that wait
+    def may_replay(self, ws: Workspace) -> bool:
+        """Could a send to `ws` repeat a messageId that went through the queue within
+        the replay window? Only then does `seen_before` need the store; the fast
+        path pays nothing while the workspace has queued nothing within the window."""
+        last = ws.last_queued_at
+        window = self.queue_settings.replay_window_seconds
+        return bool(ws.dispatching) or (last is not None and self.clock.now() - last <= window)
 
     async def seen_before(self, ws: Workspace, caller: str, message_id: str | None) -> bool:
         """Does this messageId belong to an item that is live, or was delivered within
         the replay window? Then the send takes the queue path, which answers for it
-        instead of delivering it again. Free while the workspace has queued nothing
-        within the window: the fast path only reads the store when it must."""
-        if message_id is None:
-            return False
-        window = self.queue_settings.replay_window_seconds
-        last = ws.last_queued_at
-        if not ws.dispatching and (last is None or self.clock.now() - last > window):
+        instead of delivering it again."""
+        if message_id is None or not self.may_replay(ws):
             return False
         item = await self.store.find_message(ws.id, caller, message_id)
         if item is None:
             return False
         if item.state in ("queued", "dispatching"):
             return True
+        window = self.queue_settings.replay_window_seconds
         return item.state == "delivered" and (
             item.finished_at is not None and self.clock.now() - item.finished_at <= window
         )
+
+    async def send_direct(self, ws: Workspace, body: bytes, headers: Mapping[str, str]) -> Answer:
+        """Forward a message send in a slot of its own, free again when it returns."""
+        ws.in_flight += 1
+        try:
+            started = self.clock.now()
+            answer = await self.upstream.send(ws.config, body, headers)
+            ended = self.clock.now()
+            self.metrics.of(ws.id).proxy[answer.outcome].observe(ended - started)
+            self.observe(ws, answer, ended)
+            return answer
+        finally:
+            self._slot_freed(ws)
+
+    @contextlib.asynccontextmanager
+    async def open_direct(
+        self, ws: Workspace, body: bytes, headers: Mapping[str, str]
+    ) -> AsyncIterator[Opened]:
+        """Forward a streaming send in a slot of its own. The slot is held while the
+        block runs (the relayed stream) and is free again, at once, when it ends."""
+        ws.in_flight += 1
+        opened: Opened | None = None
+        try:
+            started = self.clock.now()
+            opened = await self.upstream.open(ws.config, body, headers)
+            ended = self.clock.now()
+            outcome = Outcome.FINAL if opened.answer is None else opened.answer.outcome
+            self.metrics.of(ws.id).proxy[outcome].observe(ended - started)
+            if opened.answer is not None:
+                self.observe(ws, opened.answer, ended)
+            else:
+                ws.note_answer(ended)
+            yield opened
+        finally:
+            if opened is not None and opened.stream is not None:
+                opened.stream.release()
+            self._slot_freed(ws)
+
+    def _slot_freed(self, ws: Workspace) -> None:
+        ws.in_flight -= 1
+        if ws.queued_total:
+            ws.wakeup.set()  # a slot freed for the items that wait
 
     # -- results -------------------------------------------------------------
 
@@ -598,7 +620,7 @@ class Dispatcher:
     ) -> Answer:
         """Deliver a streaming send: relay the agent's events to the item's
         subscribers under the queue id, and keep the Task they add up to."""
-        opened = await self.upstream.open(ws.config, body, headers, stream=True)
+        opened = await self.upstream.open(ws.config, body, headers)
         if opened.answer is not None:
             return opened.answer
         assert opened.stream is not None

@@ -101,7 +101,8 @@ async def read_body(request: web.Request, limit: int = SMALL_BODY_LIMIT) -> byte
         setting = " (server.max_body_bytes)" if limit == settings.max_body_bytes else ""
         return BodyTooLarge(f"the body is over {limit} bytes{setting}")
 
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length  # parsed from the header at each access
+    if length is not None and length > limit:
         raise too_large()
     timeout = settings.client_timeout_seconds
     try:
@@ -170,16 +171,22 @@ async def _send_message(
     request_id = request[REQUEST_ID]
     now = daemon.clock.now()
     busy_answers = 0
-    if ws.goes_direct(now) and not await daemon.dispatcher.seen_before(ws, caller, rpc.message_id):
+    dispatcher = daemon.dispatcher
+    if ws.goes_direct(now) and not (
+        dispatcher.may_replay(ws) and await dispatcher.seen_before(ws, caller, rpc.message_id)
+    ):
         headers = forwarded_headers(request.headers, request_id)
-        outgoing = await daemon.dispatcher.body_for_agent(raw, caller, body)
-        async with daemon.dispatcher.open_direct(
-            ws, outgoing, headers, stream=rpc.is_stream
-        ) as opened:
-            if opened.stream is not None:
-                return await _relay_stream(request, opened.stream, ws)
-            answer = opened.answer
-            assert answer is not None
+        outgoing = raw
+        if a2a.may_name_a2ad_ids(raw):
+            outgoing = await dispatcher.body_for_agent(raw, caller, body)
+        if rpc.is_stream:
+            async with dispatcher.open_direct(ws, outgoing, headers) as opened:
+                if opened.stream is not None:
+                    return await _relay_stream(request, opened.stream, ws)
+                answer = opened.answer
+                assert answer is not None
+        else:
+            answer = await dispatcher.send_direct(ws, outgoing, headers)
         if answer.outcome is Outcome.FINAL:
             return relay(answer)
         if answer.outcome is Outcome.FAILURE:

@@ -10,7 +10,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -159,42 +159,50 @@ class Upstream:
         expect_jsonrpc: bool = True,
     ) -> Answer:
         """POST one JSON-RPC request to the agent and classify what comes back."""
-        opened = await self.open(workspace, body, headers, expect_jsonrpc=expect_jsonrpc)
-        assert opened.answer is not None
-        return opened.answer
+        limit = workspace.request_timeout_seconds
+        try:
+            resp = await self._post(workspace, body, headers, _timeout(limit, False))
+        except Exception as exc:
+            return connection_failure(exc, limit)
+        try:
+            return await self._classify(resp, expect_jsonrpc)
+        except Exception as exc:
+            return connection_failure(exc, limit)
+        finally:
+            resp.release()
 
     async def open(
-        self,
-        workspace: WorkspaceSettings,
-        body: bytes,
-        headers: Mapping[str, str],
-        *,
-        stream: bool = False,
-        expect_jsonrpc: bool = True,
+        self, workspace: WorkspaceSettings, body: bytes, headers: Mapping[str, str]
     ) -> Opened:
-        """POST to the agent. With `stream`, an event-stream answer comes back open
-        (the caller reads and releases it); anything else is read and classified."""
+        """POST a streaming request: an event-stream answer comes back open (the
+        caller reads and releases it); anything else is read and classified."""
         limit = workspace.request_timeout_seconds
-        # A stream may run long: the agent must only never go quiet for `limit`.
-        timeout = _timeout(limit, stream)
         try:
-            resp = await self.session.post(
-                workspace.url,
-                data=body,
-                headers=dict(headers),
-                timeout=timeout,
-                allow_redirects=False,
-            )
+            # A stream may run long: the agent must only never go quiet for `limit`.
+            resp = await self._post(workspace, body, headers, _timeout(limit, True))
         except Exception as exc:
             return Opened(connection_failure(exc, limit))
-        if stream and resp.status == 200 and is_event_stream(resp):
+        if resp.status == 200 and is_event_stream(resp):
             return Opened(None, resp)
         try:
-            return Opened(await self._classify(resp, expect_jsonrpc))
+            return Opened(await self._classify(resp, True))
         except Exception as exc:
             return Opened(connection_failure(exc, limit))
         finally:
             resp.release()
+
+    def _post(
+        self,
+        workspace: WorkspaceSettings,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: aiohttp.ClientTimeout,
+    ) -> Awaitable[aiohttp.ClientResponse]:
+        # Redirects are relayed to the caller, not followed: a2ad never sends a
+        # message somewhere its operator did not configure.
+        return self.session.post(
+            workspace.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        )
 
     async def _classify(self, resp: aiohttp.ClientResponse, expect_jsonrpc: bool) -> Answer:
         status = resp.status
@@ -237,8 +245,9 @@ class Upstream:
 
     async def _read_limited(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
         limit = self.max_result_bytes
-        if resp.content_length is not None:
-            if resp.content_length > limit:
+        length = resp.content_length
+        if length is not None:
+            if length > limit:
                 return b"", True
             return await resp.read(), False
         chunks, size = [], 0
