@@ -17,8 +17,8 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -102,17 +102,24 @@ class Item:
     finished_at: float | None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Item:
-        values = dict(row)
-        values["headers"] = json.loads(values["headers"])
-        values["body"] = bytes(values["body"])
-        if values["result"] is not None:
-            values["result"] = bytes(values["result"])
-        return cls(**values)
+    def from_row(cls, row: Sequence[Any]) -> Item:
+        """An item from a row selected as ITEM_COLUMNS. By position, not by name:
+        a third of the time, and claims build thousands a second."""
+        values = list(row)
+        values[_HEADERS] = json.loads(values[_HEADERS])
+        values[_BODY] = bytes(values[_BODY])
+        if values[_RESULT] is not None:
+            values[_RESULT] = bytes(values[_RESULT])
+        return cls(*values)
 
     @property
     def is_final(self) -> bool:
         return self.state in FINAL_STATES
+
+
+ITEM_FIELDS = tuple(f.name for f in fields(Item))
+ITEM_COLUMNS = ", ".join(ITEM_FIELDS)  # what every query that builds an Item selects
+_HEADERS, _BODY, _RESULT = (ITEM_FIELDS.index(name) for name in ("headers", "body", "result"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +286,7 @@ WHERE seq = (
     SELECT seq FROM ({" UNION ALL ".join(_CLAIM_HEAD.format(priority=p) for p in (100, 50, 10))})
     ORDER BY MIN(2, {_LEVEL} + CAST((:now - enqueued_at) / :promote_after AS INTEGER)) DESC, seq
     LIMIT 1)
-RETURNING *
+RETURNING {ITEM_COLUMNS}
 """
 
 _INSERT = """
@@ -500,7 +507,8 @@ class Store:
                 row = conn.execute(
                     # The live row first: a retried old item can be live while a
                     # newer one with the same messageId has failed.
-                    "SELECT * FROM items WHERE workspace = ? AND caller = ? AND message_id = ?"
+                    f"SELECT {ITEM_COLUMNS} FROM items"
+                    " WHERE workspace = ? AND caller = ? AND message_id = ?"
                     " ORDER BY state IN ('queued', 'dispatching') DESC, seq DESC LIMIT 1",
                     (new.workspace, new.caller, new.message_id),
                 ).fetchone()
@@ -834,7 +842,9 @@ class Store:
 
     async def get(self, item_id: str) -> Item | None:
         def read(conn: sqlite3.Connection) -> Item | None:
-            row = conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+            row = conn.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)
+            ).fetchone()
             return Item.from_row(row) if row is not None else None
 
         return await self._read(read)
@@ -844,7 +854,8 @@ class Store:
 
         def read(conn: sqlite3.Connection) -> Item | None:
             row = conn.execute(
-                "SELECT * FROM items WHERE workspace = ? AND caller = ? AND message_id = ?"
+                f"SELECT {ITEM_COLUMNS} FROM items"
+                " WHERE workspace = ? AND caller = ? AND message_id = ?"
                 " ORDER BY seq DESC LIMIT 1",
                 (workspace, caller, message_id),
             ).fetchone()
@@ -893,7 +904,10 @@ class Store:
             clauses.append("state = ?")
             params.append(state)  # type: ignore[arg-type]
         order = "seq DESC" if newest_first else "seq"
-        sql = f"SELECT * FROM items WHERE {' AND '.join(clauses)} ORDER BY {order} LIMIT ?"
+        sql = (
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE {' AND '.join(clauses)}"
+            f" ORDER BY {order} LIMIT ?"
+        )
 
         def read(conn: sqlite3.Connection) -> list[Item]:
             rows = conn.execute(sql, (*params, limit)).fetchall()
