@@ -181,9 +181,13 @@ class Dispatcher:
         ws.add_queued(new.priority, 1)
         depth = ws.queued_total
         position = sum(n for p, n in ws.queued.items() if p >= new.priority)
-        write = asyncio.ensure_future(
-            self.store.enqueue(new, now=self.clock.now(), replay_window=q.replay_window_seconds)
-        )
+        try:
+            write = self.store.submit_enqueue(
+                new, now=self.clock.now(), replay_window=q.replay_window_seconds
+            )
+        except BaseException:
+            ws.add_queued(new.priority, -1)
+            raise
         try:
             done: Enqueued = await asyncio.shield(write)
         except asyncio.CancelledError:

@@ -382,12 +382,16 @@ class Store:
         order and every durable commit syncs all before it), so it can undo a
         delivery's steps, and the item is delivered again, but never an
         acknowledged item. A process crash loses none of them either way."""
+        return await self._submit(op, durable=durable)
+
+    def _submit(self, op: Op[T], *, durable: bool = True) -> asyncio.Future[T]:
+        """`_write` without the coroutine: the future of `op`'s outcome."""
         if self._closing or self._writer is None:
             raise StoreUnavailable("the store is closed", retry_after=1)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future, durable))
         self._wake.set()
-        return await future
+        return future
 
     async def _run_writer(self) -> None:
         writer = self._writer
@@ -501,6 +505,12 @@ class Store:
     async def enqueue(self, new: NewItem, *, now: float, replay_window: float) -> Enqueued:
         """Store a new item, or answer with the live (or recently delivered) one
         that already has this messageId."""
+        return await self.submit_enqueue(new, now=now, replay_window=replay_window)
+
+    def submit_enqueue(
+        self, new: NewItem, *, now: float, replay_window: float
+    ) -> asyncio.Future[Enqueued]:
+        """`enqueue` as a future, which a caller can shield without a task of its own."""
 
         def op(conn: sqlite3.Connection) -> Enqueued:
             if new.message_id is not None:
@@ -566,7 +576,7 @@ class Store:
             )
             return Enqueued(item, created=True)
 
-        return await self._write(op)
+        return self._submit(op)
 
     async def claim(
         self,
