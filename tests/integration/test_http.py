@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from fakes import A2ad, FakeAgent, jsonrpc_task
+from fakes import A2ad, FakeAgent, jsonrpc_task, wait_until
 
 from a2ad.clock import ManualClock
 
@@ -344,6 +344,10 @@ async def test_an_item_of_a_removed_workspace_is_not_retried(
     assert status == 202, data
     qid = data["result"]["id"]
     assert (await a2ad.final(qid))["state"] == "failed"
+    # The store may show the outcome a moment before the delivery's own task has
+    # counted it (the reader sees the commit first); DELETE goes by those counts.
+    ws = a2ad.daemon.registry.get("rt")
+    await wait_until(lambda: ws.queued_total + ws.dispatching == 0)
     resp = await a2ad.client.delete("/workspaces/rt")
     assert resp.status == 200, await resp.text()
     resp = await a2ad.client.post(f"/queue/{qid}/retry")
