@@ -273,20 +273,30 @@ async def _connect(path: str, synchronous: str, busy_timeout: float) -> aiosqlit
         raise
 
 
+# The best `limit` due items of one workspace: each priority's oldest `limit`, ordered
+# by the level they have risen to by waiting, then age. Within a priority an older
+# item has risen at least as far, so each priority's oldest `limit` hold its best.
 _CLAIM_HEAD = """
     SELECT * FROM (SELECT seq, priority, enqueued_at FROM items
         WHERE workspace = :workspace AND state = 'queued' AND priority = {priority}
           AND not_before <= :now AND (expires_at IS NULL OR expires_at > :now)
-        ORDER BY seq LIMIT 1)"""
+        ORDER BY seq LIMIT :limit)"""
 
-_CLAIM = f"""
+_CLAIMABLE = f"""
+SELECT seq FROM ({" UNION ALL ".join(_CLAIM_HEAD.format(priority=p) for p in (100, 50, 10))})
+ORDER BY MIN(2, {_LEVEL} + CAST((:now - enqueued_at) / :promote_after AS INTEGER)) DESC, seq
+LIMIT :limit
+"""
+
+# All of them in one statement, each with its own token: the store's thread and the
+# event loop hand the GIL to each other at every statement, so a claim of many
+# items in one statement waits for it once, not once per item.
+_CLAIM = """
 UPDATE items
-SET state = 'dispatching', claim_token = :token, lease_until = :lease_until, updated_at = :now
-WHERE seq = (
-    SELECT seq FROM ({" UNION ALL ".join(_CLAIM_HEAD.format(priority=p) for p in (100, 50, 10))})
-    ORDER BY MIN(2, {_LEVEL} + CAST((:now - enqueued_at) / :promote_after AS INTEGER)) DESC, seq
-    LIMIT 1)
-RETURNING {ITEM_COLUMNS}
+SET state = 'dispatching', claim_token = lower(hex(randomblob(16))), lease_until = ?,
+    updated_at = ?
+WHERE seq IN ({marks}) AND state = 'queued'
+RETURNING {columns}
 """
 
 _INSERT = """
@@ -590,22 +600,14 @@ class Store:
         """Claim up to `limit` due items of one workspace, best first, each with its own token."""
 
         def op(conn: sqlite3.Connection) -> list[Item]:
-            claimed = []
-            for _ in range(limit):
-                row = conn.execute(
-                    _CLAIM,
-                    {
-                        "workspace": workspace,
-                        "now": now,
-                        "token": random_hex(128),
-                        "lease_until": now + lease_seconds,
-                        "promote_after": promote_after,
-                    },
-                ).fetchone()
-                if row is None:
-                    break
-                claimed.append(Item.from_row(row))
-            return claimed
+            best = {"workspace": workspace, "now": now, "promote_after": promote_after}
+            seqs = [row[0] for row in conn.execute(_CLAIMABLE, {**best, "limit": limit})]
+            if not seqs:
+                return []
+            sql = _CLAIM.format(marks=", ".join("?" * len(seqs)), columns=ITEM_COLUMNS)
+            rows = conn.execute(sql, (now + lease_seconds, now, *seqs)).fetchall()
+            rank = {seq: i for i, seq in enumerate(seqs)}  # RETURNING keeps no order
+            return sorted((Item.from_row(row) for row in rows), key=lambda i: rank[i.seq])
 
         return await self._write(op, durable=False)
 

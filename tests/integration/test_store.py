@@ -298,6 +298,26 @@ async def test_claims_one_by_one_keep_the_same_order(store: Store) -> None:
     assert got == [i.id for i in expected]
 
 
+@pytest.mark.parametrize("limit", [1, 3, 7, 40])
+async def test_one_claim_of_many_takes_what_claims_of_one_would(tmp_path: Path, limit: int) -> None:
+    """Priorities and ages mixed across several promote_after periods: a claim of
+    `limit` items takes the same items, in the same order, as `limit` claims of one."""
+    plan = [((i * 7) % 3, T0 + (i * 37) % 500) for i in range(40)]  # (level, enqueued_at)
+    levels = (INFO, TASK, CRITICAL)
+    seen: list[list[tuple[int, float]]] = []
+    for name, per_claim in (("many", limit), ("one", 1)):
+        async with Store(str(tmp_path / f"{name}.db")) as s:
+            await s.migrate()
+            for level, at in sorted(plan, key=lambda p: p[1]):
+                await put(s, at, priority=levels[level])
+            now = T0 + 3 * PROMOTE + 50
+            got: list[Item] = []
+            while len(got) < limit:
+                got += await claim(s, now, limit=per_claim)
+            seen.append([(i.priority, i.enqueued_at) for i in got])
+    assert seen[0] == seen[1]
+
+
 async def test_a_task_item_waiting_promote_after_beats_a_newer_critical(store: Store) -> None:
     old_task = await put(store, T0, priority=TASK)
     critical = await put(store, T0 + 50, priority=CRITICAL)
