@@ -769,8 +769,6 @@ class Bench:
                     ),
                 ]
                 self._check_answers(scenario, got, "200")
-            if self.use_wrk:
-                self._proxy_under_wrk(name, targets[1:], raw)
             counts = self.queue_counts(a2ad, "fast")
             raw["queue_after"] = counts
         finally:
