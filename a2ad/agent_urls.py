@@ -10,6 +10,10 @@ most clouds), the other well-known metadata addresses and addresses that are
 not unicast are refused unless `auth.allow_link_local_agents` is set. Hostnames
 are resolved and every address they resolve to is checked. The config file is
 the operator's own word and is not checked.
+
+A name that passed when it was registered is checked again at every lookup
+a2ad makes to reach it (`AgentResolver`, the resolver of a2ad's client
+session), so it cannot later be pointed at a metadata address (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Iterable
 from urllib.parse import urlsplit
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from .errors import InvalidBody
 
@@ -55,7 +63,7 @@ async def _resolve(host: str, port: int) -> list[Address]:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError) as exc:
         raise InvalidBody(f"url: cannot resolve {host!r}: {exc}") from None
-    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    return [_address(str(info[4][0])) for info in infos]
 
 
 async def check_agent_url(url: str, *, allow_link_local: bool) -> None:
@@ -87,3 +95,50 @@ async def check_agent_url(url: str, *, allow_link_local: bool) -> None:
                 f"url: {host} is {why}; a2ad refuses it for run-time workspaces"
                 " unless auth.allow_link_local_agents = true"
             )
+
+
+def _host_of(url: str) -> str:
+    return (urlsplit(url).hostname or "").rstrip(".").lower()
+
+
+class AgentResolver(AbstractResolver):
+    """The resolver of a2ad's client session: a host name is checked at every
+    lookup, as at registration, and the addresses a2ad refuses are dropped; a
+    name left with none fails to resolve, so its workspace cannot connect and
+    says why. Hosts of the config file's workspaces pass unchecked, as there."""
+
+    def __init__(
+        self,
+        *,
+        trusted_urls: Iterable[str],
+        allow_link_local: bool,
+        inner: AbstractResolver | None = None,
+    ) -> None:
+        self._inner = inner if inner is not None else DefaultResolver()
+        self._trusted = frozenset(_host_of(url) for url in trusted_urls)
+        self._allow = allow_link_local
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        name = host.rstrip(".").lower()
+        if self._allow or name in self._trusted:
+            return await self._inner.resolve(host, port, family)
+        if name in METADATA_HOSTS:
+            raise OSError(f"{host} is a cloud metadata service (auth.allow_link_local_agents)")
+        results = await self._inner.resolve(host, port, family)
+        allowed = [r for r in results if _refusal(_address(r["host"])) is None]
+        if not allowed:
+            why = _refusal(_address(results[0]["host"])) if results else "no address"
+            raise OSError(
+                f"{host} now resolves to {why}; a2ad refuses it for agents"
+                " unless auth.allow_link_local_agents = true"
+            )
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _address(text: str) -> Address:
+    return ipaddress.ip_address(text.split("%")[0])

@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from . import systemd
+from .agent_urls import AgentResolver
 from .auth import Auth
 from .cards import Cards
 from .clock import Clock
@@ -49,7 +50,13 @@ class Daemon:
             self.registry.add(ws)
         self.auth = Auth(settings)
         self.cards = Cards(settings.server.base_url, self.clock)
-        self.upstream = Upstream(max_result_bytes=settings.server.max_result_bytes)
+        self.upstream = Upstream(
+            max_result_bytes=settings.server.max_result_bytes,
+            resolver=lambda: AgentResolver(
+                trusted_urls=[ws.url for ws in settings.workspaces],
+                allow_link_local=settings.auth.allow_link_local_agents,
+            ),
+        )
         self.metrics = Metrics(self.registry)
         self.dispatcher = Dispatcher(
             settings, self.store, self.registry, self.upstream, self.clock, metrics=self.metrics

@@ -10,12 +10,13 @@ import functools
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import aiohttp
+import aiohttp.abc
 
 from .settings import WorkspaceSettings
 
@@ -123,15 +124,25 @@ def connection_failure(exc: BaseException, limit: float) -> Answer:
 class Upstream:
     """The one aiohttp client session a2ad uses to reach agents."""
 
-    def __init__(self, *, max_result_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_result_bytes: int,
+        resolver: Callable[[], aiohttp.abc.AbstractResolver] | None = None,
+    ) -> None:
         self.max_result_bytes = max_result_bytes
+        self._resolver = resolver  # made in start(): resolvers want a running loop
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         # Idle keep-alive connections are dropped well before common agent
         # servers close theirs (uvicorn: 5 s), so a send rarely meets a socket
         # the agent is closing.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0)
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            keepalive_timeout=4.0,
+            resolver=self._resolver() if self._resolver is not None else None,
+        )
         # Answers are relayed and stored as the agent sent them, so a2ad asks for
         # them uncompressed (aiohttp would otherwise offer gzip and deflate).
         self._session = aiohttp.ClientSession(

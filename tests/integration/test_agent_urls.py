@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
 from fakes import A2ad, FakeAgent
+from yarl import URL
+
+from a2ad.agent_urls import AgentResolver
+from a2ad.settings import WorkspaceSettings
+from a2ad.upstream import Outcome, Upstream
 
 A2adFactory = Callable[..., Awaitable[A2ad]]
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
@@ -108,3 +116,96 @@ async def test_redirects_from_an_agent_are_not_followed(
         assert target.received == []
     finally:
         await server.close()
+
+
+# -- at every connect: a name that passed registration cannot be rebound ---------
+
+
+class ChangingDns(AbstractResolver):
+    """Stands in for a DNS server whose answers the test sets: what a name that
+    passed registration resolves to later is up to whoever runs its DNS."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.asked.append(host)
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in self.answers[host]
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+def _send_to(host: str, port: int) -> WorkspaceSettings:
+    return WorkspaceSettings(
+        id="rt", url=f"http://{host}:{port}/", heartbeat=False, request_timeout_seconds=3
+    )
+
+
+async def test_a_name_rebound_to_a_metadata_address_is_refused_at_connect(
+    agent_factory: AgentFactory,
+) -> None:
+    agent = await agent_factory()
+    port = URL(agent.url).port
+    assert port is not None
+    dns = ChangingDns(
+        {
+            "agent.test": ["127.0.0.1"],
+            "rebound.test": ["169.254.169.254"],
+            "mixed.test": ["169.254.169.254", "127.0.0.1"],
+            "metadata.google.internal": ["127.0.0.1"],
+        }
+    )
+    upstream = Upstream(
+        max_result_bytes=1 << 20,
+        resolver=lambda: AgentResolver(trusted_urls=[], allow_link_local=False, inner=dns),
+    )
+    await upstream.start()
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": {"message": {}}}
+    ).encode()
+    try:
+        answer = await upstream.send(_send_to("agent.test", port), body, {})
+        assert answer.outcome is Outcome.FINAL, answer
+        # The same kind of name, now answered with the metadata address.
+        answer = await upstream.send(_send_to("rebound.test", port), body, {})
+        assert answer.outcome is Outcome.BUSY and answer.refused, answer
+        assert "link-local" in (answer.error or "")
+        assert "allow_link_local_agents" in (answer.error or "")
+        # A refused address among allowed ones is dropped; the rest are used.
+        answer = await upstream.send(_send_to("mixed.test", port), body, {})
+        assert answer.outcome is Outcome.FINAL, answer
+        # A metadata service's name is refused whatever it resolves to.
+        answer = await upstream.send(_send_to("metadata.google.internal", port), body, {})
+        assert answer.outcome is Outcome.BUSY and "metadata" in (answer.error or "")
+    finally:
+        await upstream.close()
+    assert len(agent.received) == 2  # agent.test and mixed.test, nothing else
+    assert "metadata.google.internal" not in dns.asked
+
+
+async def test_config_hosts_and_the_operators_allowance_pass_the_resolver() -> None:
+    dns = ChangingDns({"agent.internal": ["169.254.10.10"], "other.test": ["169.254.10.10"]})
+    trusted = AgentResolver(
+        trusted_urls=["http://Agent.Internal.:9001/"], allow_link_local=False, inner=dns
+    )
+    [result] = await trusted.resolve("agent.internal", 9001)
+    assert result["host"] == "169.254.10.10"
+    with pytest.raises(OSError, match="link-local"):
+        await trusted.resolve("other.test", 9001)
+    allowed = AgentResolver(trusted_urls=[], allow_link_local=True, inner=dns)
+    [result] = await allowed.resolve("other.test", 9001)
+    assert result["host"] == "169.254.10.10"
