@@ -66,6 +66,18 @@ async def _resolve(host: str, port: int) -> list[Address]:
     return [_address(str(info[4][0])) for info in infos]
 
 
+def refused_literal(url: str) -> str | None:
+    """Why a URL whose host is an address (not a name) is refused, or None. Names
+    need no check here: the resolver checks them at every lookup."""
+    host = _host_of(url)
+    if host in METADATA_HOSTS:
+        return "a cloud metadata service"
+    try:
+        return _refusal(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
 async def check_agent_url(url: str, *, allow_link_local: bool) -> None:
     """Raise InvalidBody when a run-time workspace may not use `url`."""
     try:

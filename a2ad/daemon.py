@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from . import systemd
-from .agent_urls import AgentResolver
+from .agent_urls import AgentResolver, refused_literal
 from .auth import Auth
 from .cards import Cards
 from .clock import Clock
@@ -133,6 +133,19 @@ class Daemon:
             return
         if self.registry.find(config.id) is not None:
             log.warning("stored workspace %s is now in the config file; the file wins", config.id)
+            return
+        why = refused_literal(config.url)
+        if why and not self.settings.auth.allow_link_local_agents:
+            # Registered while the operator allowed it, refused now: not served.
+            log.error(
+                "stored workspace %s points at %s, %s, which a2ad refuses while"
+                " auth.allow_link_local_agents = false; it is not served until"
+                " PUT /workspaces/%s gives it another URL (its items stay in the store)",
+                config.id,
+                config.url,
+                why,
+                config.id,
+            )
             return
         self.registry.add(config, from_config=False)
         self.auth.add_workspace_token(config.id, config.token)

@@ -209,3 +209,29 @@ async def test_config_hosts_and_the_operators_allowance_pass_the_resolver() -> N
     allowed = AgentResolver(trusted_urls=[], allow_link_local=True, inner=dns)
     [result] = await allowed.resolve("other.test", 9001)
     assert result["host"] == "169.254.10.10"
+
+
+async def test_a_stored_workspace_the_policy_now_refuses_is_not_served(
+    a2ad_factory: A2adFactory, agent_factory: AgentFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Registered while link-local agents were allowed; a2ad restarts with them
+    refused: the workspace is not served and the log says why; a PUT with another
+    URL brings it back."""
+    allowed = await a2ad_factory([], auth={"allow_link_local_agents": True})
+    status, data = await put(allowed, "http://169.254.10.10:9/")
+    assert status == 201, data
+    await allowed.client.close()  # stops that a2ad and lets go of the store
+
+    again = await a2ad_factory([])
+    resp = await again.client.get("/workspaces/rt")
+    assert resp.status == 404
+    assert any(
+        "rt" in r.message and "allow_link_local_agents" in r.message
+        for r in caplog.records
+        if r.levelname == "ERROR"
+    )
+    agent = await agent_factory()
+    status, data = await put(again, agent.url)
+    assert status == 201, data
+    status, data = await again.send("rt", "hello again")
+    assert status == 200, data
