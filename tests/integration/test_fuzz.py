@@ -335,6 +335,9 @@ async def world(a2ad_factory: A2adFactory, agent: EchoAgent) -> World:
         ],
         auth={"admin_token": ADMIN_TOKEN, "callers": [{"name": "fuzzer", "token": CALLER_TOKEN}]},
         server={"max_body_bytes": MAX_BODY},
+        # One heartbeat holds the busy workspace's slots for the whole run: with
+        # `make soak`'s ten times the examples, a test outlasts the default 90 s.
+        liveness={"heartbeat_timeout_seconds": 3600},
     )
     world = World(a2ad, agent, final_id="")
     await heartbeat(world, "busy", BUSY_TOKEN, BUSY_SLOTS)
