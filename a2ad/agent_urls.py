@@ -66,16 +66,26 @@ async def _resolve(host: str, port: int) -> list[Address]:
     return [_address(str(info[4][0])) for info in infos]
 
 
-def refused_literal(url: str) -> str | None:
-    """Why a URL whose host is an address (not a name) is refused, or None. Names
-    need no check here: the resolver checks them at every lookup."""
-    host = _host_of(url)
-    if host in METADATA_HOSTS:
-        return "a cloud metadata service"
+def _literal(host: str) -> Address | None:
     try:
-        return _refusal(ipaddress.ip_address(host))
+        return ipaddress.ip_address(host)
     except ValueError:
         return None
+
+
+def _refused_without_lookup(host: str) -> str | None:
+    """Why `host` is refused before any lookup: a metadata service's name, or an
+    address a2ad refuses. None for an allowed address or a name to resolve."""
+    if host in METADATA_HOSTS:
+        return "a cloud metadata service"
+    address = _literal(host)
+    return _refusal(address) if address is not None else None
+
+
+def refused_literal(url: str) -> str | None:
+    """Why a URL is refused by its host alone, or None. Names need no lookup
+    here: the resolver checks them at every lookup."""
+    return _refused_without_lookup(_host_of(url))
 
 
 async def check_agent_url(url: str, *, allow_link_local: bool) -> None:
@@ -89,28 +99,28 @@ async def check_agent_url(url: str, *, allow_link_local: bool) -> None:
         raise InvalidBody("url: only http and https agent URLs are allowed")
     if parts.username or parts.password:
         raise InvalidBody("url: credentials in the URL are not allowed; use a token")
-    host = (parts.hostname or "").rstrip(".").lower()
+    host = _normal(parts.hostname or "")
     if not host:
         raise InvalidBody("url: the URL has no host")
     if allow_link_local:
         return
-    if host in METADATA_HOSTS:
-        raise InvalidBody(f"url: {host} is a cloud metadata service (auth.allow_link_local_agents)")
-    try:
-        addresses: list[Address] = [ipaddress.ip_address(host)]
-    except ValueError:
-        addresses = await _resolve(host, port)
-    for address in addresses:
-        why = _refusal(address)
-        if why:
-            raise InvalidBody(
-                f"url: {host} is {why}; a2ad refuses it for run-time workspaces"
-                " unless auth.allow_link_local_agents = true"
-            )
+    why = _refused_without_lookup(host)
+    if why is None and _literal(host) is None:
+        # A name: refused when any address it resolves to is.
+        why = next(filter(None, map(_refusal, await _resolve(host, port))), None)
+    if why:
+        raise InvalidBody(
+            f"url: {host} is {why}; a2ad refuses it for run-time workspaces"
+            " unless auth.allow_link_local_agents = true"
+        )
+
+
+def _normal(host: str) -> str:
+    return host.rstrip(".").lower()
 
 
 def _host_of(url: str) -> str:
-    return (urlsplit(url).hostname or "").rstrip(".").lower()
+    return _normal(urlsplit(url).hostname or "")
 
 
 class AgentResolver(AbstractResolver):
@@ -133,20 +143,21 @@ class AgentResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        name = host.rstrip(".").lower()
+        name = _normal(host)
         if self._allow or name in self._trusted:
             return await self._inner.resolve(host, port, family)
-        if name in METADATA_HOSTS:
-            raise OSError(f"{host} is a cloud metadata service (auth.allow_link_local_agents)")
-        results = await self._inner.resolve(host, port, family)
-        allowed = [r for r in results if _refusal(_address(r["host"])) is None]
-        if not allowed:
-            why = _refusal(_address(results[0]["host"])) if results else "no address"
-            raise OSError(
-                f"{host} now resolves to {why}; a2ad refuses it for agents"
-                " unless auth.allow_link_local_agents = true"
-            )
-        return allowed
+        why = _refused_without_lookup(name)  # a metadata service's name: not looked up
+        if why is None:
+            results = await self._inner.resolve(host, port, family)
+            allowed = [r for r in results if _refusal(_address(r["host"])) is None]
+            if allowed:
+                return allowed
+            refused = _refusal(_address(results[0]["host"])) if results else "no address"
+            why = f"now resolving to {refused}"
+        raise OSError(
+            f"{host} is {why}; a2ad refuses it for agents"
+            " unless auth.allow_link_local_agents = true"
+        )
 
     async def close(self) -> None:
         await self._inner.close()

@@ -185,12 +185,8 @@ class Dispatcher:
             write = self.store.submit_enqueue(
                 new, now=self.clock.now(), replay_window=q.replay_window_seconds
             )
-        except BaseException:
-            ws.add_queued(new.priority, -1)
-            raise
-        try:
             done: Enqueued = await asyncio.shield(write)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # only the await is cancelled: `write` exists
             # The caller left, but the write goes on and may commit: count the item
             # by what the store did, or the pump would not know it waits.
             write.add_done_callback(lambda w: self._count_enqueued(ws, new.priority, w))
