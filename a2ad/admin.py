@@ -119,7 +119,7 @@ async def get_item(request: web.Request) -> web.Response:
     if item is None or (caller is not None and item.caller != caller):
         raise NotFound(f"no queue item {item_id!r}")
     if wait > 0 and not item.is_final:
-        item = await daemon.dispatcher.wait_final(item_id, wait) or item
+        item = await daemon.watch.wait_final(item_id, wait) or item
     return json_response(item_view(item))
 
 
@@ -211,7 +211,9 @@ async def retry(daemon: Daemon, item_id: str) -> Item:
         raise Conflict(f"{item.id} cannot be retried: a newer item with its messageId waits")
     if outcome == "not_final":
         raise Conflict(f"{item.id} is {item.state}; only failed or expired items are retried")
-    await daemon.dispatcher.recount()
+    ws = daemon.registry.find(item.workspace)
+    if ws is not None:
+        ws.wakeup.set()  # the store counted it queued as it committed
     return await _item_or_404(daemon, item.id)
 
 

@@ -1,4 +1,10 @@
-"""The one clock: wall time for stored timestamps and deadlines, so tests can move it."""
+"""The one clock, so tests can move it.
+
+Two readings: `now()` is wall time, for what is stored and compared across
+restarts (enqueue, expiry, not-before, finished times); `monotonic()` is for
+deadlines that live only in this process (claim leases), which a step of the
+system clock must not move.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ class Clock:
     def now(self) -> float:
         return time.time()
 
+    def monotonic(self) -> float:
+        return time.monotonic()
+
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
 
@@ -31,11 +40,20 @@ class ManualClock(Clock):
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self._now = start
+        self._wall_offset = 0.0  # how far the wall clock was stepped
         self._moved = asyncio.Condition()
         self._timers: list[_ManualTimer] = []
 
     def now(self) -> float:
+        return self._now + self._wall_offset
+
+    def monotonic(self) -> float:
         return self._now
+
+    def step_wall(self, seconds: float) -> None:
+        """Step the wall clock alone (an NTP correction, an operator's `date -s`):
+        sleepers, timers and monotonic deadlines do not move."""
+        self._wall_offset += seconds
 
     async def sleep(self, seconds: float) -> None:
         deadline = self._now + max(0.0, seconds)

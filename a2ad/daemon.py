@@ -12,17 +12,20 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from . import systemd
+from .agent_ids import AgentIds
 from .agent_urls import AgentResolver, refused_literal
 from .auth import Auth
 from .cards import Cards
 from .clock import Clock
 from .delivery import Dispatcher
+from .direct import DirectPath
 from .errors import StoreUnavailable
 from .liveness import Liveness
 from .metrics import Metrics
 from .settings import Settings, WorkspaceSettings
 from .store import Store, StoreLock
 from .upstream import Upstream
+from .watch import ResultWatch
 from .workspaces import Registry, Workspace
 
 log = logging.getLogger("a2ad")
@@ -45,7 +48,7 @@ class Daemon:
             synchronous=settings.store.synchronous,
             busy_timeout=settings.store.busy_timeout_seconds,
         )
-        self.registry = Registry(settings.liveness, self.clock)
+        self.registry = Registry(settings.liveness, self.clock, self.store.depths)
         for ws in settings.workspaces:
             self.registry.add(ws)
         self.auth = Auth(settings)
@@ -58,11 +61,22 @@ class Daemon:
             ),
         )
         self.metrics = Metrics(self.registry)
+        self.watch = ResultWatch(self.store, self.clock)
+        self.agent_ids = AgentIds(self.store)
+        self.direct = DirectPath(settings, self.store, self.upstream, self.clock, self.metrics)
         self.dispatcher = Dispatcher(
-            settings, self.store, self.registry, self.upstream, self.clock, metrics=self.metrics
+            settings,
+            self.store,
+            self.registry,
+            self.upstream,
+            self.clock,
+            metrics=self.metrics,
+            direct=self.direct,
+            watch=self.watch,
+            agent_ids=self.agent_ids,
         )
         self.liveness = Liveness(settings.liveness, self.registry, self.clock)
-        self.dispatcher.on_failure_signal = self.liveness.signal
+        self.direct.on_failure_signal = self.liveness.signal
         self._loops: list[asyncio.Task[None]] = []
         self._owns_lock = False
         self._data_version: int | None = None
@@ -162,7 +176,9 @@ class Daemon:
             existing.config = config
             existing.wakeup.set()
             return False
-        self.dispatcher.add_workspace(self.registry.add(config, from_config=False))
+        ws = self.registry.add(config, from_config=False)
+        await self.dispatcher.load_history([ws])
+        self.dispatcher.add_workspace(ws)
         return True
 
     async def unregister(self, ws: Workspace, *, purge: bool) -> int:

@@ -1,10 +1,12 @@
-"""The dispatcher: enqueue, triggers, claim, send, settle; and waiting for results.
+"""The dispatcher: enqueue, the pumps, claims, deliveries, backoff, leases, the sweep.
 
 Each workspace has one pump task. It sleeps until a trigger sets the
 workspace's wakeup event (a heartbeat with free slots, a request finishing,
 a sign of life after offline, new work) or until its next timer (end of a
-busy pause, a due not-before), then claims as many items as there are free
-slots and starts one delivery task per item.
+busy pause, a due not-before), then claims as many items as admission gives
+it slots for and starts one delivery task per item, each holding its slot.
+
+Queue counts are not kept here: the store changes them as it commits.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from . import a2a, logs
+from .admission import Slot
+from .agent_ids import AgentIds, agent_ids_in
 from .clock import Clock
-from .errors import QueueFull, StoreUnavailable
+from .direct import DirectPath
+from .errors import StoreUnavailable
 from .metrics import Metrics
 from .settings import Settings
 from .store import Enqueued, Item, NewItem, Store
-from .upstream import Answer, Opened, Outcome, Upstream, connection_failure, iter_sse
+from .upstream import Answer, Outcome, Upstream, connection_failure, iter_sse
+from .watch import ResultWatch
 from .workspaces import Registry, Workspace
 
 log = logging.getLogger("a2ad.delivery")
@@ -33,7 +37,7 @@ IDLE_RECHECK_SECONDS = 5.0  # a pump with queued items re-checks at least this o
 STORE_RETRY_SECONDS = 1.0
 
 
-def _about(item: Item) -> dict[str, Any]:
+def _about(item: Item) -> dict[str, object]:
     """Log fields naming an item and the request that brought it."""
     return logs.context(item.request_id, item.id, item.workspace)
 
@@ -46,6 +50,15 @@ class Queued:
     created: bool
     depth: int
     position: int
+
+
+@dataclass(slots=True)
+class _Claim:
+    """A claim this process holds, with its lease on the monotonic clock."""
+
+    token: str
+    lapses_at: float
+    running: bool = True  # renewed while its delivery runs
 
 
 def result_for(answer: Answer, max_result_bytes: int) -> bytes:
@@ -61,22 +74,6 @@ def result_for(answer: Answer, max_result_bytes: int) -> bytes:
     return answer.body
 
 
-def agent_ids_in(result: bytes, parsed: Any = None) -> tuple[str | None, str | None]:
-    """The agent's own task and context ids in its answer (`parsed`, when the
-    body was parsed already), when it made a Task."""
-    try:
-        answer = a2a.read_answer(json.loads(result) if parsed is None else parsed)
-    except (ValueError, RecursionError):
-        return None, None
-    if answer.kind != "task":
-        return None, None
-    task_id, context_id = answer.value.get("id"), answer.value.get("contextId")
-    return (
-        task_id if isinstance(task_id, str) else None,
-        context_id if isinstance(context_id, str) else None,
-    )
-
-
 class Dispatcher:
     """Moves queued items to agents, one pump per workspace."""
 
@@ -89,6 +86,9 @@ class Dispatcher:
         clock: Clock,
         *,
         metrics: Metrics,
+        direct: DirectPath,
+        watch: ResultWatch,
+        agent_ids: AgentIds,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -97,24 +97,33 @@ class Dispatcher:
         self.registry = registry
         self.upstream = upstream
         self.clock = clock
+        self.direct = direct
+        self.watch = watch
+        self.agent_ids = agent_ids
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
+        self._returning: set[asyncio.Task[None]] = set()  # claims handed back after a cancel
         self._wake_at: dict[str, float] = {}
-        self._claims: dict[str, str] = {}  # running deliveries: item id → claim token
+        self._claims: dict[str, _Claim] = {}  # item id → the claim this process holds
         self._lease_keeper: asyncio.Task[None] | None = None
         self._stopping = False
-        # Liveness listens here for refused connections, timeouts and long busy spells.
-        self.on_failure_signal: Callable[[Workspace, str], None] = lambda ws, reason: None
 
     # -- life --------------------------------------------------------------
 
     async def start(self) -> None:
         await self.recount()
+        await self.load_history(list(self.registry))
         for ws in self.registry:
             self.add_workspace(ws)
         self._lease_keeper = asyncio.create_task(self._keep_leases(), name="a2ad-leases")
+
+    async def load_history(self, workspaces: list[Workspace]) -> None:
+        """When each workspace last had an item delivered, for the replay check."""
+        last = await self.store.last_delivered([ws.id for ws in workspaces])
+        for ws in workspaces:
+            at = last.get(ws.id)
+            if at is not None and (ws.depth.last_replayable or 0.0) < at:
+                ws.depth.last_replayable = at
 
     def add_workspace(self, ws: Workspace) -> None:
         self._pumps[ws.id] = asyncio.create_task(self._pump(ws), name=f"a2ad-pump-{ws.id}")
@@ -124,15 +133,18 @@ class Dispatcher:
     async def remove_workspace(self, ws: Workspace) -> None:
         pump = self._pumps.pop(ws.id, None)
         if pump is not None:
-            pump.cancel()
+            pump.cancel()  # a claim it was waiting for is handed back (_fill)
             await asyncio.gather(pump, return_exceptions=True)
+        await self._claims_returned()
         self._wake_at.pop(ws.id, None)
         self.metrics.forget(ws.id)
 
     def stop_claiming(self) -> None:
+        """No new claims. Pumps are woken to end, not cancelled: a claim in the
+        writer would commit with no one to deliver it."""
         self._stopping = True
-        for pump in self._pumps.values():
-            pump.cancel()
+        for ws in self.registry:
+            ws.wakeup.set()
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; let deliveries finish for `grace` seconds, then hand them back."""
@@ -145,20 +157,16 @@ class Dispatcher:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self._claims_returned()
         if self._lease_keeper is not None:
             self._lease_keeper.cancel()
             await asyncio.gather(self._lease_keeper, return_exceptions=True)
 
-    # -- counters ----------------------------------------------------------
-
     async def recount(self) -> None:
-        """Set every workspace's counters from the store (start-up, CLI writes)."""
-        queued = await self.store.queued_by_priority()
-        counts = await self.store.counts()
-        latest = await self.store.last_enqueued()
+        """Set the queue counts from the store, in the writer's order (at start-up,
+        and after another process, the queue CLI, wrote to it)."""
+        await self.store.recount(now=self.clock.now())
         for ws in self.registry:
-            ws.last_queued_at = latest.get(ws.id)
-            ws.set_counts(queued.get(ws.id, {}), counts.get(ws.id, {}).get("dispatching", 0))
             ws.wakeup.set()
 
     # -- enqueue -------------------------------------------------------------
@@ -166,242 +174,44 @@ class Dispatcher:
     async def enqueue(self, ws: Workspace, new: NewItem) -> Queued:
         """Store one item durably (the caller answers 202 only after this returns)."""
         q = self.queue_settings
-        if ws.queued_total + ws.dispatching >= q.max_depth_per_workspace:
-            raise QueueFull(
-                f"workspace {ws.id!r} has {q.max_depth_per_workspace} items waiting"
-                " (queue.max_depth_per_workspace); try again later",
-                retry_after=5,
-            )
-        if self.registry.totals.live >= q.max_depth:
-            raise QueueFull(
-                f"a2ad holds {q.max_depth} items (queue.max_depth); try again later", retry_after=5
-            )
-        # Counted before the write, so concurrent sends cannot overshoot a cap,
-        # and each learns its place in the order the store will commit them.
-        ws.add_queued(new.priority, 1)
-        depth = ws.queued_total
-        position = sum(n for p, n in ws.queued.items() if p >= new.priority)
+        admission = ws.admission
+        admission.begin_enqueue(
+            self.registry.depths, max_per_workspace=q.max_depth_per_workspace, max_total=q.max_depth
+        )
         try:
             write = self.store.submit_enqueue(
                 new, now=self.clock.now(), replay_window=q.replay_window_seconds
             )
-            done: Enqueued = await asyncio.shield(write)
-        except asyncio.CancelledError:  # only the await is cancelled: `write` exists
-            # The caller left, but the write goes on and may commit: count the item
-            # by what the store did, or the pump would not know it waits.
-            write.add_done_callback(lambda w: self._count_enqueued(ws, new.priority, w))
-            raise
         except BaseException:
-            ws.add_queued(new.priority, -1)
+            admission.end_enqueue()
             raise
-        self._count_enqueued(ws, new.priority, write)
+        # The store counts the item when it commits; until then admission counts it
+        # waiting, so no later send overtakes it. Settled by the write itself: a
+        # caller that leaves does not stop the write.
+        write.add_done_callback(lambda w: self._enqueue_done(ws, w))
+        done: Enqueued = await asyncio.shield(write)
+        depth = ws.depth
         if not done.created:
-            depth, position = ws.queued_total, 0
-        return Queued(done.item, done.created, depth, position)
+            return Queued(done.item, False, depth.queued_total, 0)
+        position = sum(n for p, n in depth.queued.items() if p >= new.priority)
+        return Queued(done.item, True, depth.queued_total, position)
 
-    def _count_enqueued(
-        self, ws: Workspace, priority: int, write: asyncio.Future[Enqueued]
-    ) -> None:
-        """Settle the count taken before an enqueue's write by what the write did."""
-        failed = write.cancelled() or write.exception() is not None
-        if failed or not write.result().created:
-            ws.add_queued(priority, -1)
-        else:
-            ws.last_queued_at = self.clock.now()
+    def _enqueue_done(self, ws: Workspace, write: asyncio.Future[Enqueued]) -> None:
+        ws.admission.end_enqueue()
+        if not write.cancelled() and write.exception() is None and write.result().created:
             self.metrics.of(ws.id).enqueued.inc()
-        ws.wakeup.set()
-
-    # -- the agent's ids ---------------------------------------------------------
-
-    async def agent_ids(self, body: Any, caller: str) -> dict[str, Any] | None:
-        """The request with queue ids, and the context ids a2ad made, replaced by the
-        agent's own ids; None when nothing names them. Only the caller's own items."""
-        params = body.get("params") if isinstance(body, dict) else None
-        if not isinstance(params, dict):
-            return None
-        new_params = dict(params)
-        message = params.get("message")
-        new_message = dict(message) if isinstance(message, dict) else None
-        changed = False
-        for holder in (new_params, new_message):
-            if holder is None:
-                continue
-            for key in ("id", "taskId", "contextId"):
-                value = holder.get(key)
-                if not isinstance(value, str):
-                    continue
-                if key == "contextId" and value.startswith(a2a.CONTEXT_PREFIX):
-                    mapped = await self.store.agent_context(value, caller)
-                elif key != "contextId" and value.startswith("q-"):
-                    item = await self.store.get(value)
-                    ok = item is not None and item.caller == caller
-                    mapped = item.agent_task_id if ok and item is not None else None
-                else:
-                    continue
-                if mapped:
-                    holder[key] = mapped
-                    changed = True
-        if not changed:
-            return None
-        if new_message is not None:
-            new_params["message"] = new_message
-        return {**body, "params": new_params}
-
-    async def body_for_agent(self, raw: bytes, caller: str, body: Any = None) -> bytes:
-        """`raw`, unless it names ids the agent knows by other names (stored bodies
-        are never rewritten; this is what goes on the wire)."""
-        if not a2a.may_name_a2ad_ids(raw):
-            return raw  # nothing to look up or parse
-        rewritten = await self.agent_ids(json.loads(raw) if body is None else body, caller)
-        return raw if rewritten is None else json.dumps(rewritten).encode()
-
-    # -- what answers tell -------------------------------------------------------
-
-    def observe(self, ws: Workspace, answer: Answer, now: float | None = None) -> None:
-        """Learn from an agent's answer: a busy pause, a sign of life, a failure signal."""
-        if now is None:
-            now = self.clock.now()
-        if answer.outcome is Outcome.BUSY:
-            self.metrics.of(ws.id).busy.inc()
-            ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
-            window = self.settings.liveness.debounce_window_seconds
-            if ws.busy_since is not None and now - ws.busy_since > window:
-                self.on_failure_signal(ws, f"busy for over {window:g} s")
-        elif answer.reached_agent:
-            ws.note_answer(now)
-        if answer.refused or answer.timed_out:
-            self.on_failure_signal(ws, answer.error or "no answer")
-
-    # -- the direct path -------------------------------------------------------
-
-    def may_replay(self, ws: Workspace) -> bool:
-        """Could a send to `ws` repeat a messageId that went through the queue within
-        the replay window? Only then does `seen_before` need the store; the fast
-        path pays nothing while the workspace has queued nothing within the window."""
-        last = ws.last_queued_at
-        window = self.queue_settings.replay_window_seconds
-        return bool(ws.dispatching) or (last is not None and self.clock.now() - last <= window)
-
-    async def seen_before(self, ws: Workspace, caller: str, message_id: str | None) -> bool:
-        """Does this messageId belong to an item that is live, or was delivered within
-        the replay window? Then the send takes the queue path, which answers for it
-        instead of delivering it again."""
-        if message_id is None or not self.may_replay(ws):
-            return False
-        item = await self.store.find_message(ws.id, caller, message_id)
-        if item is None:
-            return False
-        if item.state in ("queued", "dispatching"):
-            return True
-        window = self.queue_settings.replay_window_seconds
-        return item.state == "delivered" and (
-            item.finished_at is not None and self.clock.now() - item.finished_at <= window
-        )
-
-    async def send_direct(self, ws: Workspace, body: bytes, headers: Mapping[str, str]) -> Answer:
-        """Forward a message send in a slot of its own, free again when it returns."""
-        ws.in_flight += 1
-        try:
-            started = self.clock.now()
-            answer = await self.upstream.send(ws.config, body, headers)
-            ended = self.clock.now()
-            self.metrics.of(ws.id).proxy[answer.outcome].observe(ended - started)
-            self.observe(ws, answer, ended)
-            return answer
-        finally:
-            self._slot_freed(ws)
-
-    @contextlib.asynccontextmanager
-    async def open_direct(
-        self, ws: Workspace, body: bytes, headers: Mapping[str, str]
-    ) -> AsyncIterator[Opened]:
-        """Forward a streaming send in a slot of its own. The slot is held while the
-        block runs (the relayed stream) and is free again, at once, when it ends."""
-        ws.in_flight += 1
-        opened: Opened | None = None
-        try:
-            started = self.clock.now()
-            opened = await self.upstream.open(ws.config, body, headers)
-            ended = self.clock.now()
-            outcome = Outcome.FINAL if opened.answer is None else opened.answer.outcome
-            self.metrics.of(ws.id).proxy[outcome].observe(ended - started)
-            if opened.answer is not None:
-                self.observe(ws, opened.answer, ended)
-            else:
-                ws.note_answer(ended)
-            yield opened
-        finally:
-            if opened is not None and opened.stream is not None:
-                opened.stream.release()
-            self._slot_freed(ws)
-
-    def _slot_freed(self, ws: Workspace) -> None:
-        ws.in_flight -= 1
-        if ws.queued_total:
-            ws.wakeup.set()  # a slot freed for the items that wait
-
-    # -- results -------------------------------------------------------------
 
     async def cancel(self, item: Item) -> bool:
         """A queued item → cancelled, never delivered; False when it is not queued."""
         if item.state != "queued" or not await self.store.cancel(item.id, now=self.clock.now()):
             return False
-        ws = self.registry.find(item.workspace)
-        if ws is not None:
-            ws.add_queued(item.priority, -1)
-        self.notify(item.id)
+        self.watch.notify(item.id)
         return True
-
-    def notify(self, item_id: str) -> None:
-        """The item is final: wake its waiters and end its streams."""
-        for future in self._waiters.pop(item_id, ()):
-            if not future.done():
-                future.set_result(None)
-        for queue in self._subscribers.get(item_id, ()):
-            queue.put_nowait(None)
-
-    def subscribe(self, item_id: str) -> asyncio.Queue[dict[str, Any] | None]:
-        """Events of the item's one Task (v0.3 shape), then None when it is final."""
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self._subscribers.setdefault(item_id, set()).add(queue)
-        return queue
-
-    def unsubscribe(self, item_id: str, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
-        queues = self._subscribers.get(item_id)
-        if queues is not None:
-            queues.discard(queue)
-            if not queues:
-                del self._subscribers[item_id]
-
-    def publish(self, item_id: str, event: dict[str, Any]) -> None:
-        for queue in self._subscribers.get(item_id, ()):
-            queue.put_nowait(event)
-
-    async def wait_final(self, item_id: str, seconds: float) -> Item | None:
-        """The item, once final or after `seconds` (None if it does not exist)."""
-        deadline = self.clock.now() + seconds
-        while True:
-            # Listen before reading, so a settle between the two is not missed.
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            waiters = self._waiters.setdefault(item_id, set())
-            waiters.add(future)
-            try:
-                item = await self.store.get(item_id)
-                remaining = deadline - self.clock.now()
-                if item is None or item.is_final or remaining <= 0:
-                    return item
-                # Re-read at least once a second: the queue CLI may settle it.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(future, min(remaining, 1.0))
-            finally:
-                waiters.discard(future)
-                if not waiters and self._waiters.get(item_id) is waiters:
-                    del self._waiters[item_id]
 
     # -- the pump ------------------------------------------------------------
 
     async def _pump(self, ws: Workspace) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._sleep_until_trigger(ws)
                 ws.wakeup.clear()
@@ -422,8 +232,11 @@ class Dispatcher:
         timers = [self._wake_at.get(ws.id, now + IDLE_RECHECK_SECONDS)]
         if ws.paused(now):
             timers.append(ws.paused_until)
+        due = ws.depth.next_due(now)
+        if due is not None:
+            timers.append(due)
         delay = max(0.0, min(timers) - now)
-        if ws.queued_total == 0 and not ws.paused(now):
+        if ws.depth.queued_total == 0 and not ws.paused(now):
             delay = IDLE_RECHECK_SECONDS * 12
         # A timer that sets the same event: no task per wait on the hot path.
         timer = self.clock.call_later(delay, ws.wakeup.set)
@@ -435,146 +248,160 @@ class Dispatcher:
     async def _fill(self, ws: Workspace) -> None:
         """Claim while slots are free and items are due."""
         self._wake_at.pop(ws.id, None)
+        admission = ws.admission
         while not self._stopping:
             now = self.clock.now()
-            if ws.queued_total <= 0 or not ws.can_deliver(now):
+            reserved = admission.reserve(now)
+            if not reserved:
                 return
-            slots = ws.free_slots(now)
-            ws.in_flight += slots  # reserved while the claim runs
+            claim = self.store.submit_claim(
+                ws.id,
+                now=now,
+                lease_seconds=self.queue_settings.lease_seconds,
+                promote_after=self.queue_settings.promote_after_seconds,
+                limit=reserved,
+            )
             try:
-                items = await self.store.claim(
-                    ws.id,
-                    now=now,
-                    lease_seconds=self.queue_settings.lease_seconds,
-                    promote_after=self.queue_settings.promote_after_seconds,
-                    limit=slots,
-                )
-            finally:
-                ws.in_flight -= slots
-            for item in items:
-                self._start_delivery(ws, item)
-            if len(items) < slots:
-                await self._plan_next(ws, now)
+                items = await asyncio.shield(claim)
+            except BaseException as exc:
+                admission.claimed(reserved, 0)
+                if isinstance(exc, asyncio.CancelledError):
+                    # The claim commits all the same: hand back what it took.
+                    claim.add_done_callback(self._return_orphaned_claim)
+                raise
+            slots = admission.claimed(reserved, len(items))
+            if self._stopping:
+                for slot in slots:
+                    slot.release()
+                await self._hand_back_unsent(items)
+                return
+            for item, slot in zip(items, slots, strict=True):
+                self._start_delivery(ws, item, slot)
+            if len(items) < reserved:
                 return
 
-    async def _plan_next(self, ws: Workspace, now: float) -> None:
-        """Nothing more is due now: wake at the next not-before, or recount."""
-        due = await self.store.next_due(ws.id, now=now)
-        if due is not None:
-            self._wake_at[ws.id] = due
-        elif ws.queued_total > 0:
-            # The counters say items wait but none is due and none is in
-            # backoff: another process changed the store. Trust the store.
-            queued = await self.store.queued_by_priority()
-            ws.set_counts(queued.get(ws.id, {}), ws.dispatching)
+    def _return_orphaned_claim(self, claim: asyncio.Future[list[Item]]) -> None:
+        if claim.cancelled() or claim.exception() is not None or not claim.result():
+            return
+        task = asyncio.ensure_future(self._hand_back_unsent(claim.result()))
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+
+    async def _hand_back_unsent(self, items: list[Item]) -> None:
+        """Claimed items never sent go back as they were: no attempt used."""
+        now = self.clock.now()
+        for item in items:
+            assert item.claim_token is not None
+            with contextlib.suppress(StoreUnavailable):  # else recovered at the next start
+                await self.store.hand_back(item.id, item.claim_token, now=now)
+
+    async def _claims_returned(self) -> None:
+        while self._returning:
+            await asyncio.gather(*self._returning, return_exceptions=True)
 
     # -- one delivery --------------------------------------------------------
 
-    def _start_delivery(self, ws: Workspace, item: Item) -> None:
-        ws.in_flight += 1
-        ws.add_queued(item.priority, -1)
-        ws.add_dispatching(1)
-        if self._subscribers.get(item.id):
+    def _start_delivery(self, ws: Workspace, item: Item, slot: Slot) -> None:
+        assert item.claim_token is not None
+        lapses_at = self.clock.monotonic() + self.queue_settings.lease_seconds
+        self._claims[item.id] = _Claim(item.claim_token, lapses_at)
+        if self.watch.watched(item.id):
             event = a2a.status_event(item.id, item.context_id or "", "working", at=self.clock.now())
-            self.publish(item.id, event)
-        task = asyncio.create_task(self._deliver(ws, item), name=f"a2ad-deliver-{item.id}")
+            self.watch.publish(item.id, event)
+        task = asyncio.create_task(self._deliver(ws, item, slot), name=f"a2ad-deliver-{item.id}")
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
 
-    async def _deliver(self, ws: Workspace, item: Item) -> None:
+    async def _deliver(self, ws: Workspace, item: Item, slot: Slot) -> None:
         token = item.claim_token
         assert token is not None
-        slot_held = True
-
-        def free_slot() -> None:
-            nonlocal slot_held
-            if slot_held:
-                slot_held = False
-                ws.in_flight -= 1
-                ws.wakeup.set()  # a slot freed: the next item goes now
-
-        self._claims[item.id] = token  # the lease keeper renews it while we work
+        recorded = False  # the outcome is in the store: the claim is over
         try:
-            headers = dict(item.headers)
-            headers.setdefault("Content-Type", "application/json")
-            if item.request_id:
-                headers["X-Request-Id"] = item.request_id
-            body = await self.body_for_agent(item.body, item.caller)
-            started = self.clock.now()
-            if item.method in a2a.STREAM_METHODS:
-                answer = await self._send_stream(ws, item, body, headers)
-            else:
-                answer = await self.upstream.send(ws.config, body, headers)
-            self._claims.pop(item.id, None)
-            now = self.clock.now()
-            metrics = self.metrics.of(ws.id)
-            metrics.delivery[answer.outcome].observe(now - started)
-            # Before the slot frees, so the wakeup finds a busy pause in place.
-            self.observe(ws, answer)
-            free_slot()
-            if answer.outcome is Outcome.BUSY:
-                log.info(
-                    "item %s: %s; workspace %s paused until %s",
-                    item.id,
-                    answer.error,
-                    ws.id,
-                    a2a.timestamp(ws.paused_until),
-                    extra=_about(item),
-                )
-                await self._settle_back(
-                    ws, item, token, now=now, busy=True, last_error=answer.error
-                )
-                return
-            if answer.outcome is Outcome.FAILURE:
-                await self._failed_attempt(ws, item, token, answer, now)
-                return
-            result = result_for(answer, self.upstream.max_result_bytes)
-            task_id, context_id = agent_ids_in(result, answer.parsed)
-            settled = await self.store.settle(
-                item.id,
-                token,
-                state="delivered",
-                now=now,
-                result=result,
-                agent_task_id=task_id,
-                agent_context_id=context_id,
-                last_error=answer.error,
-            )
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "item %s delivered to %s (HTTP %s; request %s)",
-                    item.id,
-                    ws.id,
-                    answer.status,
-                    item.request_id,
-                    extra=_about(item),
-                )
-            if settled:  # else the sweeper took it back: it is counted when delivered again
-                metrics.delivered.inc()
-                metrics.wait.observe(started - item.enqueued_at)
-            self._settled(ws, item)
+            with slot:
+                headers = dict(item.headers)
+                headers.setdefault("Content-Type", "application/json")
+                if item.request_id:
+                    headers["X-Request-Id"] = item.request_id
+                body = await self.agent_ids.body_for_agent(item.body, item.caller, item.workspace)
+                started = self.clock.now()
+                if item.method in a2a.STREAM_METHODS:
+                    answer = await self._send_stream(ws, item, body, headers)
+                else:
+                    answer = await self.upstream.send(ws.config, body, headers)
+                now = self.clock.now()
+                self.metrics.of(ws.id).delivery[answer.outcome].observe(now - started)
+                # Before the slot frees, so the wakeup finds a busy pause in place.
+                self.direct.observe(ws, answer)
+            await self._record(ws, item, token, answer, started, now)
+            recorded = True
         except asyncio.CancelledError:
             # Shutdown past the grace period: hand it back without using an attempt.
-            free_slot()
             with contextlib.suppress(Exception):
                 await asyncio.shield(
                     self._settle_back(
                         ws, item, token, now=self.clock.now(), last_error="a2ad shut down"
                     )
                 )
+            recorded = True
             raise
         except StoreUnavailable as exc:
             # The answer could not be recorded: the lease runs out and the
-            # sweeper hands the item back, so it is delivered again later.
+            # sweep hands the item back, so it is delivered again later.
             log.error(
                 "item %s: cannot record the outcome: %s", item.id, exc.message, extra=_about(item)
             )
-            free_slot()
         except Exception:
             log.exception("item %s: delivery error", item.id, extra=_about(item))
-            free_slot()
         finally:
-            self._claims.pop(item.id, None)
+            claim = self._claims.get(item.id)
+            if recorded:
+                self._claims.pop(item.id, None)
+            elif claim is not None:
+                claim.running = False  # no renewals: it lapses and the sweep takes it
+
+    async def _record(
+        self, ws: Workspace, item: Item, token: str, answer: Answer, started: float, now: float
+    ) -> None:
+        if answer.outcome is Outcome.BUSY:
+            log.info(
+                "item %s: %s; workspace %s paused until %s",
+                item.id,
+                answer.error,
+                ws.id,
+                a2a.timestamp(ws.paused_until),
+                extra=_about(item),
+            )
+            await self._settle_back(ws, item, token, now=now, busy=True, last_error=answer.error)
+            return
+        if answer.outcome is Outcome.FAILURE:
+            await self._failed_attempt(ws, item, token, answer, now)
+            return
+        result = result_for(answer, self.upstream.max_result_bytes)
+        task_id, context_id = agent_ids_in(result, answer.parsed)
+        settled = await self.store.settle(
+            item.id,
+            token,
+            state="delivered",
+            now=now,
+            result=result,
+            agent_task_id=task_id,
+            agent_context_id=context_id,
+            last_error=answer.error,
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "item %s delivered to %s (HTTP %s; request %s)",
+                item.id,
+                ws.id,
+                answer.status,
+                item.request_id,
+                extra=_about(item),
+            )
+        if settled:  # else the sweep took it back: it is counted when delivered again
+            metrics = self.metrics.of(ws.id)
+            metrics.delivered.inc()
+            metrics.wait.observe(started - item.enqueued_at)
+        self.watch.notify(item.id)
 
     async def _failed_attempt(
         self, ws: Workspace, item: Item, token: str, answer: Answer, now: float
@@ -594,7 +421,7 @@ class Dispatcher:
                 answer.error,
                 extra=_about(item),
             )
-            self._settled(ws, item)
+            self.watch.notify(item.id)
             return
         delay = self.backoff(attempts)
         log.info(
@@ -640,7 +467,7 @@ class Dispatcher:
                     continue
                 assembler.add(event)
                 for relabelled in a2a.relabel(event, item.id, context_id, at=self.clock.now()):
-                    self.publish(item.id, relabelled)
+                    self.watch.publish(item.id, relabelled)
         except Exception as exc:
             return connection_failure(exc, ws.config.request_timeout_seconds)
         finally:
@@ -672,7 +499,7 @@ class Dispatcher:
         busy: bool = False,
         last_error: str | None = None,
     ) -> None:
-        if await self.store.hand_back(
+        await self.store.hand_back(
             item.id,
             token,
             now=now,
@@ -680,16 +507,10 @@ class Dispatcher:
             attempt_used=attempt_used,
             busy=busy,
             last_error=last_error,
-        ):
-            ws.add_queued(item.priority, 1)
-        ws.add_dispatching(-1)
-        if not_before:
-            self._wake_at[ws.id] = min(self._wake_at.get(ws.id, not_before), not_before)
-        ws.wakeup.set()
+        )
+        ws.wakeup.set()  # the pump plans its next wake (a pause, a backoff) anew
 
-    def _settled(self, ws: Workspace, item: Item) -> None:
-        ws.add_dispatching(-1)
-        self.notify(item.id)
+    # -- leases ----------------------------------------------------------------
 
     async def _keep_leases(self) -> None:
         """Renew every running delivery's lease each lease_seconds / 3, all in one
@@ -697,30 +518,47 @@ class Dispatcher:
         lease = self.queue_settings.lease_seconds
         while True:
             await self.clock.sleep(lease / 3)
-            if not self._claims:
+            running = {i: c.token for i, c in self._claims.items() if c.running}
+            if not running:
                 continue
-            now = self.clock.now()
+            renewed_at = self.clock.monotonic()
             try:
-                lost = await self.store.renew(dict(self._claims), lease_until=now + lease, now=now)
+                lost = await self.store.renew(
+                    running, lease_until=self.clock.now() + lease, now=self.clock.now()
+                )
             except StoreUnavailable as exc:
                 log.warning("cannot renew leases: %s", exc.message)
                 continue
             except Exception:
                 log.exception("lease renewal failed; continuing")
                 continue
-            for item_id in lost:
-                log.warning("item %s: claim lost while delivering", item_id)
-                self._claims.pop(item_id, None)
+            for item_id in running:
+                claim = self._claims.get(item_id)
+                if claim is None:
+                    continue
+                if item_id in lost:
+                    log.warning("item %s: claim lost while delivering", item_id)
+                    self._claims.pop(item_id, None)
+                else:
+                    claim.lapses_at = renewed_at + lease
 
     # -- housekeeping ---------------------------------------------------------
 
     async def sweep(self) -> None:
-        """Expire due items and return items with lapsed leases (once a second)."""
+        """Expire due items and return claims whose lease lapsed (once a second).
+        Leases are timed on the monotonic clock: a step of the wall clock does
+        not take running deliveries for dead ones."""
         now = self.clock.now()
         expired = await self.store.expire_due(now=now)
-        swept = await self.store.sweep_leases(
-            now=now, max_attempts=self.queue_settings.max_attempts
-        )
+        mono = self.clock.monotonic()
+        lapsed = {i: c.token for i, c in self._claims.items() if c.lapses_at < mono}
+        swept = []
+        if lapsed:
+            swept = await self.store.release_claims(
+                lapsed, now=now, max_attempts=self.queue_settings.max_attempts
+            )
+            for item_id in lapsed:
+                self._claims.pop(item_id, None)
         for released in expired:
             log.info(
                 "item %s expired before delivery",
@@ -728,7 +566,7 @@ class Dispatcher:
                 extra=logs.context(item=released.id, workspace=released.workspace),
             )
             self.metrics.of(released.workspace).expired.inc()
-            self.notify(released.id)
+            self.watch.notify(released.id)
         for released in swept:
             log.warning(
                 "item %s: lease expired; now %s",
@@ -738,6 +576,7 @@ class Dispatcher:
             )
             if released.state == "failed":
                 self.metrics.of(released.workspace).failed.inc()
-            self.notify(released.id)
-        if expired or swept:
-            await self.recount()
+            self.watch.notify(released.id)
+            ws = self.registry.find(released.workspace)
+            if ws is not None:
+                ws.wakeup.set()

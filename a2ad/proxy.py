@@ -146,14 +146,17 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         return await _send_message(request, daemon, ws, rpc, raw, body, caller, protocol)
     if is_queue_id(rpc.task_id):
         if rpc.method in a2a.GET_TASK_METHODS:
-            return await _get_task(request, daemon, rpc, caller, protocol)
+            return await _get_task(request, daemon, ws, rpc, caller, protocol)
         if rpc.method in a2a.CANCEL_TASK_METHODS:
             return await _cancel_task(request, daemon, ws, rpc, caller, protocol)
         if rpc.method in a2a.SUBSCRIBE_METHODS:
-            item = await _find_item(daemon, rpc.task_id or "", caller)
+            item = await _find_item(daemon, ws, rpc.task_id or "", caller)
             if item is None:
                 return _task_not_found(rpc)
             return await _item_stream(request, daemon, item, rpc, protocol)
+    unknown = await _unknown_queue_id(daemon, ws, rpc, caller)
+    if unknown is not None:
+        return _task_not_found(rpc, unknown)
     return await _forward(request, daemon, ws, rpc, body, raw, caller)
 
 
@@ -171,22 +174,27 @@ async def _send_message(
     request_id = request[REQUEST_ID]
     now = daemon.clock.now()
     busy_answers = 0
-    dispatcher = daemon.dispatcher
-    if ws.goes_direct(now) and not (
-        dispatcher.may_replay(ws) and await dispatcher.seen_before(ws, caller, rpc.message_id)
-    ):
-        headers = forwarded_headers(request.headers, request_id)
-        outgoing = raw
-        if a2a.may_name_a2ad_ids(raw):
-            outgoing = await dispatcher.body_for_agent(raw, caller, body)
-        if rpc.is_stream:
-            async with dispatcher.open_direct(ws, outgoing, headers) as opened:
-                if opened.stream is not None:
-                    return await _relay_stream(request, opened.stream, ws)
-                answer = opened.answer
-                assert answer is not None
-        else:
-            answer = await dispatcher.send_direct(ws, outgoing, headers)
+    answer: Answer | None = None
+    # Admission decides and takes the slot in one step; the slot is held across
+    # every await below and returned on every path, cancellation included.
+    slot = ws.admission.try_direct(now)
+    if slot is not None:
+        with slot:
+            direct = daemon.direct
+            if not (direct.may_replay(ws) and await direct.seen_before(ws, caller, rpc.message_id)):
+                headers = forwarded_headers(request.headers, request_id)
+                outgoing = raw
+                if a2a.may_name_a2ad_ids(raw):
+                    outgoing = await daemon.agent_ids.body_for_agent(raw, caller, ws.id, body)
+                if rpc.is_stream:
+                    async with direct.open(ws, slot, outgoing, headers) as opened:
+                        if opened.stream is not None:
+                            return await _relay_stream(request, opened.stream, ws)
+                        answer = opened.answer
+                        assert answer is not None
+                else:
+                    answer = await direct.send(ws, slot, outgoing, headers)
+    if answer is not None:
         if answer.outcome is Outcome.FINAL:
             return relay(answer)
         if answer.outcome is Outcome.FAILURE:
@@ -298,8 +306,7 @@ async def _item_stream(
     delivery starts, the agent's events under the queue id, and a final
     status-update if it fails, expires or is cancelled. A caller that leaves
     loses nothing: delivery goes on and the result is kept."""
-    dispatcher = daemon.dispatcher
-    events = dispatcher.subscribe(item.id)
+    events = daemon.watch.subscribe(item.id)
     try:
         # Read again after subscribing, so no change falls between the two.
         item = await daemon.store.get(item.id) or item
@@ -333,7 +340,7 @@ async def _item_stream(
     except ConnectionResetError:
         log.info("request %s: the caller left the stream of %s", request[REQUEST_ID], item.id)
     finally:
-        dispatcher.unsubscribe(item.id, events)
+        daemon.watch.unsubscribe(item.id, events)
     return response
 
 
@@ -368,25 +375,49 @@ def _replay(item: Item, rpc: a2a.RpcRequest) -> web.Response:
     return json_response(stored)
 
 
-async def _find_item(daemon: Daemon, item_id: str, caller: str) -> Item | None:
+async def _find_item(daemon: Daemon, ws: Workspace, item_id: str, caller: str) -> Item | None:
+    """The caller's item queued for `ws`. Another workspace's item reads as no item,
+    as another caller's does: a queue id is a task of one agent, and acting on it
+    through another workspace's URL would send that agent's task id to the wrong
+    agent (or cancel the item from a URL that does not lead to it)."""
     item = await daemon.store.get(item_id)
-    if item is None or (not daemon.auth.proxy_open and item.caller != caller):
+    if item is None or item.workspace != ws.id:
+        return None
+    if not daemon.auth.proxy_open and item.caller != caller:
         return None
     return item
 
 
-def _task_not_found(rpc: a2a.RpcRequest) -> web.Response:
-    return json_response(a2a.rpc_error(rpc.id, a2a.TASK_NOT_FOUND, f"task {rpc.task_id} not found"))
+async def _unknown_queue_id(
+    daemon: Daemon, ws: Workspace, rpc: a2a.RpcRequest, caller: str
+) -> str | None:
+    """A queue id a forwarded request names (where `body_for_agent` swaps it for the
+    agent's task id) that is not the caller's item of `ws`, or None."""
+    message = rpc.params.get("message")
+    for holder in (rpc.params, message if isinstance(message, dict) else {}):
+        for key in ("id", "taskId"):
+            value = holder.get(key)
+            if not isinstance(value, str) or not is_queue_id(value):
+                continue
+            if await _find_item(daemon, ws, value, caller) is None:
+                return value
+    return None
+
+
+def _task_not_found(rpc: a2a.RpcRequest, task_id: str | None = None) -> web.Response:
+    named = task_id or rpc.task_id
+    return json_response(a2a.rpc_error(rpc.id, a2a.TASK_NOT_FOUND, f"task {named} not found"))
 
 
 async def _get_task(
     request: web.Request,
     daemon: Daemon,
+    ws: Workspace,
     rpc: a2a.RpcRequest,
     caller: str,
     protocol: a2a.Protocol,
 ) -> web.Response:
-    item = await _find_item(daemon, rpc.task_id or "", caller)
+    item = await _find_item(daemon, ws, rpc.task_id or "", caller)
     if item is None:
         return _task_not_found(rpc)
     task = item_task(item, protocol)
@@ -410,10 +441,16 @@ async def _refreshed(
     body = json.dumps({"jsonrpc": "2.0", "id": rpc.id, "method": rpc.method, "params": params})
     headers = forwarded_headers(request.headers, request[REQUEST_ID])
     answer = await daemon.upstream.send(ws.config, body.encode(), headers)
-    if answer.outcome is not Outcome.FINAL or answer.too_large:
+    # Only a JSON-RPC result that is this task's Task replaces the stored one. Any
+    # other answer (an error page, a JSON-RPC error, no answer, another task) tells
+    # nothing new, and the caller gets the Task a2ad holds rather than a 5xx.
+    # `parsed` is set only for a 2xx JSON-RPC response that fits max_result_bytes.
+    if answer.outcome is not Outcome.FINAL or answer.parsed is None:
         return None
-    result = json.loads(answer.body).get("result")
-    if not isinstance(result, dict) or not isinstance(result.get("status"), dict):
+    result = answer.parsed.get("result")
+    if not isinstance(result, dict) or result.get("id") != item.agent_task_id:
+        return None
+    if not isinstance(result.get("status"), dict):
         return None
     return as_queue_task(item, result, protocol)
 
@@ -426,7 +463,7 @@ async def _cancel_task(
     caller: str,
     protocol: a2a.Protocol,
 ) -> web.StreamResponse:
-    item = await _find_item(daemon, rpc.task_id or "", caller)
+    item = await _find_item(daemon, ws, rpc.task_id or "", caller)
     if item is None:
         return _task_not_found(rpc)
     if await daemon.dispatcher.cancel(item):
@@ -439,6 +476,8 @@ async def _cancel_task(
             "method": rpc.method,
             "params": {**rpc.params, "id": item.agent_task_id},
         }
+        # `ws` is the item's own workspace (`_find_item` returns no other), so this
+        # reaches the agent that knows `agent_task_id`.
         return await _forward(request, daemon, ws, rpc, body, None, caller)
     if item.state in ("queued", "dispatching"):
         return json_response(
@@ -461,7 +500,7 @@ async def _forward(
     """Any other method goes straight to the agent, queue ids swapped for the agent's."""
     if raw is None:
         raw = json.dumps(body).encode()
-    raw = await daemon.dispatcher.body_for_agent(raw, caller, body)
+    raw = await daemon.agent_ids.body_for_agent(raw, caller, ws.id, body)
     answer = await daemon.upstream.send(
         ws.config,
         raw,

@@ -8,14 +8,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
+from .admission import Admission, Enqueuing
 from .clock import Clock
 from .errors import UnknownWorkspace
 from .settings import LivenessSettings, WorkspaceSettings
+from .store import Depths
 
 log = logging.getLogger("a2ad.workspaces")
-
-BUSY_PAUSE_FIRST = 0.5
-BUSY_PAUSE_MAX = 30.0
 
 
 class State(StrEnum):
@@ -29,13 +28,6 @@ class State(StrEnum):
 
 # States in which a message send may go straight to the agent (if a slot is free).
 DELIVERABLE = frozenset({State.UNKNOWN, State.ONLINE})
-
-
-@dataclass(slots=True)
-class Totals:
-    """Counts over every workspace, kept in step so caps cost O(1) per send."""
-
-    live: int = 0  # queued + dispatching
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,52 +49,61 @@ class Workspace:
         clock: Clock,
         *,
         from_config: bool = True,
-        totals: Totals | None = None,
+        depths: Depths | None = None,
+        enqueuing: Enqueuing | None = None,
     ):
         self.config = config
         self.from_config = from_config  # a2ad.toml's workspaces are read-only at run time
         self._liveness = liveness
         self._clock = clock
         self.state = State.UNKNOWN
-        self.in_flight = 0  # a2ad's own message requests to the agent, direct or queued
         self.heartbeat: Heartbeat | None = None
         self.last_sign_of_life: float | None = None
-        self.paused_until = 0.0
-        self.busy_streak = 0
-        self.busy_since: float | None = None  # when the current run of busy answers began
         self.restarts = 0
-        # Kept in step with the store (and recounted from it): priority → queued items.
-        self.queued: dict[int, int] = {}
-        self.queued_total = 0
-        self.dispatching = 0
-        self._dispatching_counted = 0
-        self._totals = totals or Totals()
-        self.last_queued_at: float | None = None  # when an item was last queued here
         # Set whenever something may let the dispatcher deliver: a trigger.
         self.wakeup = asyncio.Event()
+        # The queue as the store committed it, and the one authority on slots.
+        self.depth = (depths or Depths()).of(config.id)
+        self.admission = Admission(
+            config.id,
+            self.depth,
+            enqueuing or Enqueuing(),
+            capacity=self.capacity,
+            external_load=self.external_load,
+            deliverable_state=lambda: self.state in DELIVERABLE,
+            wakeup=self.wakeup,
+        )
 
     @property
     def id(self) -> str:
         return self.config.id
 
-    def add_queued(self, priority: int, n: int) -> None:
-        self.queued[priority] = max(0, self.queued.get(priority, 0) + n)
-        self._refresh_totals()
+    # Read-only views for the status page, metrics and tests.
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_flight
 
-    def add_dispatching(self, n: int) -> None:
-        self.dispatching = max(0, self.dispatching + n)
-        self._refresh_totals()
+    @property
+    def queued_total(self) -> int:
+        return self.depth.queued_total
 
-    def set_counts(self, queued: dict[int, int], dispatching: int) -> None:
-        self.queued = dict(queued)
-        self.dispatching = dispatching
-        self._refresh_totals()
+    @property
+    def dispatching(self) -> int:
+        return self.depth.dispatching
 
-    def _refresh_totals(self) -> None:
-        before = self.queued_total + self._dispatching_counted
-        self.queued_total = sum(self.queued.values())
-        self._dispatching_counted = self.dispatching
-        self._totals.live += self.queued_total + self.dispatching - before
+    @property
+    def paused_until(self) -> float:
+        return self.admission.paused_until
+
+    @property
+    def busy_since(self) -> float | None:
+        return self.admission.busy_since
+
+    def free_slots(self, now: float) -> int:
+        return max(0, self.admission.free_slots(now))
+
+    def paused(self, now: float) -> bool:
+        return self.admission.paused(now)
 
     def _fresh_heartbeat(self, now: float) -> Heartbeat | None:
         hb = self.heartbeat
@@ -120,22 +121,10 @@ class Workspace:
         hb = self._fresh_heartbeat(now)
         return hb.external if hb is not None else 0
 
-    def free_slots(self, now: float) -> int:
-        return max(0, self.capacity(now) - self.in_flight - self.external_load(now))
-
-    def paused(self, now: float) -> bool:
-        return now < self.paused_until
-
-    def can_deliver(self, now: float) -> bool:
-        """A slot is free and nothing holds delivery back."""
-        return self.state in DELIVERABLE and not self.paused(now) and self.free_slots(now) > 0
-
-    def goes_direct(self, now: float) -> bool:
-        """A message send may skip the queue: deliverable and nobody waiting ahead."""
-        return self.queued_total == 0 and self.can_deliver(now)
-
     def record_heartbeat(self, active_tasks: int, max_concurrent: int | None, now: float) -> None:
-        external = max(0, active_tasks - self.in_flight)
+        # Only requests that have started count: slots reserved for a claim in
+        # progress are not at the agent yet, so its active_tasks cannot hold them.
+        external = max(0, active_tasks - self.admission.in_flight)
         self.heartbeat = Heartbeat(active_tasks, max_concurrent, now, external)
         self.sign_of_life(now)
 
@@ -156,21 +145,11 @@ class Workspace:
         connection is not)."""
         if answered:
             self.sign_of_life(now)
-        if self.busy_streak == 0:
-            self.busy_since = now
-        self.busy_streak += 1
-        if retry_after is not None:
-            pause = retry_after
-        else:
-            pause = min(BUSY_PAUSE_MAX, BUSY_PAUSE_FIRST * 2 ** (self.busy_streak - 1))
-        # No trigger ends a pause early, so a later, shorter answer does not shorten it.
-        self.paused_until = max(self.paused_until, now + pause)
-        return pause
+        return self.admission.pause(retry_after, now)
 
     def note_answer(self, now: float) -> None:
         """The agent answered (not busy): a sign of life, and the busy streak ends."""
-        self.busy_streak = 0
-        self.busy_since = None
+        self.admission.busy_spell_ended()
         self.sign_of_life(now)
 
     def check_heartbeat_timeout(self, now: float) -> bool:
@@ -188,23 +167,27 @@ class Workspace:
 class Registry:
     """Every workspace a2ad fronts, by id."""
 
-    def __init__(self, liveness: LivenessSettings, clock: Clock):
+    def __init__(self, liveness: LivenessSettings, clock: Clock, depths: Depths | None = None):
         self._liveness = liveness
         self._clock = clock
         self._by_id: dict[str, Workspace] = {}
-        self.totals = Totals()
+        self.depths = depths or Depths()
+        self.enqueuing = Enqueuing()
 
     def add(self, config: WorkspaceSettings, *, from_config: bool = True) -> Workspace:
         ws = Workspace(
-            config, self._liveness, self._clock, from_config=from_config, totals=self.totals
+            config,
+            self._liveness,
+            self._clock,
+            from_config=from_config,
+            depths=self.depths,
+            enqueuing=self.enqueuing,
         )
         self._by_id[config.id] = ws
         return ws
 
     def remove(self, workspace_id: str) -> None:
-        ws = self._by_id.pop(workspace_id, None)
-        if ws is not None:
-            ws.set_counts({}, 0)
+        self._by_id.pop(workspace_id, None)
 
     def get(self, workspace_id: str) -> Workspace:
         try:

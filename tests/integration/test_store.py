@@ -732,7 +732,7 @@ async def test_concurrent_enqueues_share_commits_and_are_durable(db_path: Path) 
 
 async def writer_synchronous(store: Store) -> int:
     """The synchronous level the writer connection committed its last batch at."""
-    writer = store._writer
+    writer = store._conn
     assert writer is not None
     level: int = await writer._execute(  # type: ignore[no-untyped-call]
         lambda: writer._conn.execute("PRAGMA synchronous").fetchone()[0]
@@ -918,7 +918,12 @@ async def test_list_items_pages_by_cursor_and_filters(store: Store) -> None:
     assert await store.list_items(after=items[-1].seq) == []
 
 
-async def test_counts_and_queued_by_priority(store: Store) -> None:
+def depth_view(store: Store, workspace: str) -> tuple[dict[int, int], int, int]:
+    depth = store.depths.of(workspace)
+    return dict(depth.queued), depth.queued_total, depth.dispatching
+
+
+async def test_counts_and_the_depths_kept_in_commit_order(store: Store) -> None:
     assert await store.counts() == {}
     for i, p in enumerate([CRITICAL, TASK, TASK, INFO]):
         await put(store, T0 + i, workspace="a", priority=p)
@@ -933,7 +938,11 @@ async def test_counts_and_queued_by_priority(store: Store) -> None:
         "a": {"dispatching": 1, "queued": 3},
         "b": {"cancelled": 1, "queued": 1},
     }
-    assert await store.queued_by_priority() == {"a": {TASK: 2, INFO: 1}, "b": {INFO: 1}}
+    # The depths the writer kept as it committed, and a recount from the rows, agree.
+    kept = depth_view(store, "a"), depth_view(store, "b"), store.depths.live_total
+    assert kept == (({TASK: 2, INFO: 1}, 3, 1), ({INFO: 1}, 1, 0), 5)
+    await store.recount(now=T0 + 12)
+    assert (depth_view(store, "a"), depth_view(store, "b"), store.depths.live_total) == kept
 
 
 async def test_an_item_round_trips_every_field(store: Store) -> None:

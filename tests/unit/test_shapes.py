@@ -105,12 +105,15 @@ def make_workspace(**config: object) -> Workspace:
 def test_slot_formula_keeps_only_external_load() -> None:
     ws = make_workspace(max_concurrent=2)
     assert ws.free_slots(0) == 2
-    ws.in_flight = 1
+    slot = ws.admission.try_direct(0)
+    assert slot is not None
     # The agent reports 2 active: one is a2ad's own, one is someone else's.
     ws.record_heartbeat(2, 3, now=0)
     assert ws.capacity(0) == 3 and ws.external_load(0) == 1 and ws.free_slots(0) == 1
-    ws.in_flight = 0  # a2ad's request ended: its slot is free at once
+    slot.release()  # a2ad's request ended: its slot is free at once
     assert ws.free_slots(0) == 2
+    slot.release()  # returned once, however often it is released
+    assert ws.in_flight == 0
     # A stale heartbeat no longer counts.
     assert ws.capacity(91) == 2 and ws.external_load(91) == 0
 
@@ -131,6 +134,31 @@ def test_heartbeat_timeout_and_recovery() -> None:
     assert ws.state is State.ONLINE
     assert not ws.check_heartbeat_timeout(90)
     assert ws.check_heartbeat_timeout(91) and ws.state is State.OFFLINE
-    assert not ws.goes_direct(91)
+    assert ws.admission.try_direct(91) is None
     ws.record_heartbeat(0, None, now=92)
     assert ws.state is State.ONLINE and ws.wakeup.is_set()
+
+
+def test_slots_reserved_for_a_claim_are_not_taken_for_the_agents_own_load() -> None:
+    ws = make_workspace(max_concurrent=4)
+    ws.depth.queued[50] = ws.depth.queued_total = 2  # as a commit would set them
+    assert ws.admission.reserve(0) == 2  # as many as are due, within the free slots
+    # A heartbeat while the claim runs: the agent has 1 task of its own.
+    ws.record_heartbeat(1, None, now=0)
+    assert ws.external_load(0) == 1  # not 0: the reservations are not at the agent
+    assert ws.free_slots(0) == 1
+    (slot,) = ws.admission.claimed(2, 1)  # the claim found one item
+    assert ws.in_flight == 1 and ws.free_slots(0) == 2
+    slot.release()
+
+
+def test_a_direct_send_never_takes_a_slot_that_is_not_free() -> None:
+    ws = make_workspace(max_concurrent=1)
+    first = ws.admission.try_direct(0)
+    assert first is not None
+    assert all(ws.admission.try_direct(0) is None for _ in range(10))
+    # A heartbeat that lowers the capacity leaves the running request; adds none.
+    ws.record_heartbeat(1, 1, now=0)
+    assert ws.admission.free_slots(0) == 0 and ws.admission.try_direct(0) is None
+    first.release()
+    assert ws.admission.try_direct(0) is not None

@@ -1,173 +1,46 @@
-"""SQLite store: every SQL statement a2ad runs, behind one class.
+"""The SQLite store: every SQL statement a2ad runs on SQLite, behind one class.
 
 One writer connection and one reader connection, each on its own aiosqlite
-thread. Every write is a function that runs whole on the writer thread (one
-hop, since each extra await inside a transaction costs about 100 µs), and
-writes that arrive together share one transaction and one commit (group
-commit): each caller's future resolves only after that commit.
+thread. Writes go through the writer's group commit (writer.py); each op that
+changes the queue returns its moves, which the writer applies to the depths
+in commit order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
-from .errors import StoreUnavailable
-from .ids import random_hex
+from ..errors import StoreUnavailable
+from .depth import Counted, Depths, Move, Snapshot
+from .models import (
+    FINAL_STATES,
+    ITEM_COLUMNS,
+    Enqueued,
+    Item,
+    NewItem,
+    Released,
+    State,
+    answers_again,
+)
+from .writer import Op, Writer, is_store_failure, on_thread
 
 log = logging.getLogger("a2ad.store")
 
 T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], T]
 
-LIVE_STATES = ("queued", "dispatching")
-FINAL_STATES = ("delivered", "failed", "expired", "cancelled")
-STATES = LIVE_STATES + FINAL_STATES
-State = Literal["queued", "dispatching", "delivered", "failed", "expired", "cancelled"]
-
-PRIORITIES = {"critical": 100, "task": 50, "info": 10}
-PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 # Promotion moves an item up one level per full promote_after_seconds waited.
 _LEVEL = "(CASE priority WHEN 100 THEN 2 WHEN 50 THEN 1 ELSE 0 END)"
-
-
-def new_queue_id() -> str:
-    """`q-` + 32 hex digits: 13 of a microsecond timestamp, then 76 random bits. Ids
-    that grow with time land at the end of the id index, so inserts and look-ups
-    stay on hot pages however many items the store holds."""
-    return f"q-{time.time_ns() // 1000:013x}{random_hex(76)}"
-
-
-@dataclass(frozen=True, slots=True)
-class NewItem:
-    """What the proxy hands the store to enqueue."""
-
-    workspace: str
-    method: str
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    caller: str = ""
-    message_id: str | None = None
-    context_id: str | None = None
-    request_id: str | None = None
-    priority: int = 50
-    ttl_seconds: float | None = None
-    expires_at: float | None = None
-    busy_answers: int = 0  # the agent already said busy on the direct path
-    id: str = field(default_factory=new_queue_id)
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One stored row."""
-
-    seq: int
-    id: str
-    workspace: str
-    caller: str
-    method: str
-    body: bytes
-    headers: dict[str, str]
-    message_id: str | None
-    context_id: str | None
-    request_id: str | None
-    priority: int
-    state: State
-    attempts: int
-    busy_answers: int
-    ttl_seconds: float | None
-    not_before: float
-    expires_at: float | None
-    lease_until: float | None
-    claim_token: str | None
-    result: bytes | None
-    last_error: str | None
-    agent_task_id: str | None
-    agent_context_id: str | None
-    enqueued_at: float
-    updated_at: float
-    finished_at: float | None
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Item:
-        """An item from a row selected as ITEM_COLUMNS. By position, not by name:
-        a third of the time, and claims build thousands a second."""
-        values = list(row)
-        values[_HEADERS] = json.loads(values[_HEADERS])
-        values[_BODY] = bytes(values[_BODY])
-        if values[_RESULT] is not None:
-            values[_RESULT] = bytes(values[_RESULT])
-        return cls(*values)
-
-    @property
-    def is_final(self) -> bool:
-        return self.state in FINAL_STATES
-
-
-ITEM_FIELDS = tuple(f.name for f in fields(Item))
-ITEM_COLUMNS = ", ".join(ITEM_FIELDS)  # what every query that builds an Item selects
-_HEADERS, _BODY, _RESULT = (ITEM_FIELDS.index(name) for name in ("headers", "body", "result"))
-
-
-@dataclass(frozen=True, slots=True)
-class Enqueued:
-    item: Item
-    created: bool  # False: an existing item answered for this messageId
-
-
-@dataclass(frozen=True, slots=True)
-class Released:
-    """An item a sweep moved out of `dispatching` or `queued`."""
-
-    id: str
-    workspace: str
-    state: State
-
-
-class StoreLocked(Exception):
-    """Another process owns this store."""
-
-
-class StoreLock:
-    """The exclusive lock on `<store.path>.lock` that makes one process the owner."""
-
-    def __init__(self, db_path: str | os.PathLike[str]) -> None:
-        self.path = Path(f"{os.fspath(db_path)}.lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreLocked(
-                f"{self.path} is held by another a2ad (pid {holder}); "
-                "stop it first, or give this one another store.path"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,69 +59,6 @@ def bundled_migrations() -> list[Migration]:
             number, _, rest = entry.name.partition("_")
             found.append(Migration(int(number), rest.removesuffix(".sql"), entry.read_text()))
     return sorted(found, key=lambda m: m.version)
-
-
-def _is_store_failure(exc: BaseException) -> bool:
-    # Disk full, I/O errors, a lock held past busy_timeout, a read-only file:
-    # conditions of the store, not bugs. Constraint violations are bugs.
-    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError)
-
-
-def _run_batch(
-    conn: sqlite3.Connection, ops: list[Op[Any]], synchronous: str | None
-) -> tuple[list[tuple[bool, Any]], bool]:
-    """Run every op in one transaction, then commit once (at `synchronous`, when
-    given: the connection keeps it for later batches). An op that raises fails
-    only its own caller: the batch then runs again with each op in a savepoint,
-    a cost paid only on that rare path. Ops are functions of the database alone,
-    so running one again after a rollback is safe.
-
-    Also says whether the commit wrote anything: one that changed no row
-    succeeds even on a full disk, so it proves nothing about the store."""
-    if synchronous is not None:
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-    changes = conn.total_changes
-    try:
-        results = _run_ops(conn, ops, savepoints=False)
-        if results is None:
-            results = _run_ops(conn, ops, savepoints=True)
-            assert results is not None
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        raise
-    return results, conn.total_changes != changes
-
-
-def _run_ops(
-    conn: sqlite3.Connection, ops: list[Op[Any]], *, savepoints: bool
-) -> list[tuple[bool, Any]] | None:
-    """Begin and run the ops; None (rolled back) when one failed without savepoints."""
-    results: list[tuple[bool, Any]] = []
-    conn.execute("BEGIN IMMEDIATE")
-    for op in ops:
-        if savepoints:
-            conn.execute("SAVEPOINT op")
-        try:
-            results.append((True, op(conn)))
-        except Exception as exc:
-            if _is_store_failure(exc):
-                raise
-            if not savepoints:
-                conn.execute("ROLLBACK")
-                return None
-            conn.execute("ROLLBACK TO op")
-            results.append((False, exc))
-        if savepoints:
-            conn.execute("RELEASE op")
-    return results
-
-
-async def _on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
-    """Run one function on the connection's own thread: a whole transaction in one hop."""
-    return cast(T, await conn._execute(fn, *args))  # type: ignore[no-untyped-call]
 
 
 async def _connect(path: str, synchronous: str, busy_timeout: float) -> aiosqlite.Connection:
@@ -316,8 +126,38 @@ SET attempts = attempts + 1,
     finished_at = CASE WHEN attempts + 1 >= :max_attempts THEN :now END,
     last_error = :reason, claim_token = NULL, lease_until = NULL, updated_at = :now
 WHERE state = 'dispatching' {condition}
-RETURNING id, workspace, state
+RETURNING id, workspace, state, priority
 """
+
+
+def _released(rows: Iterable[Any], old: State, now: float) -> Counted[list[Released]]:
+    """Rows of `id, workspace, state, priority` that left `old`, with their moves."""
+    released, moves = [], []
+    for item_id, workspace, state, priority in rows:
+        released.append(Released(item_id, workspace, state))
+        moves.append(Move(workspace, item_id, priority, old, state, now))
+    return Counted(released, moves)
+
+
+def _live_snapshot(conn: sqlite3.Connection, now: float) -> Snapshot:
+    """Every workspace's live items, read through the live-state index (only live rows)."""
+    queued: dict[str, dict[int, int]] = {}
+    dispatching: dict[str, int] = {}
+    waiting: dict[str, dict[str, float]] = {}
+    for workspace, state, priority, n in conn.execute(
+        "SELECT workspace, state, priority, COUNT(*) FROM items"
+        " WHERE state IN ('queued', 'dispatching') GROUP BY state, workspace, priority"
+    ):
+        if state == "queued":
+            queued.setdefault(workspace, {})[priority] = n
+        else:
+            dispatching[workspace] = dispatching.get(workspace, 0) + n
+    for workspace, item_id, not_before in conn.execute(
+        "SELECT workspace, id, not_before FROM items WHERE state = 'queued' AND not_before > ?",
+        (now,),
+    ):
+        waiting.setdefault(workspace, {})[item_id] = not_before
+    return Snapshot(None, queued, dispatching, waiting)
 
 
 class Store:
@@ -327,15 +167,21 @@ class Store:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
-        self._writer: aiosqlite.Connection | None = None
+        self._conn: aiosqlite.Connection | None = None  # the writer's
         self._reader: aiosqlite.Connection | None = None
-        self._pending: list[tuple[Op[Any], asyncio.Future[Any], bool]] = []
-        self._writer_synchronous: str | None = synchronous
-        self._wake = asyncio.Event()
-        self._writer_task: asyncio.Task[None] | None = None
-        self._closing = False
-        self.last_write_error: str | None = None
-        self.commits = 0  # transactions committed by this process, for tests and metrics
+        self._writer: Writer | None = None
+        # Queue depths as committed, kept by the writer (depth.py).
+        self.depths = Depths()
+
+    @property
+    def last_write_error(self) -> str | None:
+        """Why the last write failed, while the store cannot write; else None."""
+        return self._writer.last_error if self._writer is not None else None
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed by this process, for tests and metrics."""
+        return self._writer.commits if self._writer is not None else 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -344,25 +190,23 @@ class Store:
         if directory:
             os.makedirs(directory, exist_ok=True)
         try:
-            self._writer = await _connect(self.path, self.synchronous, self.busy_timeout)
+            self._conn = await _connect(self.path, self.synchronous, self.busy_timeout)
             self._reader = await _connect(self.path, self.synchronous, self.busy_timeout)
         except sqlite3.Error as exc:
-            if self._writer is not None:
-                await self._writer.close()
-                self._writer = None
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from None
-        self._writer_task = asyncio.create_task(self._run_writer(), name="a2ad-store-writer")
+        self._writer = Writer(self._conn, self.synchronous, self.depths)
+        self._writer.start()
 
     async def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        if self._writer_task is not None:
-            await self._writer_task
-            self._writer_task = None
-        for conn in (self._reader, self._writer):
+        if self._writer is not None:
+            await self._writer.close()
+        for conn in (self._reader, self._conn):
             if conn is not None:
                 await conn.close()
-        self._reader = self._writer = None
+        self._reader = self._conn = None
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -377,78 +221,21 @@ class Store:
         reader = self._reader
         assert reader is not None, "store is not open"
         try:
-            return await _on_thread(reader, fn, reader._conn)
+            return await on_thread(reader, fn, reader._conn)
         except sqlite3.Error as exc:
-            if _is_store_failure(exc):
+            if is_store_failure(exc):
                 raise StoreUnavailable(f"the store cannot be read: {exc}", retry_after=1) from exc
             raise
 
-    async def _write(self, op: Op[T], *, durable: bool = True) -> T:
-        """Run `op` in the next batch. A durable write (a new item, an operator's
-        change) is committed at the configured `synchronous`; the rest, a
-        delivery's steps (claims, leases, outcomes, expiry), need no fsync: a
-        power cut can only undo a suffix of commits (the WAL is written in
-        order and every durable commit syncs all before it), so it can undo a
-        delivery's steps, and the item is delivered again, but never an
-        acknowledged item. A process crash loses none of them either way."""
+    async def _write(self, op: Op[T] | Op[Counted[T]], *, durable: bool = True) -> T:
+        """Run `op` in the writer's next batch (see Writer.submit)."""
         return await self._submit(op, durable=durable)
 
-    def _submit(self, op: Op[T], *, durable: bool = True) -> asyncio.Future[T]:
+    def _submit(self, op: Op[T] | Op[Counted[T]], *, durable: bool = True) -> asyncio.Future[T]:
         """`_write` without the coroutine: the future of `op`'s outcome."""
-        if self._closing or self._writer is None:
+        if self._writer is None or self._writer.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future, durable))
-        self._wake.set()
-        return future
-
-    async def _run_writer(self) -> None:
-        writer = self._writer
-        assert writer is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self._pending:
-                if self._closing:
-                    return
-                continue
-            batch, self._pending = self._pending, []
-            ops = [op for op, _, _ in batch]
-            durable = any(d for _, _, d in batch)
-            wanted = self.synchronous if durable else "normal"
-            change = wanted if wanted != self._writer_synchronous else None
-            # Unknown until the batch has run: a batch that fails part way must
-            # not leave a level the next durable batch would wrongly trust.
-            self._writer_synchronous = None
-            try:
-                outcomes, wrote = await _on_thread(writer, _run_batch, writer._conn, ops, change)
-                self._writer_synchronous = wanted
-            except Exception as exc:
-                error: BaseException = exc
-                if _is_store_failure(exc):
-                    if self.last_write_error is None:
-                        log.error("the store cannot write: %s", exc)
-                    self.last_write_error = str(exc)
-                    error = StoreUnavailable(f"the store cannot write: {exc}", retry_after=1)
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(error)
-            else:
-                self.commits += 1
-                if wrote and self.last_write_error is not None:
-                    log.warning("the store writes again")
-                    self.last_write_error = None
-                for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
-                    if future.done():
-                        continue
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
-            if self._pending:
-                self._wake.set()
-            elif self._closing:
-                return
+        return self._writer.submit(op, durable=durable)  # type: ignore[arg-type]
 
     async def probe_write(self, now: float) -> None:
         """One small real write: succeeds once the store can write again."""
@@ -478,7 +265,7 @@ class Store:
             migrations if migrations is not None else bundled_migrations(),
             key=lambda m: m.version,
         )
-        writer = self._writer
+        writer = self._conn
         assert writer is not None
 
         def apply(conn: sqlite3.Connection, now: float) -> list[Migration]:
@@ -507,7 +294,7 @@ class Store:
                 applied.append(migration)
             return applied
 
-        return await _on_thread(writer, apply, writer._conn, time.time())
+        return await on_thread(writer, apply, writer._conn, time.time())
 
     # -- writes ------------------------------------------------------------
 
@@ -521,7 +308,7 @@ class Store:
     ) -> asyncio.Future[Enqueued]:
         """`enqueue` as a future, which a caller can shield without a task of its own."""
 
-        def op(conn: sqlite3.Connection) -> Enqueued:
+        def op(conn: sqlite3.Connection) -> Counted[Enqueued]:
             if new.message_id is not None:
                 row = conn.execute(
                     # The live row first: a retried old item can be live while a
@@ -531,11 +318,10 @@ class Store:
                     " ORDER BY state IN ('queued', 'dispatching') DESC, seq DESC LIMIT 1",
                     (new.workspace, new.caller, new.message_id),
                 ).fetchone()
-                if row is not None:
-                    state, finished = row["state"], row["finished_at"]
-                    replayable = state == "delivered" and finished >= now - replay_window
-                    if state in LIVE_STATES or replayable:
-                        return Enqueued(Item.from_row(row), created=False)
+                if row is not None and answers_again(
+                    row["state"], row["finished_at"], now=now, replay_window=replay_window
+                ):
+                    return Counted(Enqueued(Item.from_row(row), created=False))
             values = {
                 "id": new.id,
                 "workspace": new.workspace,
@@ -554,38 +340,37 @@ class Store:
             }
             seq = conn.execute(_INSERT, values).lastrowid
             assert seq is not None
-            # The row as stored, built here rather than read back: the hot path.
-            item = Item(
-                seq=seq,
-                id=new.id,
-                workspace=new.workspace,
-                caller=new.caller,
-                method=new.method,
-                body=new.body,
-                headers=dict(new.headers),
-                message_id=new.message_id,
-                context_id=new.context_id,
-                request_id=new.request_id,
-                priority=new.priority,
-                state="queued",
-                attempts=0,
-                busy_answers=new.busy_answers,
-                ttl_seconds=new.ttl_seconds,
-                not_before=0.0,
-                expires_at=new.expires_at,
-                lease_until=None,
-                claim_token=None,
-                result=None,
-                last_error=None,
-                agent_task_id=None,
-                agent_context_id=None,
-                enqueued_at=now,
-                updated_at=now,
-                finished_at=None,
-            )
-            return Enqueued(item, created=True)
+            move = Move(new.workspace, new.id, new.priority, None, "queued", now)
+            return Counted(Enqueued(Item.stored(new, seq, now), created=True), (move,))
 
         return self._submit(op)
+
+    def submit_claim(
+        self,
+        workspace: str,
+        *,
+        now: float,
+        lease_seconds: float,
+        promote_after: float,
+        limit: int = 1,
+    ) -> asyncio.Future[list[Item]]:
+        """Claim up to `limit` due items of one workspace, best first, each with its
+        own token; a future, so that a claimer that is cancelled can still hand
+        back what its claim took."""
+
+        def op(conn: sqlite3.Connection) -> Counted[list[Item]]:
+            where = {"workspace": workspace, "now": now, "promote_after": promote_after}
+            seqs = [row[0] for row in conn.execute(_CLAIMABLE, {**where, "limit": limit})]
+            if not seqs:
+                return Counted([])
+            sql = _CLAIM.format(marks=", ".join("?" * len(seqs)), columns=ITEM_COLUMNS)
+            rows = conn.execute(sql, (now + lease_seconds, now, *seqs)).fetchall()
+            rank = {seq: i for i, seq in enumerate(seqs)}  # RETURNING keeps no order
+            items = sorted((Item.from_row(row) for row in rows), key=lambda i: rank[i.seq])
+            moves = [Move(workspace, i.id, i.priority, "queued", "dispatching", now) for i in items]
+            return Counted(items, moves)
+
+        return self._submit(op, durable=False)
 
     async def claim(
         self,
@@ -597,18 +382,13 @@ class Store:
         limit: int = 1,
     ) -> list[Item]:
         """Claim up to `limit` due items of one workspace, best first, each with its own token."""
-
-        def op(conn: sqlite3.Connection) -> list[Item]:
-            where = {"workspace": workspace, "now": now, "promote_after": promote_after}
-            seqs = [row[0] for row in conn.execute(_CLAIMABLE, {**where, "limit": limit})]
-            if not seqs:
-                return []
-            sql = _CLAIM.format(marks=", ".join("?" * len(seqs)), columns=ITEM_COLUMNS)
-            rows = conn.execute(sql, (now + lease_seconds, now, *seqs)).fetchall()
-            rank = {seq: i for i, seq in enumerate(seqs)}  # RETURNING keeps no order
-            return sorted((Item.from_row(row) for row in rows), key=lambda i: rank[i.seq])
-
-        return await self._write(op, durable=False)
+        return await self.submit_claim(
+            workspace,
+            now=now,
+            lease_seconds=lease_seconds,
+            promote_after=promote_after,
+            limit=limit,
+        )
 
     async def renew(self, claims: dict[str, str], *, lease_until: float, now: float) -> set[str]:
         """Extend the leases of these claims (item id → token) in one transaction;
@@ -643,11 +423,12 @@ class Store:
     ) -> bool:
         """End a claim in a final state; False (and nothing written) for a stale token."""
         assert state in FINAL_STATES
-        return await self._write_checked(
+        return await self._move_claimed(
             "UPDATE items SET state = ?, result = ?, last_error = ?, agent_task_id = ?,"
             " agent_context_id = ?, attempts = attempts + ?, finished_at = ?, updated_at = ?,"
             " claim_token = NULL, lease_until = NULL"
-            " WHERE id = ? AND claim_token = ? AND state = 'dispatching'",
+            " WHERE id = ? AND claim_token = ? AND state = 'dispatching'"
+            " RETURNING workspace, priority",
             (
                 state,
                 result,
@@ -660,7 +441,9 @@ class Store:
                 item_id,
                 token,
             ),
-            durable=False,
+            item_id,
+            state,
+            now,
         )
 
     async def hand_back(
@@ -675,14 +458,40 @@ class Store:
         last_error: str | None = None,
     ) -> bool:
         """Return a claimed item to `queued` (the same row); False for a stale token."""
-        return await self._write_checked(
+        return await self._move_claimed(
             "UPDATE items SET state = 'queued', attempts = attempts + ?,"
             " busy_answers = busy_answers + ?, not_before = ?,"
             " last_error = COALESCE(?, last_error), claim_token = NULL, lease_until = NULL,"
-            " updated_at = ? WHERE id = ? AND claim_token = ? AND state = 'dispatching'",
+            " updated_at = ? WHERE id = ? AND claim_token = ? AND state = 'dispatching'"
+            " RETURNING workspace, priority",
             (int(attempt_used), int(busy), not_before, last_error, now, item_id, token),
-            durable=False,
+            item_id,
+            "queued",
+            now,
+            not_before,
         )
+
+    async def _move_claimed(
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        item_id: str,
+        new: State,
+        now: float,
+        not_before: float = 0.0,
+    ) -> bool:
+        """One claimed item out of `dispatching`, when its token still holds it."""
+
+        def op(conn: sqlite3.Connection) -> Counted[bool]:
+            row = conn.execute(sql, params).fetchone()
+            if row is None:
+                return Counted(False)
+            workspace, priority = row
+            return Counted(
+                True, (Move(workspace, item_id, priority, "dispatching", new, now, not_before),)
+            )
+
+        return await self._write(op, durable=False)
 
     async def _write_checked(
         self, sql: str, params: tuple[Any, ...], *, durable: bool = True
@@ -705,42 +514,67 @@ class Store:
         )
 
     async def sweep_leases(self, *, now: float, max_attempts: int) -> list[Released]:
-        """Items whose lease ran out go back to `queued`, counting an attempt."""
+        """Items whose stored lease ran out go back to `queued`, counting an attempt."""
         return await self._release(
             "AND lease_until < :now",
             {"now": now, "max_attempts": max_attempts, "reason": "claim lease expired"},
         )
 
+    async def release_claims(
+        self, claims: dict[str, str], *, now: float, max_attempts: int
+    ) -> list[Released]:
+        """These claims (item id → token), whose holder's lease ran out on its own
+        clock, go back to `queued`, counting an attempt."""
+
+        def op(conn: sqlite3.Connection) -> Counted[list[Released]]:
+            sql = _RELEASE_DISPATCHING.format(condition="AND id = :id AND claim_token = :token")
+            params = {"now": now, "max_attempts": max_attempts, "reason": "claim lease expired"}
+            rows = []
+            for item_id, token in claims.items():
+                rows += conn.execute(sql, {**params, "id": item_id, "token": token}).fetchall()
+            return _released(rows, "dispatching", now)
+
+        return await self._write(op, durable=False)
+
     async def _release(self, condition: str, params: dict[str, Any]) -> list[Released]:
         sql = _RELEASE_DISPATCHING.format(condition=condition)
 
-        def op(conn: sqlite3.Connection) -> list[Released]:
-            return [Released(*row) for row in conn.execute(sql, params).fetchall()]
+        def op(conn: sqlite3.Connection) -> Counted[list[Released]]:
+            return _released(conn.execute(sql, params).fetchall(), "dispatching", params["now"])
 
         return await self._write(op, durable=False)
 
     async def expire_due(self, *, now: float) -> list[Released]:
         """Queued items past their expiry become `expired`."""
 
-        def op(conn: sqlite3.Connection) -> list[Released]:
+        def op(conn: sqlite3.Connection) -> Counted[list[Released]]:
             rows = conn.execute(
                 "UPDATE items SET state = 'expired', finished_at = :now, updated_at = :now,"
                 " last_error = 'expired before it could be delivered'"
                 " || COALESCE(' (last: ' || last_error || ')', '')"
-                " WHERE state = 'queued' AND expires_at <= :now RETURNING id, workspace, state",
+                " WHERE state = 'queued' AND expires_at <= :now"
+                " RETURNING id, workspace, state, priority",
                 {"now": now},
             ).fetchall()
-            return [Released(*row) for row in rows]
+            return _released(rows, "queued", now)
 
         return await self._write(op, durable=False)
 
     async def cancel(self, item_id: str, *, now: float) -> bool:
         """A queued item → `cancelled`; False when it is not queued."""
-        return await self._write_checked(
-            "UPDATE items SET state = 'cancelled', finished_at = ?, updated_at = ?,"
-            " last_error = 'cancelled' WHERE id = ? AND state = 'queued'",
-            (now, now, item_id),
-        )
+
+        def op(conn: sqlite3.Connection) -> Counted[bool]:
+            row = conn.execute(
+                "UPDATE items SET state = 'cancelled', finished_at = ?, updated_at = ?,"
+                " last_error = 'cancelled' WHERE id = ? AND state = 'queued'"
+                " RETURNING workspace, priority",
+                (now, now, item_id),
+            ).fetchone()
+            if row is None:
+                return Counted(False)
+            return Counted(True, (Move(row[0], item_id, row[1], "queued", "cancelled", now),))
+
+        return await self._write(op)
 
     async def retry(
         self, item_id: str, *, now: float, max_age: float
@@ -748,17 +582,20 @@ class Store:
         """A failed or expired item → queued: attempts reset, a fresh expiry from its
         TTL counted from now. `duplicate`: a newer live item has its messageId."""
 
-        def op(conn: sqlite3.Connection) -> Literal["retried", "not_final", "duplicate"]:
+        def op(conn: sqlite3.Connection) -> Counted[Literal["retried", "not_final", "duplicate"]]:
             try:
-                changed = conn.execute(
+                row = conn.execute(
                     "UPDATE items SET state = 'queued', attempts = 0, not_before = 0,"
                     " expires_at = ? + COALESCE(ttl_seconds, ?), finished_at = NULL,"
-                    " updated_at = ? WHERE id = ? AND state IN ('failed', 'expired')",
+                    " updated_at = ? WHERE id = ? AND state IN ('failed', 'expired')"
+                    " RETURNING workspace, priority",
                     (now, max_age, now, item_id),
-                ).rowcount
+                ).fetchone()
             except sqlite3.IntegrityError:
-                return "duplicate"
-            return "retried" if changed else "not_final"
+                return Counted("duplicate")
+            if row is None:
+                return Counted("not_final")
+            return Counted("retried", (Move(row[0], item_id, row[1], "final", "queued", now),))
 
         return await self._write(op)
 
@@ -766,13 +603,15 @@ class Store:
         """Every failed item of a workspace back to queued (those whose messageId has a
         newer live item stay failed)."""
 
-        def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(
+        def op(conn: sqlite3.Connection) -> Counted[int]:
+            rows = conn.execute(
                 "UPDATE OR IGNORE items SET state = 'queued', attempts = 0, not_before = 0,"
                 " expires_at = ? + COALESCE(ttl_seconds, ?), finished_at = NULL, updated_at = ?"
-                " WHERE workspace = ? AND state = 'failed'",
+                " WHERE workspace = ? AND state = 'failed' RETURNING id, priority",
                 (now, max_age, now, workspace),
-            ).rowcount
+            ).fetchall()
+            moves = [Move(workspace, i, p, "final", "queued", now) for i, p in rows]
+            return Counted(len(rows), moves)
 
         return await self._write(op)
 
@@ -816,6 +655,17 @@ class Store:
             if n < chunk:
                 return deleted
 
+    async def recount(self, *, now: float) -> None:
+        """Set the depths from the live rows, in the writer's order, so that no
+        commit falls between this read and the counts it sets (after another
+        process, the queue CLI, wrote to the file)."""
+
+        def op(conn: sqlite3.Connection) -> Counted[None]:
+            return Counted(None, snapshot=_live_snapshot(conn, now))
+
+        done: asyncio.Future[None] = self._submit(op, durable=False)
+        await done
+
     # -- run-time workspaces ------------------------------------------------
 
     async def save_workspace(
@@ -834,11 +684,12 @@ class Store:
     async def remove_workspace(self, workspace_id: str, *, purge: bool) -> int:
         """Forget a run-time workspace; with `purge`, delete its items too (their count)."""
 
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: sqlite3.Connection) -> Counted[int]:
             conn.execute("DELETE FROM workspaces WHERE id = ?", (workspace_id,))
             if not purge:
-                return 0
-            return conn.execute("DELETE FROM items WHERE workspace = ?", (workspace_id,)).rowcount
+                return Counted(0)
+            n = conn.execute("DELETE FROM items WHERE workspace = ?", (workspace_id,)).rowcount
+            return Counted(n, snapshot=Snapshot(frozenset([workspace_id])))
 
         return await self._write(op)
 
@@ -874,23 +725,32 @@ class Store:
 
         return await self._read(read)
 
-    async def last_enqueued(self) -> dict[str, float]:
-        """{workspace: when its newest item was enqueued}."""
+    async def last_delivered(self, workspaces: Iterable[str]) -> dict[str, float]:
+        """{workspace: when its newest delivered item was delivered}, for the replay
+        check; one look-up in an index per workspace, never a scan of the items."""
 
         def read(conn: sqlite3.Connection) -> dict[str, float]:
-            rows = conn.execute("SELECT workspace, MAX(enqueued_at) FROM items GROUP BY workspace")
-            return {ws: float(at) for ws, at in rows}
+            out = {}
+            for workspace in workspaces:
+                row = conn.execute(
+                    "SELECT MAX(finished_at) FROM items"
+                    " WHERE workspace = ? AND state = 'delivered'",
+                    (workspace,),
+                ).fetchone()
+                if row[0] is not None:
+                    out[workspace] = float(row[0])
+            return out
 
         return await self._read(read)
 
-    async def agent_context(self, context_id: str, caller: str) -> str | None:
+    async def agent_context(self, context_id: str, caller: str, workspace: str) -> str | None:
         """The agent's context id for a context id a2ad made, once the agent named one."""
 
         def read(conn: sqlite3.Connection) -> str | None:
             row = conn.execute(
                 "SELECT agent_context_id FROM items WHERE context_id = ? AND caller = ?"
-                " AND agent_context_id IS NOT NULL ORDER BY seq DESC LIMIT 1",
-                (context_id, caller),
+                " AND workspace = ? AND agent_context_id IS NOT NULL ORDER BY seq DESC LIMIT 1",
+                (context_id, caller, workspace),
             ).fetchone()
             return str(row[0]) if row is not None else None
 
@@ -939,20 +799,6 @@ class Store:
 
         return await self._read(read)
 
-    async def queued_by_priority(self) -> dict[str, dict[int, int]]:
-        """{workspace: {priority: queued count}}, for the in-memory depth counters."""
-
-        def read(conn: sqlite3.Connection) -> dict[str, dict[int, int]]:
-            out: dict[str, dict[int, int]] = {}
-            for ws, priority, n in conn.execute(
-                "SELECT workspace, priority, COUNT(*) FROM items WHERE state = 'queued'"
-                " GROUP BY workspace, priority"
-            ):
-                out.setdefault(ws, {})[priority] = n
-            return out
-
-        return await self._read(read)
-
     async def next_due(self, workspace: str, *, now: float) -> float | None:
         """The earliest future not-before among the workspace's queued items."""
 
@@ -968,9 +814,9 @@ class Store:
 
     async def data_version(self) -> int:
         """Changes when another process (the queue CLI) commits to the file."""
-        writer = self._writer
+        writer = self._conn
         assert writer is not None
-        row = await _on_thread(
+        row = await on_thread(
             writer, lambda: writer._conn.execute("PRAGMA data_version").fetchone()
         )
         return int(row[0])

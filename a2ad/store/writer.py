@@ -1,0 +1,192 @@
+"""Group commit for SQLite: every write runs whole on one writer thread, and
+writes that arrive together share one transaction and one commit.
+
+Each write is a function of the connection alone (one thread hop, since each
+extra await inside a transaction costs about 100 µs); its caller's future
+resolves only after the commit. Ops that change the queue return `Counted`,
+and the writer applies their moves to the depths after the commit, in commit
+order, before it resolves any future of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import aiosqlite
+
+from ..errors import StoreUnavailable
+from .depth import Counted, Depths
+
+log = logging.getLogger("a2ad.store")
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], T]
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    # Disk full, I/O errors, a lock held past busy_timeout, a read-only file:
+    # conditions of the store, not bugs. Constraint violations are bugs.
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError)
+
+
+def _run_batch(
+    conn: sqlite3.Connection, ops: list[Op[Any]], synchronous: str | None
+) -> tuple[list[tuple[bool, Any]], bool]:
+    """Run every op in one transaction, then commit once (at `synchronous`, when
+    given: the connection keeps it for later batches). An op that raises fails
+    only its own caller: the batch then runs again with each op in a savepoint,
+    a cost paid only on that rare path. Ops are functions of the database alone,
+    so running one again after a rollback is safe.
+
+    Also says whether the commit wrote anything: one that changed no row
+    succeeds even on a full disk, so it proves nothing about the store."""
+    if synchronous is not None:
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+    changes = conn.total_changes
+    try:
+        results = _run_ops(conn, ops, savepoints=False)
+        if results is None:
+            results = _run_ops(conn, ops, savepoints=True)
+            assert results is not None
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+    return results, conn.total_changes != changes
+
+
+def _run_ops(
+    conn: sqlite3.Connection, ops: list[Op[Any]], *, savepoints: bool
+) -> list[tuple[bool, Any]] | None:
+    """Begin and run the ops; None (rolled back) when one failed without savepoints."""
+    results: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    for op in ops:
+        if savepoints:
+            conn.execute("SAVEPOINT op")
+        try:
+            results.append((True, op(conn)))
+        except Exception as exc:
+            if is_store_failure(exc):
+                raise
+            if not savepoints:
+                conn.execute("ROLLBACK")
+                return None
+            conn.execute("ROLLBACK TO op")
+            results.append((False, exc))
+        if savepoints:
+            conn.execute("RELEASE op")
+    return results
+
+
+async def on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run one function on the connection's own thread: a whole transaction in one hop."""
+    return cast(T, await conn._execute(fn, *args))  # type: ignore[no-untyped-call]
+
+
+class Writer:
+    """The batch loop on the writer connection."""
+
+    def __init__(self, conn: aiosqlite.Connection, synchronous: str, depths: Depths) -> None:
+        self._conn = conn
+        self.synchronous = synchronous
+        self.depths = depths
+        self._pending: list[tuple[Op[Any], asyncio.Future[Any], bool]] = []
+        self._level: str | None = synchronous  # the connection's synchronous, if known
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.closing = False
+        self.last_error: str | None = None
+        self.commits = 0  # transactions committed by this process, for tests and metrics
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="a2ad-store-writer")
+
+    async def close(self) -> None:
+        """Commit what was submitted, then stop."""
+        self.closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def submit(self, op: Op[T], *, durable: bool = True) -> asyncio.Future[T]:
+        """Run `op` in the next batch; the future of its outcome. A durable write
+        (a new item, an operator's change) is committed at the configured
+        `synchronous`; the rest, a delivery's steps (claims, leases, outcomes,
+        expiry), need no fsync: a power cut can only undo a suffix of commits
+        (the WAL is written in order and every durable commit syncs all before
+        it), so it can undo a delivery's steps, and the item is delivered
+        again, but never an acknowledged item. A process crash loses none of
+        them either way."""
+        if self.closing:
+            raise StoreUnavailable("the store is closed", retry_after=1)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future, durable))
+        self._wake.set()
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._pending:
+                if self.closing:
+                    return
+                continue
+            batch, self._pending = self._pending, []
+            await self._commit(batch)
+            if self._pending:
+                self._wake.set()
+            elif self.closing:
+                return
+
+    async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any], bool]]) -> None:
+        ops = [op for op, _, _ in batch]
+        wanted = self.synchronous if any(d for _, _, d in batch) else "normal"
+        change = wanted if wanted != self._level else None
+        # Unknown until the batch has run: a batch that fails part way must
+        # not leave a level the next durable batch would wrongly trust.
+        self._level = None
+        try:
+            outcomes, wrote = await on_thread(self._conn, _run_batch, self._conn._conn, ops, change)
+            self._level = wanted
+        except Exception as exc:
+            error: BaseException = exc
+            if is_store_failure(exc):
+                if self.last_error is None:
+                    log.error("the store cannot write: %s", exc)
+                self.last_error = str(exc)
+                error = StoreUnavailable(f"the store cannot write: {exc}", retry_after=1)
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self.commits += 1
+        if wrote and self.last_error is not None:
+            log.warning("the store writes again")
+            self.last_error = None
+        # The queue's counts change here, in commit order, before any caller of
+        # this batch (or anyone they wake) can look at them.
+        results = []
+        for ok, value in outcomes:
+            if ok and isinstance(value, Counted):
+                if value.snapshot is not None:
+                    self.depths.replace(value.snapshot)
+                self.depths.apply(value.moves)
+                value = value.value
+            results.append((ok, value))
+        for (_, future, _), (ok, value) in zip(batch, results, strict=True):
+            if future.done():  # its caller stopped waiting; the write stands
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
