@@ -103,6 +103,8 @@ class Daemon:
         await self.upstream.start()
         await self.liveness.start(self.upstream.session)
         await self.dispatcher.start()
+        # From here on, a commit by another process (the queue CLI) means a recount.
+        self._data_version = await self.store.data_version()
         self._loops = [
             asyncio.create_task(
                 self._every(HOUSEKEEPING_SECONDS, self._housekeeping), name="a2ad-housekeeping"

@@ -190,11 +190,9 @@ class Dispatcher:
         # caller that leaves does not stop the write.
         write.add_done_callback(lambda w: self._enqueue_done(ws, w))
         done: Enqueued = await asyncio.shield(write)
-        depth = ws.depth
         if not done.created:
-            return Queued(done.item, False, depth.queued_total, 0)
-        position = sum(n for p, n in depth.queued.items() if p >= new.priority)
-        return Queued(done.item, True, depth.queued_total, position)
+            return Queued(done.item, False, ws.depth.queued_total, 0)
+        return Queued(done.item, True, done.depth, done.position)
 
     def _enqueue_done(self, ws: Workspace, write: asyncio.Future[Enqueued]) -> None:
         ws.admission.end_enqueue()

@@ -9,7 +9,7 @@ recount is itself an op in the writer's order.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -49,6 +49,15 @@ class Counted(Generic[T]):
     value: T
     moves: Sequence[Move] = ()
     snapshot: Snapshot | None = None
+    # The result as it reads once the moves are applied (an item's place in line).
+    then: Callable[[T, Depths], T] | None = None
+
+    def applied(self, depths: Depths) -> T:
+        """Apply the changes; the result."""
+        if self.snapshot is not None:
+            depths.replace(self.snapshot)
+        depths.apply(self.moves)
+        return self.value if self.then is None else self.then(self.value, depths)
 
 
 class Depth:

@@ -144,6 +144,8 @@ _HEADERS, _BODY, _RESULT = (ITEM_FIELDS.index(name) for name in ("headers", "bod
 class Enqueued:
     item: Item
     created: bool  # False: an existing item answered for this messageId
+    depth: int = 0  # the workspace's queued items as it committed
+    position: int = 0  # its place in line then (those of its priority or higher)
 
 
 @dataclass(frozen=True, slots=True)

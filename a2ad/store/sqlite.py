@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Literal, TypeVar
 
@@ -128,6 +128,13 @@ SET attempts = attempts + 1,
 WHERE state = 'dispatching' {condition}
 RETURNING id, workspace, state, priority
 """
+
+
+def _place(done: Enqueued, depths: Depths) -> Enqueued:
+    """A new item's place in line as its commit left the queue."""
+    depth = depths.of(done.item.workspace)
+    position = sum(n for p, n in depth.queued.items() if p >= done.item.priority)
+    return replace(done, depth=depth.queued_total, position=position)
 
 
 def _released(rows: Iterable[Any], old: State, now: float) -> Counted[list[Released]]:
@@ -341,7 +348,7 @@ class Store:
             seq = conn.execute(_INSERT, values).lastrowid
             assert seq is not None
             move = Move(new.workspace, new.id, new.priority, None, "queued", now)
-            return Counted(Enqueued(Item.stored(new, seq, now), created=True), (move,))
+            return Counted(Enqueued(Item.stored(new, seq, now), True), (move,), then=_place)
 
         return self._submit(op)
 

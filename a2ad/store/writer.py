@@ -102,6 +102,7 @@ class Writer:
         self._level: str | None = synchronous  # the connection's synchronous, if known
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._committing = False
         self.closing = False
         self.last_error: str | None = None
         self.commits = 0  # transactions committed by this process, for tests and metrics
@@ -116,6 +117,11 @@ class Writer:
         if self._task is not None:
             await self._task
             self._task = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits for the writer and no batch is being committed."""
+        return not self._pending and not self._committing
 
     def submit(self, op: Op[T], *, durable: bool = True) -> asyncio.Future[T]:
         """Run `op` in the next batch; the future of its outcome. A durable write
@@ -142,7 +148,11 @@ class Writer:
                     return
                 continue
             batch, self._pending = self._pending, []
-            await self._commit(batch)
+            self._committing = True
+            try:
+                await self._commit(batch)
+            finally:
+                self._committing = False
             if self._pending:
                 self._wake.set()
             elif self.closing:
@@ -178,10 +188,7 @@ class Writer:
         results = []
         for ok, value in outcomes:
             if ok and isinstance(value, Counted):
-                if value.snapshot is not None:
-                    self.depths.replace(value.snapshot)
-                self.depths.apply(value.moves)
-                value = value.value
+                value = value.applied(self.depths)
             results.append((ok, value))
         for (_, future, _), (ok, value) in zip(batch, results, strict=True):
             if future.done():  # its caller stopped waiting; the write stands
