@@ -23,7 +23,7 @@ MAX_PAGE = 1000
 
 
 def workspace_view(daemon: Daemon, ws: Workspace, counts: dict[str, int]) -> dict[str, Any]:
-    now = daemon.clock.now()
+    now = daemon.clock.monotonic()  # what a2ad keeps in memory is timed on it
     hb = ws.heartbeat
     last = ws.last_sign_of_life
     return {
@@ -38,7 +38,7 @@ def workspace_view(daemon: Daemon, ws: Workspace, counts: dict[str, int]) -> dic
         "queue": {state: counts.get(state, 0) for state in STATES},
         "restarts": ws.restarts,
         "source": "config" if ws.from_config else "runtime",
-        "paused_until": timestamp(ws.paused_until) if ws.paused(now) else None,
+        "paused_until": (timestamp(ws.admission.paused_until_wall()) if ws.paused(now) else None),
     }
 
 

@@ -7,6 +7,10 @@ no await falls between "is a slot free?" and "take it", so any number of
 concurrent sends can never put more of a2ad's requests at an agent than it
 has slots. A slot is a `Slot`, returned exactly once, on every path.
 
+Times here are the clock's monotonic reading (`now`): a busy pause lives only
+in this process, and a step of the wall clock must not lengthen or end it.
+Stored times (an item's not-before) are compared with the wall clock.
+
 The queue's depth is not kept here: it is the store's `Depth`, which changes
 only where the store commits. What admission adds is what is not committed
 yet: sends whose item is being written (they are waiting already, so no
@@ -20,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+from .clock import Clock
 from .errors import QueueFull
 from .store import Depth, Depths
 
@@ -67,6 +72,7 @@ class Admission:
         workspace: str,
         depth: Depth,
         enqueuing: Enqueuing,
+        clock: Clock,
         *,
         capacity: Callable[[float], int],
         external_load: Callable[[float], int],
@@ -76,6 +82,7 @@ class Admission:
         self.workspace = workspace
         self.depth = depth
         self._enqueuing_all = enqueuing
+        self._clock = clock
         self._capacity = capacity
         self._external_load = external_load
         self._deliverable_state = deliverable_state
@@ -83,9 +90,9 @@ class Admission:
         self.in_flight = 0  # a2ad's own message requests at the agent, direct or queued
         self.reserved = 0  # slots held for a claim the store has not answered yet
         self.enqueuing = 0  # sends whose item is being written
-        self.paused_until = 0.0
+        self.paused_until = 0.0  # monotonic
         self.busy_streak = 0
-        self.busy_since: float | None = None  # when the current run of busy answers began
+        self.busy_since: float | None = None  # when the current busy spell began (monotonic)
 
     # -- what is free --------------------------------------------------------
 
@@ -98,6 +105,10 @@ class Admission:
     def paused(self, now: float) -> bool:
         return now < self.paused_until
 
+    def paused_until_wall(self) -> float:
+        """The end of the pause on the wall clock, for people and logs."""
+        return self._clock.now() + (self.paused_until - self._clock.monotonic())
+
     def can_deliver(self, now: float) -> bool:
         """A slot is free and nothing holds delivery back."""
         return self._deliverable_state() and not self.paused(now) and self.free_slots(now) > 0
@@ -105,7 +116,7 @@ class Admission:
     def waiting(self, now: float) -> int:
         """Sends that wait ahead of a new one: deliverable queued items and items
         being written. An item waiting out a failure backoff does not count."""
-        return self.depth.deliverable(now) + self.enqueuing
+        return self.depth.deliverable(self._clock.now()) + self.enqueuing
 
     # -- the decisions ---------------------------------------------------------
 
@@ -119,7 +130,7 @@ class Admission:
     def reserve(self, now: float) -> int:
         """Slots for the pump's next claim, held until `claimed`: as many as are
         free and items are due, 0 when nothing may be delivered now."""
-        due = self.depth.deliverable(now)
+        due = self.depth.deliverable(self._clock.now())
         if due <= 0 or not self.can_deliver(now):
             return 0
         n = min(self.free_slots(now), due)

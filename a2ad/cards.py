@@ -106,7 +106,7 @@ class Cards:
                 async with session.get(
                     url, headers=headers, timeout=FETCH_TIMEOUT, allow_redirects=False
                 ) as resp:
-                    ws.sign_of_life(self.clock.now())
+                    ws.sign_of_life(self.clock.monotonic())
                     if resp.status != 200:
                         continue
                     raw = await resp.content.read(MAX_CARD_BYTES + 1)

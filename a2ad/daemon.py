@@ -214,7 +214,7 @@ class Daemon:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.probe_write(now)
         for ws in self.registry:
-            if ws.check_heartbeat_timeout(now):
+            if ws.check_heartbeat_timeout(self.clock.monotonic()):
                 self.liveness.signal(ws, "no heartbeat within heartbeat_timeout_seconds")
         await self.dispatcher.sweep()
         # Another process (the queue CLI) wrote to the file: recount and look again.

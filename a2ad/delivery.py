@@ -226,15 +226,18 @@ class Dispatcher:
     async def _sleep_until_trigger(self, ws: Workspace) -> None:
         if ws.wakeup.is_set():
             return
-        now = self.clock.now()
-        timers = [self._wake_at.get(ws.id, now + IDLE_RECHECK_SECONDS)]
-        if ws.paused(now):
-            timers.append(ws.paused_until)
+        # Delays, each from its own clock: stored times (a not-before) on the wall
+        # clock, the busy pause on the monotonic one.
+        now, mono = self.clock.now(), self.clock.monotonic()
+        delays = [self._wake_at.get(ws.id, now + IDLE_RECHECK_SECONDS) - now]
+        paused = ws.paused(mono)
+        if paused:
+            delays.append(ws.paused_until - mono)
         due = ws.depth.next_due(now)
         if due is not None:
-            timers.append(due)
-        delay = max(0.0, min(timers) - now)
-        if ws.depth.queued_total == 0 and not ws.paused(now):
+            delays.append(due - now)
+        delay = max(0.0, min(delays))
+        if ws.depth.queued_total == 0 and not paused:
             delay = IDLE_RECHECK_SECONDS * 12
         # A timer that sets the same event: no task per wait on the hot path.
         timer = self.clock.call_later(delay, ws.wakeup.set)
@@ -248,10 +251,10 @@ class Dispatcher:
         self._wake_at.pop(ws.id, None)
         admission = ws.admission
         while not self._stopping:
-            now = self.clock.now()
-            reserved = admission.reserve(now)
+            reserved = admission.reserve(self.clock.monotonic())
             if not reserved:
                 return
+            now = self.clock.now()
             claim = self.store.submit_claim(
                 ws.id,
                 now=now,
@@ -366,7 +369,7 @@ class Dispatcher:
                 item.id,
                 answer.error,
                 ws.id,
-                a2a.timestamp(ws.paused_until),
+                a2a.timestamp(ws.admission.paused_until_wall()),
                 extra=_about(item),
             )
             await self._settle_back(ws, item, token, now=now, busy=True, last_error=answer.error)

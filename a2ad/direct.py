@@ -58,9 +58,9 @@ class DirectPath:
     ) -> Answer:
         """Forward a message send in `slot`, which is free again when this returns."""
         with slot:
-            started = self.clock.now()
+            started = self.clock.monotonic()
             answer = await self.upstream.send(ws.config, body, headers)
-            ended = self.clock.now()
+            ended = self.clock.monotonic()
             self.metrics.of(ws.id).proxy[answer.outcome].observe(ended - started)
             # Before the slot frees, so the wakeup finds a busy pause in place.
             self.observe(ws, answer, ended)
@@ -75,9 +75,9 @@ class DirectPath:
         opened: Opened | None = None
         with slot:
             try:
-                started = self.clock.now()
+                started = self.clock.monotonic()
                 opened = await self.upstream.open(ws.config, body, headers)
-                ended = self.clock.now()
+                ended = self.clock.monotonic()
                 outcome = Outcome.FINAL if opened.answer is None else opened.answer.outcome
                 self.metrics.of(ws.id).proxy[outcome].observe(ended - started)
                 if opened.answer is not None:
@@ -92,9 +92,10 @@ class DirectPath:
     # -- what answers tell -------------------------------------------------------
 
     def observe(self, ws: Workspace, answer: Answer, now: float | None = None) -> None:
-        """Learn from an agent's answer: a busy pause, a sign of life, a failure signal."""
+        """Learn from an agent's answer: a busy pause, a sign of life, a failure signal.
+        `now` is the monotonic clock's, as every time kept only in memory."""
         if now is None:
-            now = self.clock.now()
+            now = self.clock.monotonic()
         if answer.outcome is Outcome.BUSY:
             self.metrics.of(ws.id).busy.inc()
             ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)

@@ -134,7 +134,7 @@ class Liveness:
 
     def judge(self, ws: Workspace, seen: Observation) -> None:
         """Act on a probe's result."""
-        now = self.clock.now()
+        now = self.clock.monotonic()
         if seen is Observation.RUNNING:
             ws.sign_of_life(now)
             self.debounce.forget(ws.id)
@@ -171,7 +171,7 @@ class Liveness:
             async with self._session.get(
                 card_urls(ws.config.url)[0], timeout=timeout, allow_redirects=False
             ) as resp:
-                ws.sign_of_life(self.clock.now())  # any answer is one
+                ws.sign_of_life(self.clock.monotonic())  # any answer is one
                 return Observation.RUNNING if resp.status < 300 else Observation.UNKNOWN
         except aiohttp.ClientConnectorError:
             return Observation.NOT_RUNNING
@@ -192,7 +192,7 @@ class Liveness:
 
     def restarts_last_hour(self, workspace_id: str) -> int:
         history = self._history.setdefault(workspace_id, deque())
-        while history and history[0] <= self.clock.now() - HOUR:
+        while history and history[0] <= self.clock.monotonic() - HOUR:
             history.popleft()
         return len(history)
 
@@ -221,7 +221,7 @@ class Liveness:
             await self.clock.sleep(wait)
             if ws.state is not State.DEAD:
                 return  # it came back by itself meanwhile
-        self._history.setdefault(ws.id, deque()).append(self.clock.now())
+        self._history.setdefault(ws.id, deque()).append(self.clock.monotonic())
         ws.restarts += 1
         ws.state = State.RESTARTING
         timeout = self.settings.restart_timeout_seconds
@@ -236,7 +236,7 @@ class Liveness:
                 "timed out" if code is None else f"exited {code}",
             )
         # The agent is booting: a not-running probe means nothing for a while.
-        self._booting_until[ws.id] = self.clock.now() + timeout
+        self._booting_until[ws.id] = self.clock.monotonic() + timeout
 
     def reset(self, ws: Workspace) -> None:
         """Leave failed: the budget, the debounce and the backoff start over."""

@@ -177,7 +177,7 @@ async def _send_message(
     answer: Answer | None = None
     # Admission decides and takes the slot in one step; the slot is held across
     # every await below and returned on every path, cancellation included.
-    slot = ws.admission.try_direct(now)
+    slot = ws.admission.try_direct(daemon.clock.monotonic())
     if slot is not None:
         with slot:
             direct = daemon.direct
@@ -217,7 +217,7 @@ async def _send_message(
         )
         busy_answers = 1
     if options.never_queue:
-        wait = max(1.0, ws.paused_until - now)
+        wait = max(1.0, ws.paused_until - daemon.clock.monotonic())
         raise QueueFull(
             f"workspace {ws.id!r} has no free slot and A2AD-Queue: never was given",
             retry_after=wait,
@@ -507,9 +507,8 @@ async def _forward(
         forwarded_headers(request.headers, request[REQUEST_ID]),
         expect_jsonrpc=False,
     )
-    now = daemon.clock.now()
     if answer.reached_agent:
-        ws.note_answer(now)
+        ws.note_answer(daemon.clock.monotonic())
     if answer.status is None:
         if answer.timed_out:
             raise UpstreamTimeout(f"workspace {ws.id!r}: {answer.error}")
@@ -576,7 +575,7 @@ async def handle_heartbeat(request: web.Request) -> web.Response:
     ws = daemon.registry.get(workspace_id)
     raw = await read_body(request)
     active, capacity = _heartbeat_fields(a2a.parse_json(raw))
-    now = daemon.clock.now()
+    now = daemon.clock.monotonic()
     ws.record_heartbeat(active, capacity, now)
     if ws.free_slots(now) > 0 and ws.queued_total > 0:
         ws.wakeup.set()  # fill every free slot now, not at the next timer

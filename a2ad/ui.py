@@ -285,7 +285,7 @@ def _count_cell(state: str, n: int) -> str:
 
 
 def _workspaces_table(daemon: Daemon, counts: dict[str, dict[str, int]]) -> str:
-    now = daemon.clock.now()
+    now = daemon.clock.monotonic()
     head = (
         "<tr><th>Workspace</th><th>State</th><th class=num>Capacity</th>"
         "<th class=num>In flight</th>"

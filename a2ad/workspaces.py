@@ -40,7 +40,11 @@ class Heartbeat:
 
 
 class Workspace:
-    """One agent: its configuration and what a2ad knows of it right now."""
+    """One agent: its configuration and what a2ad knows of it right now.
+
+    Every `now` here is the clock's monotonic reading: heartbeats, signs of
+    life and pauses live only in this process, and a step of the wall clock
+    must neither age them nor make them fresh again."""
 
     def __init__(
         self,
@@ -68,6 +72,7 @@ class Workspace:
             config.id,
             self.depth,
             enqueuing or Enqueuing(),
+            clock,
             capacity=self.capacity,
             external_load=self.external_load,
             deliverable_state=lambda: self.state in DELIVERABLE,
