@@ -47,13 +47,17 @@ chromium:
 			{ echo "could not install chromium (apt-get failed); the status page's browser test needs it"; exit 1; }; \
 	}
 
-## soak: kill -9 a2ad at random moments under load, 100 times, and reconcile; then
-## fuzz every endpoint with ten times the examples, freshly random.
+## soak: kill -9 a2ad at random moments under load, 100 times, and reconcile; the
+## admission stress test, bigger; then fuzz every endpoint and the admission
+## invariants with ten times the examples, freshly random.
 soak: install
 	A2AD_SOAK_TRIALS=$${A2AD_SOAK_TRIALS:-100} $(BIN)/python -m pytest -q -p no:cacheprovider \
 		tests/acceptance/test_soak.py
+	A2AD_STRESS_ROUNDS=$${A2AD_STRESS_ROUNDS:-4} A2AD_STRESS_ROWS=$${A2AD_STRESS_ROWS:-400000} \
+		A2AD_STRESS_SIGTERMS=$${A2AD_STRESS_SIGTERMS:-12} $(BIN)/python -m pytest -q \
+		-p no:cacheprovider tests/acceptance/test_admission_stress.py
 	A2AD_FUZZ_EXPLORE=$${A2AD_FUZZ_EXPLORE:-10} $(BIN)/python -m pytest -q -p no:cacheprovider \
-		tests/integration/test_fuzz.py
+		tests/integration/test_fuzz.py tests/integration/test_admission_invariants.py
 
 ## wheelhouse: a2ad and every runtime dependency as wheels in dist/wheelhouse/, for
 ## machines without network: pip install --no-index --find-links dist/wheelhouse a2ad
