@@ -9,7 +9,7 @@ recount is itself an op in the writer's order.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -138,9 +138,6 @@ class Depths:
         if depth is None:
             depth = self._by_workspace[workspace] = Depth(workspace, self)
         return depth
-
-    def __iter__(self) -> Iterable[Depth]:
-        return iter(list(self._by_workspace.values()))
 
     def apply(self, moves: Sequence[Move]) -> None:
         for move in moves:
