@@ -1,8 +1,10 @@
 """The store: queue items and run-time workspaces, durably.
 
 `models` holds the rows as a2ad sees them, `depth` the queue's counts that
-change in commit order, `writer` SQLite's group commit, `sqlite` the queries,
-`lock` the single-owner lock. Nothing outside this package writes SQL.
+change in commit order; for SQLite, `writer` is the group commit, `sqlite`
+the store and its writes, `reads` its reads, `sql` its busiest statements,
+`schema` its connections and migrations, `lock` the single-owner lock.
+Nothing outside this package writes SQL.
 """
 
 from .depth import Depth, Depths
@@ -21,7 +23,8 @@ from .models import (
     answers_again,
     new_queue_id,
 )
-from .sqlite import Migration, Store, bundled_migrations
+from .schema import Migration, bundled_migrations
+from .sqlite import Store
 
 __all__ = [
     "FINAL_STATES",

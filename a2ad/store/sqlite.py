@@ -14,14 +14,13 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
-from importlib import resources
+from collections.abc import Iterable
 from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
 from ..errors import StoreUnavailable
+from . import sql
 from .depth import Counted, Depths, Move, Snapshot
 from .models import (
     FINAL_STATES,
@@ -33,141 +32,16 @@ from .models import (
     State,
     answers_again,
 )
-from .writer import Op, Writer, is_store_failure, on_thread
+from .reads import Reads
+from .schema import Migration, apply_migrations, bundled_migrations, connect, read_schema_version
+from .writer import Op, Writer, on_thread
 
 log = logging.getLogger("a2ad.store")
 
 T = TypeVar("T")
 
-# Promotion moves an item up one level per full promote_after_seconds waited.
-_LEVEL = "(CASE priority WHEN 100 THEN 2 WHEN 50 THEN 1 ELSE 0 END)"
 
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
-def bundled_migrations() -> list[Migration]:
-    """The numbered migrations shipped in a2ad/migrations, in order."""
-    folder = resources.files("a2ad") / "migrations"
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            number, _, rest = entry.name.partition("_")
-            found.append(Migration(int(number), rest.removesuffix(".sql"), entry.read_text()))
-    return sorted(found, key=lambda m: m.version)
-
-
-async def _connect(path: str, synchronous: str, busy_timeout: float) -> aiosqlite.Connection:
-    def configure() -> sqlite3.Connection:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-        # The WAL file shrinks back to this after a checkpoint instead of keeping
-        # the size of the largest burst.
-        conn.execute("PRAGMA journal_size_limit=16777216")
-        return conn
-
-    conn = aiosqlite.Connection(configure, iter_chunk_size=64)
-    try:
-        return await conn
-    except BaseException:
-        # aiosqlite stops its thread on a failed connect without waiting for it;
-        # wait here, or the thread reports to an event loop that may be gone.
-        await asyncio.get_running_loop().run_in_executor(None, conn._thread.join, 5.0)
-        raise
-
-
-# The best `limit` due items of one workspace: each priority's oldest `limit`, ordered
-# by the level they have risen to by waiting, then age. Within a priority an older
-# item has risen at least as far, so each priority's oldest `limit` hold its best.
-_CLAIM_HEAD = """
-    SELECT * FROM (SELECT seq, priority, enqueued_at FROM items
-        WHERE workspace = :workspace AND state = 'queued' AND priority = {priority}
-          AND not_before <= :now AND (expires_at IS NULL OR expires_at > :now)
-        ORDER BY seq LIMIT :limit)"""
-
-_CLAIMABLE = f"""
-SELECT seq FROM ({" UNION ALL ".join(_CLAIM_HEAD.format(priority=p) for p in (100, 50, 10))})
-ORDER BY MIN(2, {_LEVEL} + CAST((:now - enqueued_at) / :promote_after AS INTEGER)) DESC, seq
-LIMIT :limit
-"""
-
-# All of them in one statement, each with its own token (a claim of 8 items took
-# 250 µs as 8 claims of one, which each ran the best-of-three lookup, and 208 µs so).
-_CLAIM = """
-UPDATE items
-SET state = 'dispatching', claim_token = lower(hex(randomblob(16))), lease_until = ?,
-    updated_at = ?
-WHERE seq IN ({marks}) AND state = 'queued'
-RETURNING {columns}
-"""
-
-_INSERT = """
-INSERT INTO items (id, workspace, caller, method, body, headers, message_id, context_id,
-                   request_id, priority, ttl_seconds, expires_at, busy_answers,
-                   enqueued_at, updated_at)
-VALUES (:id, :workspace, :caller, :method, :body, :headers, :message_id, :context_id,
-        :request_id, :priority, :ttl_seconds, :expires_at, :busy_answers, :now, :now)
-"""
-
-# Items whose claimer is gone go back to queued with an attempt counted, or
-# end in failed once the attempts are spent, so an agent that crashes on a
-# message cannot loop on it forever.
-_RELEASE_DISPATCHING = """
-UPDATE items
-SET attempts = attempts + 1,
-    state = CASE WHEN attempts + 1 >= :max_attempts THEN 'failed' ELSE 'queued' END,
-    finished_at = CASE WHEN attempts + 1 >= :max_attempts THEN :now END,
-    last_error = :reason, claim_token = NULL, lease_until = NULL, updated_at = :now
-WHERE state = 'dispatching' {condition}
-RETURNING id, workspace, state, priority
-"""
-
-
-def _place(done: Enqueued, depths: Depths) -> Enqueued:
-    """A new item's place in line as its commit left the queue."""
-    depth = depths.of(done.item.workspace)
-    position = sum(n for p, n in depth.queued.items() if p >= done.item.priority)
-    return replace(done, depth=depth.queued_total, position=position)
-
-
-def _released(rows: Iterable[Any], old: State, now: float) -> Counted[list[Released]]:
-    """Rows of `id, workspace, state, priority` that left `old`, with their moves."""
-    released, moves = [], []
-    for item_id, workspace, state, priority in rows:
-        released.append(Released(item_id, workspace, state))
-        moves.append(Move(workspace, item_id, priority, old, state, now))
-    return Counted(released, moves)
-
-
-def _live_snapshot(conn: sqlite3.Connection, now: float) -> Snapshot:
-    """Every workspace's live items, read through the live-state index (only live rows)."""
-    queued: dict[str, dict[int, int]] = {}
-    dispatching: dict[str, int] = {}
-    waiting: dict[str, dict[str, float]] = {}
-    for workspace, state, priority, n in conn.execute(
-        "SELECT workspace, state, priority, COUNT(*) FROM items"
-        " WHERE state IN ('queued', 'dispatching') GROUP BY state, workspace, priority"
-    ):
-        if state == "queued":
-            queued.setdefault(workspace, {})[priority] = n
-        else:
-            dispatching[workspace] = dispatching.get(workspace, 0) + n
-    for workspace, item_id, not_before in conn.execute(
-        "SELECT workspace, id, not_before FROM items WHERE state = 'queued' AND not_before > ?",
-        (now,),
-    ):
-        waiting.setdefault(workspace, {})[item_id] = not_before
-    return Snapshot(None, queued, dispatching, waiting)
-
-
-class Store:
+class Store(Reads):
     """The SQLite store. `open()` it, `migrate()` it, use it, `close()` it."""
 
     def __init__(self, path: str, *, synchronous: str = "full", busy_timeout: float = 5.0):
@@ -197,8 +71,8 @@ class Store:
         if directory:
             os.makedirs(directory, exist_ok=True)
         try:
-            self._conn = await _connect(self.path, self.synchronous, self.busy_timeout)
-            self._reader = await _connect(self.path, self.synchronous, self.busy_timeout)
+            self._conn = await connect(self.path, self.synchronous, self.busy_timeout)
+            self._reader = await connect(self.path, self.synchronous, self.busy_timeout)
         except sqlite3.Error as exc:
             if self._conn is not None:
                 await self._conn.close()
@@ -224,16 +98,6 @@ class Store:
 
     # -- the two hops --------------------------------------------------------
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        reader = self._reader
-        assert reader is not None, "store is not open"
-        try:
-            return await on_thread(reader, fn, reader._conn)
-        except sqlite3.Error as exc:
-            if is_store_failure(exc):
-                raise StoreUnavailable(f"the store cannot be read: {exc}", retry_after=1) from exc
-            raise
-
     async def _write(self, op: Op[T] | Op[Counted[T]], *, durable: bool = True) -> T:
         """Run `op` in the writer's next batch (see Writer.submit)."""
         return await self._submit(op, durable=durable)
@@ -255,16 +119,7 @@ class Store:
     # -- migrations --------------------------------------------------------
 
     async def schema_version(self) -> int:
-        def read(conn: sqlite3.Connection) -> int:
-            exists = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
-            ).fetchone()
-            if not exists:
-                return 0
-            row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
-            return int(row[0] or 0)
-
-        return await self._read(read)
+        return await self._read(read_schema_version)
 
     async def migrate(self, migrations: Iterable[Migration] | None = None) -> list[Migration]:
         """Apply the migrations the database has not seen, in order; return them."""
@@ -274,34 +129,7 @@ class Store:
         )
         writer = self._conn
         assert writer is not None
-
-        def apply(conn: sqlite3.Connection, now: float) -> list[Migration]:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
-            )
-            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-            applied = []
-            for migration in pending:
-                if migration.version in done:
-                    continue
-                try:
-                    # The transaction around the file's statements makes each
-                    # migration all or nothing, its record included.
-                    conn.executescript(f"BEGIN IMMEDIATE;\n{migration.sql}\n;")
-                    conn.execute(
-                        "INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                        (migration.version, migration.name, now),
-                    )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                applied.append(migration)
-            return applied
-
-        return await on_thread(writer, apply, writer._conn, time.time())
+        return await on_thread(writer, apply_migrations, writer._conn, pending, time.time())
 
     # -- writes ------------------------------------------------------------
 
@@ -345,10 +173,10 @@ class Store:
                 "busy_answers": new.busy_answers,
                 "now": now,
             }
-            seq = conn.execute(_INSERT, values).lastrowid
+            seq = conn.execute(sql.INSERT, values).lastrowid
             assert seq is not None
             move = Move(new.workspace, new.id, new.priority, None, "queued", now)
-            return Counted(Enqueued(Item.stored(new, seq, now), True), (move,), then=_place)
+            return Counted(Enqueued(Item.stored(new, seq, now), True), (move,), then=sql.place)
 
         return self._submit(op)
 
@@ -367,11 +195,11 @@ class Store:
 
         def op(conn: sqlite3.Connection) -> Counted[list[Item]]:
             where = {"workspace": workspace, "now": now, "promote_after": promote_after}
-            seqs = [row[0] for row in conn.execute(_CLAIMABLE, {**where, "limit": limit})]
+            seqs = [row[0] for row in conn.execute(sql.CLAIMABLE, {**where, "limit": limit})]
             if not seqs:
                 return Counted([])
-            sql = _CLAIM.format(marks=", ".join("?" * len(seqs)), columns=ITEM_COLUMNS)
-            rows = conn.execute(sql, (now + lease_seconds, now, *seqs)).fetchall()
+            statement = sql.CLAIM.format(marks=", ".join("?" * len(seqs)), columns=ITEM_COLUMNS)
+            rows = conn.execute(statement, (now + lease_seconds, now, *seqs)).fetchall()
             rank = {seq: i for i, seq in enumerate(seqs)}  # RETURNING keeps no order
             items = sorted((Item.from_row(row) for row in rows), key=lambda i: rank[i.seq])
             moves = [Move(workspace, i.id, i.priority, "queued", "dispatching", now) for i in items]
@@ -480,7 +308,7 @@ class Store:
 
     async def _move_claimed(
         self,
-        sql: str,
+        statement: str,
         params: tuple[Any, ...],
         item_id: str,
         new: State,
@@ -490,7 +318,7 @@ class Store:
         """One claimed item out of `dispatching`, when its token still holds it."""
 
         def op(conn: sqlite3.Connection) -> Counted[bool]:
-            row = conn.execute(sql, params).fetchone()
+            row = conn.execute(statement, params).fetchone()
             if row is None:
                 return Counted(False)
             workspace, priority = row
@@ -501,10 +329,10 @@ class Store:
         return await self._write(op, durable=False)
 
     async def _write_checked(
-        self, sql: str, params: tuple[Any, ...], *, durable: bool = True
+        self, statement: str, params: tuple[Any, ...], *, durable: bool = True
     ) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            return conn.execute(sql, params).rowcount == 1
+            return conn.execute(statement, params).rowcount == 1
 
         return await self._write(op, durable=durable)
 
@@ -534,20 +362,26 @@ class Store:
         clock, go back to `queued`, counting an attempt."""
 
         def op(conn: sqlite3.Connection) -> Counted[list[Released]]:
-            sql = _RELEASE_DISPATCHING.format(condition="AND id = :id AND claim_token = :token")
+            statement = sql.RELEASE_DISPATCHING.format(
+                condition="AND id = :id AND claim_token = :token"
+            )
             params = {"now": now, "max_attempts": max_attempts, "reason": "claim lease expired"}
             rows = []
             for item_id, token in claims.items():
-                rows += conn.execute(sql, {**params, "id": item_id, "token": token}).fetchall()
-            return _released(rows, "dispatching", now)
+                rows += conn.execute(
+                    statement, {**params, "id": item_id, "token": token}
+                ).fetchall()
+            return sql.released(rows, "dispatching", now)
 
         return await self._write(op, durable=False)
 
     async def _release(self, condition: str, params: dict[str, Any]) -> list[Released]:
-        sql = _RELEASE_DISPATCHING.format(condition=condition)
+        statement = sql.RELEASE_DISPATCHING.format(condition=condition)
 
         def op(conn: sqlite3.Connection) -> Counted[list[Released]]:
-            return _released(conn.execute(sql, params).fetchall(), "dispatching", params["now"])
+            return sql.released(
+                conn.execute(statement, params).fetchall(), "dispatching", params["now"]
+            )
 
         return await self._write(op, durable=False)
 
@@ -563,7 +397,7 @@ class Store:
                 " RETURNING id, workspace, state, priority",
                 {"now": now},
             ).fetchall()
-            return _released(rows, "queued", now)
+            return sql.released(rows, "queued", now)
 
         return await self._write(op, durable=False)
 
@@ -635,12 +469,12 @@ class Store:
         assert state in FINAL_STATES
 
         def op(conn: sqlite3.Connection) -> int:
-            sql = "DELETE FROM items WHERE state = ? AND finished_at < ?"
+            statement = "DELETE FROM items WHERE state = ? AND finished_at < ?"
             params: tuple[Any, ...] = (state, before)
             if workspace is not None:
-                sql += " AND workspace = ?"
+                statement += " AND workspace = ?"
                 params += (workspace,)
-            return conn.execute(sql, params).rowcount
+            return conn.execute(statement, params).rowcount
 
         return await self._write(op)
 
@@ -668,7 +502,7 @@ class Store:
         process, the queue CLI, wrote to the file)."""
 
         def op(conn: sqlite3.Connection) -> Counted[None]:
-            return Counted(None, snapshot=_live_snapshot(conn, now))
+            return Counted(None, snapshot=sql.live_snapshot(conn, now))
 
         done: asyncio.Future[None] = self._submit(op, durable=False)
         await done
@@ -704,118 +538,6 @@ class Store:
         def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = conn.execute("SELECT config FROM workspaces ORDER BY id").fetchall()
             return [json.loads(row[0]) for row in rows]
-
-        return await self._read(read)
-
-    # -- reads -------------------------------------------------------------
-
-    async def get(self, item_id: str) -> Item | None:
-        def read(conn: sqlite3.Connection) -> Item | None:
-            row = conn.execute(
-                f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)
-            ).fetchone()
-            return Item.from_row(row) if row is not None else None
-
-        return await self._read(read)
-
-    async def find_message(self, workspace: str, caller: str, message_id: str) -> Item | None:
-        """The newest item with this messageId, if any."""
-
-        def read(conn: sqlite3.Connection) -> Item | None:
-            row = conn.execute(
-                f"SELECT {ITEM_COLUMNS} FROM items"
-                " WHERE workspace = ? AND caller = ? AND message_id = ?"
-                " ORDER BY seq DESC LIMIT 1",
-                (workspace, caller, message_id),
-            ).fetchone()
-            return Item.from_row(row) if row is not None else None
-
-        return await self._read(read)
-
-    async def last_delivered(self, workspaces: Iterable[str]) -> dict[str, float]:
-        """{workspace: when its newest delivered item was delivered}, for the replay
-        check; one look-up in an index per workspace, never a scan of the items."""
-
-        def read(conn: sqlite3.Connection) -> dict[str, float]:
-            out = {}
-            for workspace in workspaces:
-                row = conn.execute(
-                    "SELECT MAX(finished_at) FROM items"
-                    " WHERE workspace = ? AND state = 'delivered'",
-                    (workspace,),
-                ).fetchone()
-                if row[0] is not None:
-                    out[workspace] = float(row[0])
-            return out
-
-        return await self._read(read)
-
-    async def agent_context(self, context_id: str, caller: str, workspace: str) -> str | None:
-        """The agent's context id for a context id a2ad made, once the agent named one."""
-
-        def read(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute(
-                "SELECT agent_context_id FROM items WHERE context_id = ? AND caller = ?"
-                " AND workspace = ? AND agent_context_id IS NOT NULL ORDER BY seq DESC LIMIT 1",
-                (context_id, caller, workspace),
-            ).fetchone()
-            return str(row[0]) if row is not None else None
-
-        return await self._read(read)
-
-    async def list_items(
-        self,
-        *,
-        workspace: str | None = None,
-        state: str | None = None,
-        limit: int = 100,
-        after: int = 0,
-        newest_first: bool = False,
-    ) -> list[Item]:
-        """Items in insertion order, paged by `seq` (the cursor); with
-        `newest_first`, the newest `limit` items, newest first (no cursor)."""
-        clauses, params = ["seq > ?"], [after]
-        if workspace is not None:
-            clauses.append("workspace = ?")
-            params.append(workspace)  # type: ignore[arg-type]
-        if state is not None:
-            clauses.append("state = ?")
-            params.append(state)  # type: ignore[arg-type]
-        order = "seq DESC" if newest_first else "seq"
-        sql = (
-            f"SELECT {ITEM_COLUMNS} FROM items WHERE {' AND '.join(clauses)}"
-            f" ORDER BY {order} LIMIT ?"
-        )
-
-        def read(conn: sqlite3.Connection) -> list[Item]:
-            rows = conn.execute(sql, (*params, limit)).fetchall()
-            return [Item.from_row(r) for r in rows]
-
-        return await self._read(read)
-
-    async def counts(self) -> dict[str, dict[str, int]]:
-        """{workspace: {state: n}} for every workspace with items."""
-
-        def read(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-            out: dict[str, dict[str, int]] = {}
-            for ws, state, n in conn.execute(
-                "SELECT workspace, state, COUNT(*) FROM items GROUP BY workspace, state"
-            ):
-                out.setdefault(ws, {})[state] = n
-            return out
-
-        return await self._read(read)
-
-    async def next_due(self, workspace: str, *, now: float) -> float | None:
-        """The earliest future not-before among the workspace's queued items."""
-
-        def read(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                "SELECT MIN(not_before) FROM items"
-                " WHERE workspace = ? AND state = 'queued' AND not_before > ?",
-                (workspace, now),
-            ).fetchone()
-            return float(row[0]) if row[0] is not None else None
 
         return await self._read(read)
 

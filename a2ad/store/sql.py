@@ -1,0 +1,97 @@
+"""The SQL of the SQLite store's busiest statements, and what their rows become."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from .depth import Counted, Depths, Move, Snapshot
+from .models import Enqueued, Released, State
+
+# Promotion moves an item up one level per full promote_after_seconds waited.
+LEVEL = "(CASE priority WHEN 100 THEN 2 WHEN 50 THEN 1 ELSE 0 END)"
+
+# The best `limit` due items of one workspace: each priority's oldest `limit`, ordered
+# by the level they have risen to by waiting, then age. Within a priority an older
+# item has risen at least as far, so each priority's oldest `limit` hold its best.
+CLAIM_HEAD = """
+    SELECT * FROM (SELECT seq, priority, enqueued_at FROM items
+        WHERE workspace = :workspace AND state = 'queued' AND priority = {priority}
+          AND not_before <= :now AND (expires_at IS NULL OR expires_at > :now)
+        ORDER BY seq LIMIT :limit)"""
+
+CLAIMABLE = f"""
+SELECT seq FROM ({" UNION ALL ".join(CLAIM_HEAD.format(priority=p) for p in (100, 50, 10))})
+ORDER BY MIN(2, {LEVEL} + CAST((:now - enqueued_at) / :promote_after AS INTEGER)) DESC, seq
+LIMIT :limit
+"""
+
+# All of them in one statement, each with its own token (a claim of 8 items took
+# 250 µs as 8 claims of one, which each ran the best-of-three lookup, and 208 µs so).
+CLAIM = """
+UPDATE items
+SET state = 'dispatching', claim_token = lower(hex(randomblob(16))), lease_until = ?,
+    updated_at = ?
+WHERE seq IN ({marks}) AND state = 'queued'
+RETURNING {columns}
+"""
+
+INSERT = """
+INSERT INTO items (id, workspace, caller, method, body, headers, message_id, context_id,
+                   request_id, priority, ttl_seconds, expires_at, busy_answers,
+                   enqueued_at, updated_at)
+VALUES (:id, :workspace, :caller, :method, :body, :headers, :message_id, :context_id,
+        :request_id, :priority, :ttl_seconds, :expires_at, :busy_answers, :now, :now)
+"""
+
+# Items whose claimer is gone go back to queued with an attempt counted, or
+# end in failed once the attempts are spent, so an agent that crashes on a
+# message cannot loop on it forever.
+RELEASE_DISPATCHING = """
+UPDATE items
+SET attempts = attempts + 1,
+    state = CASE WHEN attempts + 1 >= :max_attempts THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN attempts + 1 >= :max_attempts THEN :now END,
+    last_error = :reason, claim_token = NULL, lease_until = NULL, updated_at = :now
+WHERE state = 'dispatching' {condition}
+RETURNING id, workspace, state, priority
+"""
+
+
+def place(done: Enqueued, depths: Depths) -> Enqueued:
+    """A new item's place in line as its commit left the queue."""
+    depth = depths.of(done.item.workspace)
+    position = sum(n for p, n in depth.queued.items() if p >= done.item.priority)
+    return replace(done, depth=depth.queued_total, position=position)
+
+
+def released(rows: Iterable[Any], old: State, now: float) -> Counted[list[Released]]:
+    """Rows of `id, workspace, state, priority` that left `old`, with their moves."""
+    released, moves = [], []
+    for item_id, workspace, state, priority in rows:
+        released.append(Released(item_id, workspace, state))
+        moves.append(Move(workspace, item_id, priority, old, state, now))
+    return Counted(released, moves)
+
+
+def live_snapshot(conn: sqlite3.Connection, now: float) -> Snapshot:
+    """Every workspace's live items, read through the live-state index (only live rows)."""
+    queued: dict[str, dict[int, int]] = {}
+    dispatching: dict[str, int] = {}
+    waiting: dict[str, dict[str, float]] = {}
+    for workspace, state, priority, n in conn.execute(
+        "SELECT workspace, state, priority, COUNT(*) FROM items"
+        " WHERE state IN ('queued', 'dispatching') GROUP BY state, workspace, priority"
+    ):
+        if state == "queued":
+            queued.setdefault(workspace, {})[priority] = n
+        else:
+            dispatching[workspace] = dispatching.get(workspace, 0) + n
+    for workspace, item_id, not_before in conn.execute(
+        "SELECT workspace, id, not_before FROM items WHERE state = 'queued' AND not_before > ?",
+        (now,),
+    ):
+        waiting.setdefault(workspace, {})[item_id] = not_before
+    return Snapshot(None, queued, dispatching, waiting)
