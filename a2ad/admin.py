@@ -174,8 +174,12 @@ async def delete_workspace(request: web.Request) -> web.Response:
     if ws.from_config:
         raise Conflict(f"workspace {ws.id!r} comes from the config file; remove it there")
     purge = request.query.get("purge") in ("1", "true")
-    waiting = ws.queued_total + ws.dispatching
+    # Sends stop being admitted first, and those being written are committed, so
+    # the count below is every item that waits: no 202 is left behind unserved.
+    await ws.admission.close()
+    waiting = ws.depth.live
     if waiting and not purge:
+        ws.admission.closed = False
         raise Conflict(f"{waiting} items wait for {ws.id!r}; DELETE with ?purge=true drops them")
     deleted = await daemon.unregister(ws, purge=purge)
     return json_response({"id": ws.id, "deleted": True, "items_deleted": deleted})

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from .clock import Clock
-from .errors import QueueFull
+from .errors import QueueFull, UnknownWorkspace
 from .store import Depth, Depths
 
 BUSY_PAUSE_FIRST = 0.5
@@ -83,16 +83,42 @@ class Admission:
         self.depth = depth
         self._enqueuing_all = enqueuing
         self._clock = clock
-        self._capacity = capacity
-        self._external_load = external_load
-        self._deliverable_state = deliverable_state
-        self._wakeup = wakeup
+        self.bind(capacity, external_load, deliverable_state, wakeup)
+        self.closed = False  # the workspace is being removed: nothing more is admitted
+        self._written = asyncio.Event()  # set as the last item being written is done
         self.in_flight = 0  # a2ad's own message requests at the agent, direct or queued
         self.reserved = 0  # slots held for a claim the store has not answered yet
         self.enqueuing = 0  # sends whose item is being written
         self.paused_until = 0.0  # monotonic
         self.busy_streak = 0
         self.busy_since: float | None = None  # when the current busy spell began (monotonic)
+
+    def bind(
+        self,
+        capacity: Callable[[float], int],
+        external_load: Callable[[float], int],
+        deliverable_state: Callable[[], bool],
+        wakeup: asyncio.Event,
+    ) -> None:
+        """Take what it knows of the agent from its workspace (again, when a
+        workspace removed while its requests still ran is added back)."""
+        self._capacity = capacity
+        self._external_load = external_load
+        self._deliverable_state = deliverable_state
+        self._wakeup = wakeup
+
+    @property
+    def busy(self) -> bool:
+        """Requests of a2ad's are at the agent, or slots are held for a claim."""
+        return bool(self.in_flight or self.reserved)
+
+    async def close(self) -> None:
+        """Admit nothing more (sends get unknown_workspace), and wait for the items
+        being written to be committed, so the depth counts every one of them."""
+        self.closed = True
+        while self.enqueuing:  # each ends with its write, committed or failed
+            self._written.clear()
+            await self._written.wait()
 
     # -- what is free --------------------------------------------------------
 
@@ -111,7 +137,12 @@ class Admission:
 
     def can_deliver(self, now: float) -> bool:
         """A slot is free and nothing holds delivery back."""
-        return self._deliverable_state() and not self.paused(now) and self.free_slots(now) > 0
+        return (
+            not self.closed
+            and self._deliverable_state()
+            and not self.paused(now)
+            and self.free_slots(now) > 0
+        )
 
     def waiting(self, now: float) -> int:
         """Sends that wait ahead of a new one: deliverable queued items and items
@@ -156,6 +187,8 @@ class Admission:
     def begin_enqueue(self, depths: Depths, *, max_per_workspace: int, max_total: int) -> None:
         """Count a send as waiting while its item is written, after the caps allow it.
         Counted before the write, so concurrent sends cannot overshoot a cap."""
+        if self.closed:
+            raise UnknownWorkspace(f"no workspace {self.workspace!r} (it is being removed)")
         if self.depth.live + self.enqueuing >= max_per_workspace:
             raise QueueFull(
                 f"workspace {self.workspace!r} has {max_per_workspace} items waiting"
@@ -173,6 +206,8 @@ class Admission:
         """The write is done (committed, or not): the store's depth counts it now."""
         self.enqueuing -= 1
         self._enqueuing_all.total -= 1
+        if not self.enqueuing:
+            self._written.set()
         self._wakeup.set()
 
     # -- the busy pause ----------------------------------------------------------

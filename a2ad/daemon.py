@@ -102,9 +102,10 @@ class Daemon:
             self._add_runtime(saved)
         await self.upstream.start()
         await self.liveness.start(self.upstream.session)
-        await self.dispatcher.start()
-        # From here on, a commit by another process (the queue CLI) means a recount.
+        # From here on, a commit by another process (the queue CLI) means a recount
+        # (read before the start-up recount, so a commit between the two is seen).
         self._data_version = await self.store.data_version()
+        await self.dispatcher.start()
         self._loops = [
             asyncio.create_task(
                 self._every(HOUSEKEEPING_SECONDS, self._housekeeping), name="a2ad-housekeeping"

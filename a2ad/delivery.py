@@ -158,6 +158,13 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self._claims_returned()
+        # Claims whose outcome could not be written: back as they were, no attempt
+        # used (the next start would charge one).
+        now = self.clock.now()
+        for item_id, claim in list(self._claims.items()):
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.hand_back(item_id, claim.token, now=now)
+            self._claims.pop(item_id, None)
         if self._lease_keeper is not None:
             self._lease_keeper.cancel()
             await asyncio.gather(self._lease_keeper, return_exceptions=True)
@@ -165,7 +172,7 @@ class Dispatcher:
     async def recount(self) -> None:
         """Set the queue counts from the store, in the writer's order (at start-up,
         and after another process, the queue CLI, wrote to it)."""
-        await self.store.recount(now=self.clock.now())
+        await self.store.recount()
         for ws in self.registry:
             ws.wakeup.set()
 
@@ -355,10 +362,11 @@ class Dispatcher:
             log.exception("item %s: delivery error", item.id, extra=_about(item))
         finally:
             claim = self._claims.get(item.id)
-            if recorded:
-                self._claims.pop(item.id, None)
-            elif claim is not None:
-                claim.running = False  # no renewals: it lapses and the sweep takes it
+            if claim is not None and claim.token == token:  # not a later claim of the item
+                if recorded:
+                    del self._claims[item.id]
+                else:
+                    claim.running = False  # no renewals: it lapses and the sweep takes it
 
     async def _record(
         self, ws: Workspace, item: Item, token: str, answer: Answer, started: float, now: float
@@ -533,9 +541,9 @@ class Dispatcher:
             except Exception:
                 log.exception("lease renewal failed; continuing")
                 continue
-            for item_id in running:
+            for item_id, token in running.items():
                 claim = self._claims.get(item_id)
-                if claim is None:
+                if claim is None or claim.token != token:
                     continue
                 if item_id in lost:
                     log.warning("item %s: claim lost while delivering", item_id)
@@ -547,19 +555,25 @@ class Dispatcher:
 
     async def sweep(self) -> None:
         """Expire due items and return claims whose lease lapsed (once a second).
-        Leases are timed on the monotonic clock: a step of the wall clock does
-        not take running deliveries for dead ones."""
+        Within this process a delivery that still runs is alive by definition
+        (its own timeout bounds it), so only claims whose delivery ended without
+        an outcome lapse; on the monotonic clock, so a step of the wall clock
+        changes nothing."""
         now = self.clock.now()
         expired = await self.store.expire_due(now=now)
         mono = self.clock.monotonic()
-        lapsed = {i: c.token for i, c in self._claims.items() if c.lapses_at < mono}
+        lapsed = {
+            i: c.token for i, c in self._claims.items() if not c.running and c.lapses_at < mono
+        }
         swept = []
         if lapsed:
             swept = await self.store.release_claims(
                 lapsed, now=now, max_attempts=self.queue_settings.max_attempts
             )
-            for item_id in lapsed:
-                self._claims.pop(item_id, None)
+            for item_id, token in lapsed.items():
+                claim = self._claims.get(item_id)
+                if claim is not None and claim.token == token:
+                    del self._claims[item_id]
         for released in expired:
             log.info(
                 "item %s expired before delivery",

@@ -75,13 +75,17 @@ class Workspace:
             clock,
             capacity=self.capacity,
             external_load=self.external_load,
-            deliverable_state=lambda: self.state in DELIVERABLE,
+            deliverable_state=self.admits,
             wakeup=self.wakeup,
         )
 
     @property
     def id(self) -> str:
         return self.config.id
+
+    def admits(self) -> bool:
+        """Its state lets a message go to the agent (if a slot is free)."""
+        return self.state in DELIVERABLE
 
     # Read-only views for the status page, metrics and tests.
     @property
@@ -178,6 +182,9 @@ class Registry:
         self._by_id: dict[str, Workspace] = {}
         self.depths = depths or Depths()
         self.enqueuing = Enqueuing()
+        # Admissions of removed workspaces whose requests still run at their agent:
+        # a workspace added back under the same id takes its slots over.
+        self._retired: dict[str, Admission] = {}
 
     def add(self, config: WorkspaceSettings, *, from_config: bool = True) -> Workspace:
         ws = Workspace(
@@ -188,11 +195,18 @@ class Registry:
             depths=self.depths,
             enqueuing=self.enqueuing,
         )
+        retired = self._retired.pop(config.id, None)
+        if retired is not None:
+            retired.bind(ws.capacity, ws.external_load, ws.admits, ws.wakeup)
+            retired.closed = False
+            ws.admission = retired
         self._by_id[config.id] = ws
         return ws
 
     def remove(self, workspace_id: str) -> None:
-        self._by_id.pop(workspace_id, None)
+        ws = self._by_id.pop(workspace_id, None)
+        if ws is not None and ws.admission.busy:
+            self._retired[workspace_id] = ws.admission
 
     def get(self, workspace_id: str) -> Workspace:
         try:

@@ -76,8 +76,10 @@ def released(rows: Iterable[Any], old: State, now: float) -> Counted[list[Releas
     return Counted(released, moves)
 
 
-def live_snapshot(conn: sqlite3.Connection, now: float) -> Snapshot:
-    """Every workspace's live items, read through the live-state index (only live rows)."""
+def live_snapshot(conn: sqlite3.Connection) -> Snapshot:
+    """Every workspace's live items, read through the live-state index (only live rows).
+    Queued items that ever waited out a backoff keep their not-before; the depth
+    compares it with the clock, so it is taken whether it is due or not."""
     queued: dict[str, dict[int, int]] = {}
     dispatching: dict[str, int] = {}
     waiting: dict[str, dict[str, float]] = {}
@@ -90,8 +92,7 @@ def live_snapshot(conn: sqlite3.Connection, now: float) -> Snapshot:
         else:
             dispatching[workspace] = dispatching.get(workspace, 0) + n
     for workspace, item_id, not_before in conn.execute(
-        "SELECT workspace, id, not_before FROM items WHERE state = 'queued' AND not_before > ?",
-        (now,),
+        "SELECT workspace, id, not_before FROM items WHERE state = 'queued' AND not_before > 0"
     ):
         waiting.setdefault(workspace, {})[item_id] = not_before
     return Snapshot(None, queued, dispatching, waiting)

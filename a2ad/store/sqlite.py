@@ -78,7 +78,7 @@ class Store(Reads):
                 await self._conn.close()
                 self._conn = None
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from None
-        self._writer = Writer(self._conn, self.synchronous, self.depths)
+        self._writer = Writer(self._conn, self.synchronous, self.depths, sql.live_snapshot)
         self._writer.start()
 
     async def close(self) -> None:
@@ -496,13 +496,13 @@ class Store(Reads):
             if n < chunk:
                 return deleted
 
-    async def recount(self, *, now: float) -> None:
+    async def recount(self) -> None:
         """Set the depths from the live rows, in the writer's order, so that no
         commit falls between this read and the counts it sets (after another
         process, the queue CLI, wrote to the file)."""
 
         def op(conn: sqlite3.Connection) -> Counted[None]:
-            return Counted(None, snapshot=sql.live_snapshot(conn, now))
+            return Counted(None, snapshot=sql.live_snapshot(conn))
 
         done: asyncio.Future[None] = self._submit(op, durable=False)
         await done

@@ -5,7 +5,10 @@ Each write is a function of the connection alone (one thread hop, since each
 extra await inside a transaction costs about 100 µs); its caller's future
 resolves only after the commit. Ops that change the queue return `Counted`,
 and the writer applies their moves to the depths after the commit, in commit
-order, before it resolves any future of the batch.
+order, before it resolves any future of the batch. Each batch first asks
+whether another process (the queue CLI) committed since the last one; if so,
+it reads the live items again in the same transaction, so no move is ever
+applied to counts that miss another process's change.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from ..errors import StoreUnavailable
-from .depth import Counted, Depths
+from .depth import Counted, Depths, Snapshot
 
 log = logging.getLogger("a2ad.store")
 
@@ -94,10 +97,18 @@ async def on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any
 class Writer:
     """The batch loop on the writer connection."""
 
-    def __init__(self, conn: aiosqlite.Connection, synchronous: str, depths: Depths) -> None:
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        synchronous: str,
+        depths: Depths,
+        live_snapshot: Callable[[sqlite3.Connection], Snapshot],
+    ) -> None:
         self._conn = conn
         self.synchronous = synchronous
         self.depths = depths
+        self._live_snapshot = live_snapshot
+        self._seen_version: int | None = None  # PRAGMA data_version at the last commit
         self._pending: list[tuple[Op[Any], asyncio.Future[Any], bool]] = []
         self._level: str | None = synchronous  # the connection's synchronous, if known
         self._wake = asyncio.Event()
@@ -158,8 +169,16 @@ class Writer:
             elif self.closing:
                 return
 
+    def _resync(self, conn: sqlite3.Connection) -> Counted[int]:
+        """The first op of each batch: the live items read again when another
+        connection committed since this one last did (data_version moves then)."""
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        if version == self._seen_version:
+            return Counted(version)
+        return Counted(version, snapshot=self._live_snapshot(conn))
+
     async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any], bool]]) -> None:
-        ops = [op for op, _, _ in batch]
+        ops: list[Op[Any]] = [self._resync, *(op for op, _, _ in batch)]
         wanted = self.synchronous if any(d for _, _, d in batch) else "normal"
         change = wanted if wanted != self._level else None
         # Unknown until the batch has run: a batch that fails part way must
@@ -190,6 +209,9 @@ class Writer:
             if ok and isinstance(value, Counted):
                 value = value.applied(self.depths)
             results.append((ok, value))
+        seen, *results = results
+        if seen[0]:
+            self._seen_version = seen[1]
         for (_, future, _), (ok, value) in zip(batch, results, strict=True):
             if future.done():  # its caller stopped waiting; the write stands
                 continue

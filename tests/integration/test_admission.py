@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fakes import A2ad, FakeAgent, wait_until
+from fakes import A2ad, FakeAgent, wait_until, write_lock
 
 from a2ad.clock import ManualClock
 from a2ad.store import Store
@@ -90,18 +90,6 @@ async def test_counts_stay_equal_to_the_store_through_concurrent_enqueues_and_re
     assert workspace.queued_total == 90
 
 
-@contextlib.contextmanager
-def write_lock(path: Path) -> Iterator[None]:
-    """Another process holds the store's write lock (a backup, the queue CLI)."""
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-
-
 async def test_a_claim_in_the_writer_at_shutdown_is_handed_back_without_an_attempt(
     agent_factory: AgentFactory, a2ad_factory: A2adFactory, tmp_path: Path
 ) -> None:
@@ -144,7 +132,7 @@ async def test_housekeeping_and_recovery_read_items_through_indexes(tmp_path: Pa
         await store.release_claims({"q-1": "t"}, now=now, max_attempts=3)
         await store.sweep_leases(now=now, max_attempts=3)
         await store.recover_dispatching(now=now, max_attempts=3)
-        await store.recount(now=now)
+        await store.recount()
         await store.last_delivered(["w"])
         await store.claim("w", now=now, lease_seconds=60, promote_after=120, limit=4)
         for conn in (store._conn, store._reader):

@@ -46,7 +46,7 @@ from a2ad.daemon import DAEMON, Daemon
 from a2ad.workspaces import Workspace
 
 EXPLORE = int(os.environ.get("A2AD_FUZZ_EXPLORE", "0"))
-EXAMPLES = 100
+EXAMPLES = 50
 HEARTBEAT_TOKEN = "hb-token"
 ADMIN = {"Authorization": "Bearer admin"}
 
@@ -119,6 +119,7 @@ SEND: st.SearchStrategy[Step] = st.tuples(
     st.sampled_from([None, None, "1", "30"]),  # A2AD-TTL
     st.sampled_from(["w", "w", "w", "x"]),  # x refuses connections
     st.booleans(),  # repeat an earlier messageId
+    st.booleans(),  # blocking: the caller is held until the item ends
 )
 ANSWER: st.SearchStrategy[Step] = st.tuples(
     st.just("answer"), st.integers(1, 3), st.sampled_from(["ok", "ok", "busy", "fail"])
@@ -179,7 +180,9 @@ class Run:
 
         admission.try_direct = checked  # type: ignore[method-assign]
 
-    async def _send(self, workspace: str, message_id: str, priority: str, ttl: str | None) -> None:
+    async def _send(
+        self, workspace: str, message_id: str, priority: str, ttl: str | None, blocking: bool
+    ) -> None:
         body = {
             "jsonrpc": "2.0",
             "id": 1,
@@ -189,7 +192,8 @@ class Run:
                     "role": "user",
                     "messageId": message_id,
                     "parts": [{"kind": "text", "text": message_id}],
-                }
+                },
+                "configuration": {"blocking": blocking},
             },
         }
         headers = {"A2AD-Priority": priority}
@@ -198,8 +202,8 @@ class Run:
         resp = await self.client.post(f"/workspaces/{workspace}/a2a", json=body, headers=headers)
         data = await resp.json()
         assert resp.status in (200, 202, 502, 503), (resp.status, data)
-        if resp.status == 202:
-            self.acknowledged.append(data["result"]["id"])
+        if resp.status == 202 or (resp.status == 200 and data["result"].get("kind") == "task"):
+            self.acknowledged.append(data["result"]["id"])  # queued (and held, when 200)
 
     def _item(self, index: int) -> str | None:
         return self.acknowledged[index % len(self.acknowledged)] if self.acknowledged else None
@@ -210,7 +214,7 @@ class Run:
         await self.clock.advance(0.0001)
         kind = step[0]
         if kind == "send":
-            _, n, priority, ttl, workspace, repeat = step
+            _, n, priority, ttl, workspace, repeat, blocking = step
             for _ in range(n):
                 if repeat and self.message_ids:
                     message_id = self.message_ids[self.counter % len(self.message_ids)]
@@ -218,7 +222,7 @@ class Run:
                     message_id = f"m-{self.counter}"
                     self.message_ids.append(message_id)
                 self.counter += 1
-                send = self._send(workspace, message_id, priority, ttl)
+                send = self._send(workspace, message_id, priority, ttl, blocking)
                 self.sends.append(asyncio.create_task(send))
         elif kind == "answer":
             self.agent.answer(step[1], step[2])
@@ -317,7 +321,8 @@ class Run:
             await self.daemon._housekeeping()
             await self._settle()
             self.check()
-            if not await self._unfinished():
+            # Held sends are acknowledged only when they end: wait for them too.
+            if all(send.done() for send in self.sends) and not await self._unfinished():
                 break
         await asyncio.wait_for(asyncio.gather(*self.sends), 10)
         unfinished = await self._unfinished()
