@@ -30,11 +30,13 @@ LIMIT :limit
 
 # All of them in one statement, each with its own token (a claim of 8 items took
 # 250 µs as 8 claims of one, which each ran the best-of-three lookup, and 208 µs so).
+# `+state` keeps the planner on the rowids: by the live-state index it would read
+# every queued row (100,000 queued items: a claim 10 ms, the backlog a third as fast).
 CLAIM = """
 UPDATE items
 SET state = 'dispatching', claim_token = lower(hex(randomblob(16))), lease_until = ?,
     updated_at = ?
-WHERE seq IN ({marks}) AND state = 'queued'
+WHERE seq IN ({marks}) AND +state = 'queued'
 RETURNING {columns}
 """
 

@@ -390,7 +390,9 @@ class Store(Reads):
 
         def op(conn: sqlite3.Connection) -> Counted[list[Released]]:
             rows = conn.execute(
-                "UPDATE items SET state = 'expired', finished_at = :now, updated_at = :now,"
+                # By the expiry index, not the live-state one: only the due rows are read.
+                "UPDATE items INDEXED BY items_expiry"
+                " SET state = 'expired', finished_at = :now, updated_at = :now,"
                 " last_error = 'expired before it could be delivered'"
                 " || COALESCE(' (last: ' || last_error || ')', '')"
                 " WHERE state = 'queued' AND expires_at <= :now"
