@@ -125,7 +125,7 @@ async def test_housekeeping_and_recovery_read_items_through_indexes(tmp_path: Pa
     async with Store(str(tmp_path / "a2ad.db")) as store:
         await store.migrate()
         now = 1_800_000_000.0
-        for i in range(3):  # something to claim
+        for _ in range(3):  # something to claim
             await store.enqueue(NewItem("w", "message/send", b"{}"), now=now, replay_window=60)
         for conn in (store._conn, store._reader):
             assert conn is not None
