@@ -6,13 +6,14 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import InvalidRequest, ParseError
+from .errors import InvalidParams, InvalidRequest, ParseError
 from .ids import random_hex
 
 Protocol = Literal["1.0", "0.3"]
@@ -28,9 +29,13 @@ SUBSCRIBE_METHODS = frozenset({"SubscribeToTask", "tasks/resubscribe"})
 TASK_NOT_FOUND = -32001
 TASK_NOT_CANCELABLE = -32002
 
-# The headers a2ad passes to agents and stores with each queued item.
-FORWARDED_HEADERS = ("A2A-Version", "A2A-Extensions", "Content-Type", "Accept")
-STORED_HEADERS = ("A2A-Version", "A2A-Extensions", "Accept")
+# The headers a2ad passes to agents and stores with each queued item: W3C trace
+# context too, so a trace follows a message through the queue.
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+FORWARDED_HEADERS = ("A2A-Version", "A2A-Extensions", "Content-Type", "Accept", *TRACE_HEADERS)
+STORED_HEADERS = ("A2A-Version", "A2A-Extensions", "Accept", *TRACE_HEADERS)
+# List-valued headers that may come in several lines; they are passed on as one.
+LIST_HEADERS = frozenset({"tracestate", "baggage"})
 
 # state → (1.0 enum name, v0.3 name)
 _STATES = {
@@ -63,6 +68,19 @@ class RpcRequest:
     @property
     def is_stream(self) -> bool:
         return self.method in STREAM_METHODS
+
+    @property
+    def is_blocking(self) -> bool:
+        """Does the caller of a non-streaming send wait for the task to end? In 1.0
+        unless `configuration.returnImmediately`; in v0.3 unless `blocking: false`
+        (absent counts as blocking, as the a2a-sdk agent reads it)."""
+        configuration = self.params.get("configuration")
+        if self.is_stream or not isinstance(configuration, dict):
+            return not self.is_stream
+        return (
+            configuration.get("returnImmediately") is not True
+            and configuration.get("blocking") is not False
+        )
 
     @property
     def message(self) -> dict[str, Any]:
@@ -131,8 +149,82 @@ def parse_request(body: Any) -> RpcRequest:
     if not isinstance(params, dict):
         raise InvalidRequest('"params" must be a JSON object')
     if method in MESSAGE_METHODS and not isinstance(params.get("message"), dict):
-        raise InvalidRequest(f'{method} needs "params.message" as an object')
+        raise InvalidParams(f'{method} needs "params.message" as an object')
     return RpcRequest(rpc_id, method, params)
+
+
+# A message's roles in each version: v0.3 names them; 1.0 is proto3 JSON, which
+# takes the enum's name or its number (0, ROLE_UNSPECIFIED, is no role).
+_ROLES: dict[Protocol, frozenset[str | int]] = {
+    "1.0": frozenset({"ROLE_USER", "ROLE_AGENT", 1, 2}),
+    "0.3": frozenset({"user", "agent"}),
+}
+_ROLE_NAMES = {"1.0": "ROLE_USER or ROLE_AGENT (A2A 1.0)", "0.3": '"user" or "agent" (A2A v0.3)'}
+_METHOD_PROTOCOL: dict[str, Protocol] = {
+    "SendMessage": "1.0",
+    "SendStreamingMessage": "1.0",
+    "message/send": "0.3",
+    "message/stream": "0.3",
+}
+
+
+def check_message(rpc: RpcRequest, protocol: Protocol) -> None:
+    """Refuse (InvalidParams) a message every A2A agent refuses: no messageId, no
+    role, no parts. Called before a send is forwarded or stored, so the answer does
+    not depend on whether a slot was free. No more than the a2a-sdk agent refuses:
+    a blank messageId (" ") and a Part object it cannot read pass, for the agent
+    to judge.
+
+    The role is read in the version the request speaks (`protocol`, from its
+    header) and in the one its method name belongs to: an agent parses by method
+    and refuses a mismatch with the header by itself, so a2ad does not answer that
+    with a role error of its own."""
+    message = rpc.message
+    message_id = message.get("messageId")
+    if not isinstance(message_id, str) or not message_id:
+        raise InvalidParams("params.message.messageId is required: a non-empty string")
+    role = message.get("role")
+    versions = {protocol, _METHOD_PROTOCOL.get(rpc.method, protocol)}
+    known = isinstance(role, (str, int)) and not isinstance(role, bool)
+    if not known or not any(role in _ROLES[version] for version in versions):
+        names = " or ".join(_ROLE_NAMES[version] for version in sorted(versions))
+        raise InvalidParams(f"params.message.role is required: {names}")
+    parts = message.get("parts")
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+        raise InvalidParams("params.message.parts must be a non-empty list of Part objects")
+
+
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,10}")
+
+
+def history_length(params: Mapping[str, Any]) -> int | None:
+    """GetTask's `historyLength`: None when absent or null; raise InvalidParams unless
+    it is an integer >= 0. A number without a fraction (2.0) or an integer in a
+    string ("2") counts, as the a2a-sdk agent reads them (proto3 JSON, pydantic)."""
+    value = params.get("historyLength")
+    if value is None:
+        return None
+    integral = (
+        (isinstance(value, int) and not isinstance(value, bool))
+        or (isinstance(value, float) and value.is_integer())
+        or (isinstance(value, str) and _INTEGER_TEXT.fullmatch(value) is not None)
+    )
+    number = int(value) if integral else None
+    if number is None or number < 0:
+        shown = json.dumps(value)[:40]
+        raise InvalidParams(f"historyLength must be an integer >= 0 (got {shown})")
+    return number
+
+
+def limit_history(task: dict[str, Any], length: int | None) -> dict[str, Any]:
+    """The Task with only its last `length` history entries: none for 0 (the field
+    left out, as the a2a-sdk writes it), all when `length` is None."""
+    history = task.get("history")
+    if length is None or not isinstance(history, list):
+        return task
+    if length == 0:
+        return {k: v for k, v in task.items() if k != "history"}
+    return {**task, "history": history[-length:]}
 
 
 def protocol_of(headers: Mapping[str, str]) -> Protocol:

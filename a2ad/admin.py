@@ -126,6 +126,9 @@ async def get_item(request: web.Request) -> web.Response:
 RUNTIME_FIELDS = frozenset(
     {"url", "max_concurrent", "token", "heartbeat", "request_timeout_seconds"}
 )
+# Credentials a2ad sends to an agent: from the config file only, never stored in the
+# database nor named by an HTTP request.
+AGENT_CREDENTIALS = frozenset({"agent_token", "agent_token_file", "agent_headers"})
 
 
 async def put_workspace(request: web.Request) -> web.Response:
@@ -143,6 +146,12 @@ async def put_workspace(request: web.Request) -> web.Response:
         raise InvalidBody(
             "restart_command and status_command come only from the config file:"
             " a2ad runs no command an HTTP request names"
+        )
+    credentials = sorted(AGENT_CREDENTIALS & set(body))
+    if credentials:
+        raise InvalidBody(
+            f"{', '.join(credentials)}: agent credentials come only from the config file;"
+            " a2ad sends an agent no credentials an HTTP request names"
         )
     unknown = sorted(set(body) - RUNTIME_FIELDS - {"id"})
     if unknown:

@@ -32,10 +32,15 @@ def _is_rpc_path(request: web.Request) -> bool:
 def _error_response(request: web.Request, error: A2adError) -> web.Response:
     if ui.is_ui_path(request.path):
         return ui.error_page(error)  # a person reads these: HTML, not JSON
-    body = error.rpc_body(request.get(proxy.RPC_ID)) if _is_rpc_path(request) else error.body()
+    status = error.status
+    if _is_rpc_path(request):
+        body = error.rpc_body(request.get(proxy.RPC_ID))
+        status = error.proxy_status or status
+    else:
+        body = error.body()
     return web.Response(
         body=json.dumps(body).encode(),
-        status=error.status,
+        status=status,
         content_type="application/json",
         headers=error.headers(),
     )
@@ -89,7 +94,8 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application for one a2ad; its start-up takes the store's lock."""
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
+        middlewares=[proxy.version_from_query, error_middleware],
+        client_max_size=settings.server.max_body_bytes,
     )
     daemon = Daemon(settings, clock=clock, lock=lock)
     app[DAEMON] = daemon

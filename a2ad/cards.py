@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from .clock import Clock
+from .upstream import Upstream
 from .workspaces import Workspace
 
 log = logging.getLogger("a2ad.cards")
@@ -82,15 +83,13 @@ class Cards:
     def forget(self, workspace_id: str) -> None:
         self._cache.pop(workspace_id, None)
 
-    async def get(
-        self, session: aiohttp.ClientSession, ws: Workspace, headers: dict[str, str]
-    ) -> Card | None:
+    async def get(self, upstream: Upstream, ws: Workspace, headers: dict[str, str]) -> Card | None:
         """The card: fresh from the agent when it answers, else the cached one."""
         cached = self._cache.get(ws.id)
         now = self.clock.now()
         if cached is not None and now - cached.fetched_at < FRESH_SECONDS:
             return cached
-        card = await self._fetch(session, ws, headers)
+        card = await self._fetch(upstream, ws, headers)
         if card is None:
             return cached
         if cached is not None and cached.etag == card.etag:
@@ -99,13 +98,11 @@ class Cards:
         return card
 
     async def _fetch(
-        self, session: aiohttp.ClientSession, ws: Workspace, headers: dict[str, str]
+        self, upstream: Upstream, ws: Workspace, headers: dict[str, str]
     ) -> Card | None:
         for url in card_urls(ws.config.url):
             try:
-                async with session.get(
-                    url, headers=headers, timeout=FETCH_TIMEOUT, allow_redirects=False
-                ) as resp:
+                async with upstream.get(ws.config, url, FETCH_TIMEOUT, headers) as resp:
                     ws.sign_of_life(self.clock.monotonic())
                     if resp.status != 200:
                         continue

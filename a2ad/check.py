@@ -17,6 +17,7 @@ from .errors import StoreUnavailable
 from .liveness import run_command
 from .settings import Settings, WorkspaceSettings
 from .store import Store, bundled_migrations
+from .upstream import to_agent
 
 PROBE_TIMEOUT = 3.0
 OK, FAIL = "ok", "FAIL"
@@ -73,7 +74,9 @@ async def _probe(session: aiohttp.ClientSession, ws: WorkspaceSettings) -> Row:
         return Row(name, FAIL, f"status_command exited {code}: {last[0][:120]}".rstrip(": "))
     url = card_urls(ws.url)[0]
     try:
-        async with session.get(url, allow_redirects=False) as resp:
+        # With the agent's credentials, as a2ad serve sends them: an agent that
+        # requires them answers 401 without.
+        async with session.get(url, headers=to_agent(ws, {}), allow_redirects=False) as resp:
             if resp.status < 300:
                 return Row(name, OK, f"{ws.url}: the agent card answers")
             return Row(name, FAIL, f"{url} answered HTTP {resp.status}")

@@ -70,6 +70,9 @@ def _type(field: FieldInfo) -> str:
     if typing.get_origin(annotation) is list:
         (item,) = typing.get_args(annotation)
         return f"array of {_SCALARS.get(item, getattr(item, '__name__', str(item)))}s"
+    if typing.get_origin(annotation) is dict:
+        _, item = typing.get_args(annotation)
+        return f"table of {_SCALARS.get(item, getattr(item, '__name__', str(item)))}s"
     text = _SCALARS.get(annotation, str(annotation)) if isinstance(annotation, type) else "?"
     # pydantic keeps Field(ge=..., max_length=..., pattern=...) as metadata objects
     # (annotated_types.Ge and the like), each with an attribute of the same name.

@@ -31,6 +31,9 @@ from .workspaces import Registry, Workspace
 log = logging.getLogger("a2ad")
 
 HOUSEKEEPING_SECONDS = 1.0
+# Not stored with a run-time workspace: a path, and agent credentials, which only
+# the config file gives (PUT /workspaces/{id} refuses them).
+RUNTIME_EXCLUDED = frozenset({"token_file", "agent_token", "agent_token_file", "agent_headers"})
 RETENTION_EVERY_SECONDS = 60.0
 
 
@@ -61,7 +64,7 @@ class Daemon:
             ),
         )
         self.metrics = Metrics(self.registry)
-        self.watch = ResultWatch(self.store, self.clock)
+        self.watch = ResultWatch(self.store, self.clock, max_held=settings.queue.max_held)
         self.agent_ids = AgentIds(self.store)
         self.direct = DirectPath(settings, self.store, self.upstream, self.clock, self.metrics)
         self.dispatcher = Dispatcher(
@@ -101,7 +104,7 @@ class Daemon:
         for saved in await self.store.load_workspaces():
             self._add_runtime(saved)
         await self.upstream.start()
-        await self.liveness.start(self.upstream.session)
+        await self.liveness.start(self.upstream)
         # From here on, a commit by another process (the queue CLI) means a recount
         # (read before the start-up recount, so a commit between the two is seen).
         self._data_version = await self.store.data_version()
@@ -122,8 +125,10 @@ class Daemon:
         log.info("a2ad started: %d workspaces", len(self.registry))
 
     def begin_shutdown(self) -> None:
-        """Stop claiming at once, before the listener and in-flight requests wind down."""
+        """Stop claiming at once, before the listener and in-flight requests wind down;
+        held blocking sends and long polls are answered with the item as it is."""
         self.dispatcher.stop_claiming()
+        self.watch.close()
 
     async def stop(self) -> None:
         """Stop claiming, let deliveries finish within the grace period, close the store."""
@@ -170,7 +175,7 @@ class Daemon:
     async def register(self, config: WorkspaceSettings) -> bool:
         """Add or update a run-time workspace (persisted); True when it is new."""
         await self.store.save_workspace(
-            config.id, config.model_dump(exclude={"token_file"}), now=self.clock.now()
+            config.id, config.model_dump(exclude=set(RUNTIME_EXCLUDED)), now=self.clock.now()
         )
         self.auth.add_workspace_token(config.id, config.token)
         self.cards.forget(config.id)

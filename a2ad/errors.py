@@ -12,6 +12,10 @@ class A2adError(Exception):
     code: ClassVar[str] = "internal_error"
     # JSON-RPC code on the proxy path; -32000 is the implementation-defined server error.
     rpc_code: ClassVar[int] = -32000
+    # HTTP status on the proxy path when it differs from `status`: there a
+    # JSON-RPC-level error is HTTP 200 with the error in the body, as agents, the
+    # a2a-sdk and the A2A conformance kit answer (SPEC, Errors: the proxy column).
+    proxy_status: ClassVar[int | None] = None
 
     def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
         self.message = message or (self.__doc__ or self.code).strip()
@@ -35,18 +39,34 @@ class ParseError(A2adError):
     """The body is not valid JSON."""
 
     status, code, rpc_code = 400, "parse_error", -32700
+    proxy_status = 200
 
 
 class InvalidRequest(A2adError):
     """The body is not a JSON-RPC 2.0 request."""
 
     status, code, rpc_code = 400, "invalid_request", -32600
+    proxy_status = 200
 
 
 class InvalidBody(A2adError):
     """The body does not have the fields this endpoint needs."""
 
     status, code, rpc_code = 400, "invalid_body", -32602
+
+
+class InvalidParams(A2adError):
+    """The request's params are not what the method takes."""
+
+    # A JSON-RPC-level error, raised on the proxy path only: HTTP 200 with the
+    # error in the body, as the agent itself would answer.
+    status, code, rpc_code = 200, "invalid_params", -32602
+
+
+class UnsupportedOperation(A2adError):
+    """The A2A specification's UnsupportedOperationError: the task is already terminal."""
+
+    status, code, rpc_code = 200, "unsupported_operation", -32004
 
 
 class InvalidHeader(A2adError):

@@ -22,6 +22,7 @@ import aiohttp
 from .cards import card_urls
 from .clock import Clock
 from .settings import LivenessSettings
+from .upstream import Upstream
 from .workspaces import Registry, State, Workspace
 
 log = logging.getLogger("a2ad.liveness")
@@ -88,14 +89,14 @@ class Liveness:
         self.debounce = Debounce(
             settings.recent_heartbeat_seconds, settings.debounce_window_seconds
         )
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream: Upstream | None = None
         self._probes: dict[str, asyncio.Task[Observation]] = {}
         self._restarts: dict[str, asyncio.Task[None]] = {}
         self._history: dict[str, deque[float]] = {}  # restart times within the last hour
         self._booting_until: dict[str, float] = {}
 
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
+    async def start(self, upstream: Upstream) -> None:
+        self._upstream = upstream
 
     async def stop(self) -> None:
         tasks = [*self._probes.values(), *self._restarts.values()]
@@ -165,12 +166,11 @@ class Liveness:
         )
 
     async def _probe_card(self, ws: Workspace) -> Observation:
-        assert self._session is not None
+        assert self._upstream is not None
         timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_SECONDS)
         try:
-            async with self._session.get(
-                card_urls(ws.config.url)[0], timeout=timeout, allow_redirects=False
-            ) as resp:
+            # Through upstream, so a probe carries the agent's credentials as sends do.
+            async with self._upstream.get(ws.config, card_urls(ws.config.url)[0], timeout) as resp:
                 ws.sign_of_life(self.clock.monotonic())  # any answer is one
                 return Observation.RUNNING if resp.status < 300 else Observation.UNKNOWN
         except aiohttp.ClientConnectorError:

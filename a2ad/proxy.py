@@ -7,10 +7,11 @@ import contextlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import ClientError, ClientResponse, web
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
@@ -21,13 +22,15 @@ from .errors import (
     CardUnavailable,
     InvalidBody,
     InvalidHeader,
+    InvalidParams,
     ParseError,
     QueueFull,
     RequestTimeout,
+    UnsupportedOperation,
     UpstreamFailed,
     UpstreamTimeout,
 )
-from .results import as_queue_task, item_task
+from .results import as_queue_task, item_task, stored_result
 from .store import PRIORITIES, Item, NewItem
 from .upstream import Answer, Outcome
 from .workspaces import Workspace
@@ -43,37 +46,109 @@ MAX_TTL_SECONDS = 10 * 365 * 86400.0
 
 @dataclass(frozen=True, slots=True)
 class SendOptions:
-    """The A2AD-* request headers."""
+    """A send's options: the A2AD-* request headers, or params.metadata.a2ad."""
 
     priority: int = PRIORITIES["task"]
     ttl: float | None = None
     never_queue: bool = False
 
 
-def read_options(headers: Mapping[str, str]) -> SendOptions:
-    priority_name = headers.get("A2AD-Priority", "task").strip().lower()
-    if priority_name not in PRIORITIES:
-        raise InvalidHeader(
-            f"A2AD-Priority must be one of critical, task, info (got {priority_name[:40]!r})"
+METADATA_OPTIONS = ("priority", "ttl_seconds", "queue")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value)[:40]
+
+
+def metadata_options(params: Mapping[str, Any]) -> SendOptions:
+    """The options in params.metadata.a2ad (for clients that set request metadata
+    more easily than headers); raise InvalidParams naming the key and its values."""
+    metadata = params.get("metadata")
+    given = metadata.get("a2ad") if isinstance(metadata, dict) else None
+    if given is None:
+        return SendOptions()
+    where = "params.metadata.a2ad"
+    if not isinstance(given, dict):
+        raise InvalidParams(f"{where} must be an object with keys {', '.join(METADATA_OPTIONS)}")
+    unknown = sorted(set(given) - set(METADATA_OPTIONS))
+    if unknown:
+        raise InvalidParams(
+            f"{where} has an unknown key {_shown(unknown[0])}; "
+            f"its keys are {', '.join(METADATA_OPTIONS)}"
         )
-    ttl: float | None = None
+    options = SendOptions()
+    value = given.get("priority")
+    if value is not None:
+        name = value.strip().lower() if isinstance(value, str) else None
+        if name not in PRIORITIES:
+            raise InvalidParams(
+                f"{where}.priority must be one of critical, task, info (got {_shown(value)})"
+            )
+        options = replace(options, priority=PRIORITIES[name])
+    value = given.get("ttl_seconds")
+    if value is not None:
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not 0 < value <= MAX_TTL_SECONDS
+        ):
+            raise InvalidParams(
+                f"{where}.ttl_seconds must be a number of seconds above 0 (got {_shown(value)})"
+            )
+        options = replace(options, ttl=float(value))
+    value = given.get("queue")
+    if value is not None:
+        if value not in ("never", "allow"):
+            raise InvalidParams(f"{where}.queue must be never or allow (got {_shown(value)})")
+        options = replace(options, never_queue=value == "never")
+    return options
+
+
+def read_options(headers: Mapping[str, str], params: Mapping[str, Any]) -> SendOptions:
+    """The send's options: each A2AD-* header, else its params.metadata.a2ad key (SPEC:
+    headers win). Both are checked: a bad header is invalid_header (400), a bad
+    metadata value invalid_params (-32602)."""
+    options = metadata_options(params)
+    if "A2AD-Priority" in headers:
+        priority_name = headers["A2AD-Priority"].strip().lower()
+        if priority_name not in PRIORITIES:
+            raise InvalidHeader(
+                f"A2AD-Priority must be one of critical, task, info (got {priority_name[:40]!r})"
+            )
+        options = replace(options, priority=PRIORITIES[priority_name])
     if "A2AD-TTL" in headers:
         raw = headers["A2AD-TTL"].strip()
+        ttl: float | None
         try:
             ttl = float(raw)
         except ValueError:
             ttl = None
         if ttl is None or not 0 < ttl <= MAX_TTL_SECONDS:
             raise InvalidHeader(f"A2AD-TTL must be a number of seconds above 0 (got {raw[:40]!r})")
+        options = replace(options, ttl=ttl)
     queue = headers.get("A2AD-Queue", "").strip().lower()
     if queue not in ("", "never", "allow"):
         raise InvalidHeader(f"A2AD-Queue must be never or allow (got {queue[:40]!r})")
-    return SendOptions(PRIORITIES[priority_name], ttl, queue == "never")
+    if queue:
+        options = replace(options, never_queue=queue == "never")
+    return options
+
+
+def passed_headers(headers: CIMultiDictProxy[str], names: tuple[str, ...]) -> dict[str, str]:
+    """The request's headers among `names`; a list-valued one sent in several lines
+    (W3C tracestate, baggage) goes on as one."""
+    out = {}
+    for name in names:
+        if name in headers:
+            many = name in a2a.LIST_HEADERS
+            out[name] = ",".join(headers.getall(name)) if many else headers[name]
+    return out
 
 
 def forwarded_headers(headers: CIMultiDictProxy[str], request_id: str) -> dict[str, str]:
-    """Only the headers SPEC passes on; hop-by-hop headers and tokens stay here."""
-    out = {name: headers[name] for name in a2a.FORWARDED_HEADERS if name in headers}
+    """Only the headers SPEC passes on; hop-by-hop headers and tokens (a caller's
+    Authorization) stay here. The agent's own credentials are upstream's to add."""
+    out = passed_headers(headers, a2a.FORWARDED_HEADERS)
     out.setdefault("Content-Type", "application/json")
     out["X-Request-Id"] = request_id
     return out
@@ -133,6 +208,26 @@ def relay(answer: Answer) -> web.Response:
 # -- POST /workspaces/{id}/a2a ------------------------------------------------
 
 
+@web.middleware
+async def version_from_query(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """`A2A-Version` may come as a query parameter instead of a header (A2A 1.0,
+    section 3.6.1); the header wins when both are given. Taken into the request's
+    headers before anything reads them, so the protocol a2ad answers in, the
+    headers it forwards and the ones it stores with a queued item all have it, and
+    the agent gets it as the header it needs. (Outermost middleware: the request
+    the error middleware and the handler share is this one.)"""
+    version = request.query.get("A2A-Version") if request.query_string else None
+    if (
+        version
+        and "A2A-Version" not in request.headers
+        and request.match_info.handler in (handle_rpc, handle_card)
+    ):
+        headers = request.headers.copy()
+        headers["A2A-Version"] = version
+        request = request.clone(headers=headers)
+    return await handler(request)
+
+
 async def handle_rpc(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     caller = daemon.auth.caller(request)
@@ -143,6 +238,8 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
     rpc = a2a.parse_request(body)
     protocol = a2a.protocol_of(request.headers)
     if rpc.is_message:
+        a2a.check_message(rpc, protocol)
+        await _refuse_ended_task(daemon, ws, rpc, caller, protocol)
         return await _send_message(request, daemon, ws, rpc, raw, body, caller, protocol)
     if is_queue_id(rpc.task_id):
         if rpc.method in a2a.GET_TASK_METHODS:
@@ -153,6 +250,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
             item = await _find_item(daemon, ws, rpc.task_id or "", caller)
             if item is None:
                 return _task_not_found(rpc)
+            _refuse_if_terminal(item, protocol)
             return await _item_stream(request, daemon, item, rpc, protocol)
     unknown = await _unknown_queue_id(daemon, ws, rpc, caller)
     if unknown is not None:
@@ -170,7 +268,7 @@ async def _send_message(
     caller: str,
     protocol: a2a.Protocol,
 ) -> web.StreamResponse:
-    options = read_options(request.headers)
+    options = read_options(request.headers, rpc.params)
     request_id = request[REQUEST_ID]
     now = daemon.clock.now()
     busy_answers = 0
@@ -231,7 +329,7 @@ async def _send_message(
         workspace=ws.id,
         method=rpc.method,
         body=raw,
-        headers={k: request.headers[k] for k in a2a.STORED_HEADERS if k in request.headers},
+        headers=passed_headers(request.headers, a2a.STORED_HEADERS),
         caller=caller,
         message_id=rpc.message_id,
         context_id=rpc.context_id or a2a.new_context_id(),
@@ -259,9 +357,41 @@ async def _send_message(
         return await _item_stream(request, daemon, item, rpc, protocol, queue_info)
     if not queued.created and item.state == "delivered":
         return _replay(item, rpc)
+    if rpc.is_blocking:
+        item = await _hold(daemon, item)
+        if item.is_final:
+            return _held_answer(item, rpc, protocol)
     task = item_task(item, protocol)
     task["metadata"]["a2ad"].update(queue_info)
     return json_response(a2a.rpc_result(rpc.id, a2a.send_result(task, protocol)), status=202)
+
+
+async def _hold(daemon: Daemon, item: Item) -> Item:
+    """Hold a blocking send's caller until its item ends, as the agent would have
+    held it: up to queue.blocking_wait_seconds, for at most queue.max_held callers
+    at once, and not past shutdown. The item as it is then. A caller that leaves
+    changes nothing for the item; the same messageId sent again holds again."""
+    watch = daemon.watch
+    if not watch.hold():
+        return item
+    try:
+        seconds = daemon.settings.queue.blocking_wait_seconds
+        return await watch.wait_final(item.id, seconds) or item
+    finally:
+        watch.unhold()
+
+
+def _held_answer(item: Item, rpc: a2a.RpcRequest, protocol: a2a.Protocol) -> web.Response:
+    """What a held caller gets when its item ends, with HTTP 200: the agent's own
+    answer (its Task under the queue id), or the FAILED or CANCELED Task."""
+    if item.state == "delivered":
+        answer = a2a.read_answer(stored_result(item))
+        if answer.kind != "task":
+            return _replay(item, rpc)  # a Message or a JSON-RPC error, as the agent sent it
+        task = as_queue_task(item, answer.value, protocol)
+    else:
+        task = item_task(item, protocol)
+    return json_response(a2a.rpc_result(rpc.id, a2a.send_result(task, protocol)))
 
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -404,6 +534,31 @@ async def _unknown_queue_id(
     return None
 
 
+def _refuse_if_terminal(item: Item, protocol: a2a.Protocol) -> None:
+    """The A2A error for an action on a task that is already terminal (completed,
+    canceled, failed, rejected): UnsupportedOperationError, as the agent answers."""
+    if not item.is_final:
+        return
+    state = item_task(item, protocol)["status"]["state"]
+    if a2a.canonical_state(state) in a2a.FINAL_TASK_STATES:
+        raise UnsupportedOperation(f"Task {item.id} is in terminal state: {state}")
+
+
+async def _refuse_ended_task(
+    daemon: Daemon, ws: Workspace, rpc: a2a.RpcRequest, caller: str, protocol: a2a.Protocol
+) -> None:
+    """A message to one of the caller's queue items that ended without reaching the
+    agent (cancelled, failed, expired) is a2ad's to answer: that task is a2ad's and
+    terminal, and the agent knows nothing of its q- id. A delivered item's task goes
+    on at the agent, which gets the message under its own task id."""
+    task_id = rpc.message.get("taskId")
+    if not isinstance(task_id, str) or not is_queue_id(task_id):
+        return
+    item = await _find_item(daemon, ws, task_id, caller)
+    if item is not None and item.state in ("cancelled", "failed", "expired"):
+        _refuse_if_terminal(item, protocol)
+
+
 def _task_not_found(rpc: a2a.RpcRequest, task_id: str | None = None) -> web.Response:
     named = task_id or rpc.task_id
     return json_response(a2a.rpc_error(rpc.id, a2a.TASK_NOT_FOUND, f"task {named} not found"))
@@ -417,13 +572,14 @@ async def _get_task(
     caller: str,
     protocol: a2a.Protocol,
 ) -> web.Response:
+    history_length = a2a.history_length(rpc.params)  # checked first, as the agent does
     item = await _find_item(daemon, ws, rpc.task_id or "", caller)
     if item is None:
         return _task_not_found(rpc)
     task = item_task(item, protocol)
     if item.agent_task_id and not a2a.is_final_state(task["status"]["state"]):
         task = await _refreshed(request, daemon, item, rpc, protocol) or task
-    return json_response(a2a.rpc_result(rpc.id, task))
+    return json_response(a2a.rpc_result(rpc.id, a2a.limit_history(task, history_length)))
 
 
 async def _refreshed(
@@ -530,7 +686,7 @@ async def handle_card(request: web.Request) -> web.StreamResponse:
     headers = {
         k: request.headers[k] for k in ("A2A-Version", "A2A-Extensions") if k in request.headers
     }
-    card = await daemon.cards.get(daemon.upstream.session, ws, headers)
+    card = await daemon.cards.get(daemon.upstream, ws, headers)
     if card is None:
         raise CardUnavailable(
             f"workspace {ws.id!r}: the agent has not served its card yet"

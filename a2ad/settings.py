@@ -33,6 +33,38 @@ class _Section(BaseModel):
     )
 
 
+# Headers a2ad sets itself on each request to an agent, or that belong to the
+# connection rather than the request: an agent_headers table may not name them.
+RESERVED_AGENT_HEADERS = frozenset(
+    {
+        # the connection and the body's framing
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "accept-encoding",
+        # what a2ad passes on from each request (a2a.FORWARDED_HEADERS, STORED_HEADERS)
+        "a2a-version",
+        "a2a-extensions",
+        "accept",
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "x-request-id",
+    }
+)
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# A header value may not hold control characters: a line break would end the header.
+_BAD_HEADER_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _read_secret(path: str, field: str) -> str:
     try:
         value = Path(path).read_text(encoding="utf-8").strip()
@@ -115,6 +147,10 @@ class QueueSettings(_Section):
     """Failed attempt n waits about base × 2^(n-1), with jitter."""
     backoff_max_seconds: float = Field(300.0, gt=0)
     """Longest wait after a failed attempt."""
+    blocking_wait_seconds: float = Field(60.0, ge=0)
+    """Longest hold of a blocking send that was queued; then it gets the Task with 202."""
+    max_held: int = Field(1000, ge=0)
+    """Blocking sends held at once; past it a queued send gets the Task with 202 at once."""
 
     @model_validator(mode="after")
     def _retention_covers_replay(self) -> QueueSettings:
@@ -200,6 +236,12 @@ class WorkspaceSettings(_Section):
     """Whether the agent sends heartbeats; false: it is never offline."""
     request_timeout_seconds: float = Field(300.0, gt=0)
     """Time limit of one request to the agent; for a stream, its longest silence."""
+    agent_token: str = Field("", repr=False)
+    """Bearer token a2ad sends to the agent (Authorization: Bearer) on every request."""
+    agent_token_file: str = ""
+    """File holding agent_token, read when agent_token is empty."""
+    agent_headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    """Further headers a2ad sends to the agent on every request, e.g. {X-Api-Key = "…"}."""
     restart_command: list[str] = Field(default_factory=list)
     """argv (no shell, A2AD_WORKSPACE set) that restarts a dead agent; []: none."""
     status_command: list[str] = Field(default_factory=list)
@@ -212,6 +254,46 @@ class WorkspaceSettings(_Section):
         if self.heartbeat and not self.token:
             raise ValueError(f"workspace {self.id!r} has heartbeat = true and needs a token")
         return self
+
+    @model_validator(mode="after")
+    def _agent_credentials(self) -> WorkspaceSettings:
+        # Messages name fields and headers, never values: these are secrets.
+        if self.agent_token_file and not self.agent_token:
+            token = _read_secret(self.agent_token_file, "agent_token_file")
+            object.__setattr__(self, "agent_token", token)
+        if _BAD_HEADER_VALUE.search(self.agent_token):
+            raise ValueError("agent_token holds a line break or another control character")
+        seen: set[str] = set()
+        for name, value in self.agent_headers.items():
+            lowered = name.lower()
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"agent_headers: {name[:60]!r} is not an HTTP header name")
+            if lowered in RESERVED_AGENT_HEADERS:
+                raise ValueError(
+                    f"agent_headers: {name} is set by a2ad or by the connection, not configured"
+                )
+            if lowered in seen:
+                raise ValueError(f"agent_headers: {name} is given twice")
+            seen.add(lowered)
+            if lowered == "authorization" and self.agent_token:
+                raise ValueError(
+                    "agent_headers: Authorization and agent_token set the same header; give one"
+                )
+            if not value.strip():
+                raise ValueError(f"agent_headers: {name} is empty")
+            if _BAD_HEADER_VALUE.search(value):
+                raise ValueError(
+                    f"agent_headers: {name} holds a line break or another control character"
+                )
+        return self
+
+    @property
+    def agent_credentials(self) -> dict[str, str]:
+        """The headers a2ad adds to every request to this agent."""
+        headers = dict(self.agent_headers)
+        if self.agent_token:
+            headers["Authorization"] = f"Bearer {self.agent_token}"
+        return headers
 
 
 class _ScalarEnvSource(EnvSettingsSource):

@@ -11,6 +11,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -98,6 +99,16 @@ class Opened:
 
     answer: Answer | None
     stream: aiohttp.ClientResponse | None = None
+
+
+def to_agent(workspace: WorkspaceSettings, headers: Mapping[str, str]) -> Mapping[str, str]:
+    """The headers of one request to the workspace's agent: the request's own (only
+    those SPEC passes on, so never a caller's Authorization) and the credentials the
+    config file gives it. Every request to an agent goes through here."""
+    if not workspace.agent_token and not workspace.agent_headers:
+        return headers
+    # Config load refuses agent_headers that name a header a request carries.
+    return {**headers, **workspace.agent_credentials}
 
 
 def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
@@ -212,7 +223,27 @@ class Upstream:
         # Redirects are relayed to the caller, not followed: a2ad never sends a
         # message somewhere its operator did not configure.
         return self.session.post(
-            workspace.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            workspace.url,
+            data=body,
+            headers=to_agent(workspace, headers),
+            timeout=timeout,
+            allow_redirects=False,
+        )
+
+    def get(
+        self,
+        workspace: WorkspaceSettings,
+        url: str,
+        timeout: aiohttp.ClientTimeout,
+        headers: Mapping[str, str] | None = None,
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """GET one of the agent's own URLs (its card), with its credentials; for
+        `async with`. No redirects followed, as for sends."""
+        return self.session.get(
+            url,
+            headers=to_agent(workspace, headers or {}),
+            timeout=timeout,
+            allow_redirects=False,
         )
 
     async def _classify(self, resp: aiohttp.ClientResponse, expect_jsonrpc: bool) -> Answer:

@@ -11,13 +11,35 @@ from .store import Item, Store
 
 
 class ResultWatch:
-    """Long polls and queued streams wait here; deliveries and sweeps tell them."""
+    """Long polls, held blocking sends and queued streams wait here; deliveries
+    and sweeps tell them."""
 
-    def __init__(self, store: Store, clock: Clock) -> None:
+    def __init__(self, store: Store, clock: Clock, *, max_held: int = 1000) -> None:
         self.store = store
         self.clock = clock
+        self.max_held = max_held
+        self.held = 0  # blocking sends waiting for their item
+        self._closing = False
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
+
+    def hold(self) -> bool:
+        """Take a place for a held blocking send; False past max_held or at shutdown."""
+        if self._closing or self.held >= self.max_held:
+            return False
+        self.held += 1
+        return True
+
+    def unhold(self) -> None:
+        self.held -= 1
+
+    def close(self) -> None:
+        """Shutdown: every wait ends now with the item as it is."""
+        self._closing = True
+        for waiters in list(self._waiters.values()):
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
 
     def notify(self, item_id: str) -> None:
         """The item is final: wake its waiters and end its streams."""
@@ -59,7 +81,7 @@ class ResultWatch:
             try:
                 item = await self.store.get(item_id)
                 remaining = deadline - self.clock.now()
-                if item is None or item.is_final or remaining <= 0:
+                if item is None or item.is_final or remaining <= 0 or self._closing:
                     return item
                 # Re-read at least once a second: the queue CLI may settle it.
                 with contextlib.suppress(TimeoutError):

@@ -23,7 +23,8 @@ function request()
   local body = '{"jsonrpc":"2.0","id":' .. counter
     .. ',"method":"message/send","params":{"message":{"role":"user","messageId":"'
     .. prefix .. "-" .. tid .. "-" .. counter
-    .. '","parts":[{"kind":"text","text":"hello from the benchmark"}]}}}'
+    .. '","parts":[{"kind":"text","text":"hello from the benchmark"}]}'
+    .. ',"configuration":{"blocking":false}}}'
   return wrk.format("POST", nil, headers, body)
 end
 

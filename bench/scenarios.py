@@ -216,7 +216,8 @@ class Bench:
         """The first send meets the busy agent, so a2ad pauses the workspace for an hour
         and queues from then on."""
         body = b'{"jsonrpc":"2.0","id":0,"method":"message/send","params":{"message":'
-        body += b'{"role":"user","messageId":"prime","parts":[{"kind":"text","text":"x"}]}}}'
+        body += b'{"role":"user","messageId":"prime","parts":[{"kind":"text","text":"x"}]},'
+        body += b'"configuration":{"blocking":false}}}'
         status, answer = http_json(f"{a2ad.url}/workspaces/{ws_id}/a2a", body)
         if status != 202:
             raise RuntimeError(f"priming {ws_id}: expected 202, got {status}: {answer}")

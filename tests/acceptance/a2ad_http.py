@@ -46,8 +46,11 @@ def http_json(
     return status, data
 
 
-def send_body(text: str, message_id: str | None = None) -> dict[str, Any]:
-    """A v0.3 message/send request with one text part."""
+def send_body(
+    text: str, message_id: str | None = None, *, blocking: bool = False
+) -> dict[str, Any]:
+    """A v0.3 message/send request with one text part; not blocking unless asked (a
+    queued one is answered 202 at once, a blocking one held until it ends)."""
     return {
         "jsonrpc": "2.0",
         "id": 1,
@@ -58,7 +61,8 @@ def send_body(text: str, message_id: str | None = None) -> dict[str, Any]:
                 "role": "user",
                 "messageId": message_id or str(uuid.uuid4()),
                 "parts": [{"kind": "text", "text": text}],
-            }
+            },
+            "configuration": {"blocking": blocking},
         },
     }
 

@@ -101,11 +101,13 @@ class Send:
             message = {"kind": "message", "role": "user", "parts": [{"kind": "text", "text": "hi"}]}
             method = "message/send"
         message["messageId"] = self.message_id
+        non_blocking = {"returnImmediately": True} if self.v1 else {"blocking": False}
         return {
             "jsonrpc": "2.0",
             "id": self.rpc_id,
             "method": method,
-            "params": {"message": message},
+            # Not blocking: a queued send is answered 202 at once, with its queue id.
+            "params": {"message": message, "configuration": non_blocking},
         }
 
     @property

@@ -27,6 +27,7 @@ from a2a.types.a2a_pb2 import (
     Message,
     Part,
     Role,
+    SendMessageConfiguration,
     SendMessageRequest,
     StreamResponse,
     Task,
@@ -185,9 +186,13 @@ async def sdk_client(stack: Stack, *, streaming: bool) -> AsyncIterator[tuple[Cl
             await client.close()
 
 
-def user_message(text: str) -> SendMessageRequest:
+def user_message(text: str, *, return_immediately: bool = False) -> SendMessageRequest:
+    """A send that waits for the task to end (the SDK's default; held through the
+    queue when it is queued), or with `return_immediately` one that does not (a
+    queued one gets its SUBMITTED Task at once)."""
     return SendMessageRequest(
-        message=Message(role=Role.ROLE_USER, message_id=str(uuid.uuid4()), parts=[Part(text=text)])
+        message=Message(role=Role.ROLE_USER, message_id=str(uuid.uuid4()), parts=[Part(text=text)]),
+        configuration=SendMessageConfiguration(return_immediately=return_immediately),
     )
 
 
@@ -228,6 +233,15 @@ def event_summary(events: list[StreamResponse]) -> list[str]:
         else:
             out.append(f"message {get_message_text(e.message)!r}")
     return out
+
+
+async def until_final(client: Client, task_id: str) -> Task:
+    """GetTask until the task is final (a caller's poll; the test's deadline bounds it)."""
+    while True:
+        task = await client.get_task(GetTaskRequest(id=task_id))
+        if task.status.state in (COMPLETED, CANCELED, TaskState.TASK_STATE_FAILED):
+            return task
+        await asyncio.sleep(0.05)
 
 
 async def only_one(client: Client, request: SendMessageRequest) -> StreamResponse:
@@ -279,11 +293,31 @@ async def test_card_points_at_a2ad_and_send_returns_agent_reply(stack: Stack) ->
 # -- 2. busy agent, non-streaming client ----------------------------------------------
 
 
+async def test_a_blocking_send_to_a_busy_agent_gets_the_agents_answer(stack: Stack) -> None:
+    """The SDK's default send waits for the task to end: through a2ad it is held
+    while queued and answered with the agent's own reply once a slot frees."""
+    async with asyncio.timeout(TEST_DEADLINE), sdk_client(stack, streaming=False) as (client, _):
+        await stack.busy()
+        text = unique("held")
+        send = asyncio.create_task(only_one(client, user_message(text)))
+        await asyncio.sleep(0.5)
+        assert not send.done() and stack.agent_texts() == []  # queued, the caller held
+        await stack.free()
+        response = await send
+        if kind(response) == "task":  # the agent's Task, under the queue id
+            assert response.task.id.startswith("q-"), response
+            assert state_name(response.task.status.state) == "TASK_STATE_COMPLETED", response
+            assert task_texts(response.task) == [f"echo: {text}"], response
+        else:
+            assert get_message_text(response.message) == f"echo: {text}", response
+        assert stack.agent_texts() == [text]
+
+
 async def test_queued_send_then_get_task_returns_agent_reply(stack: Stack) -> None:
     async with asyncio.timeout(TEST_DEADLINE), sdk_client(stack, streaming=False) as (client, _):
         await stack.busy()
         text = unique("queued")
-        response = await only_one(client, user_message(text))
+        response = await only_one(client, user_message(text, return_immediately=True))
         assert kind(response) == "task", response
         queued = response.task
         qid = queued.id
@@ -302,7 +336,8 @@ async def test_queued_send_then_get_task_returns_agent_reply(stack: Stack) -> No
 
         await stack.free()
         await stack.wait_delivered(qid)
-        task = await client.get_task(GetTaskRequest(id=qid))
+        # Delivered with returnImmediately, as sent: the agent may still be working.
+        task = await until_final(client, qid)
 
     assert (task.id, task.context_id) == (qid, queued.context_id), task
     assert task.status.state == COMPLETED, task
@@ -398,7 +433,7 @@ async def test_cancel_queued_task_is_never_delivered(stack: Stack) -> None:
     async with asyncio.timeout(TEST_DEADLINE), sdk_client(stack, streaming=False) as (client, _):
         await stack.busy()
         cancelled_text = unique("never deliver")
-        response = await only_one(client, user_message(cancelled_text))
+        response = await only_one(client, user_message(cancelled_text, return_immediately=True))
         qid = response.task.id
         assert qid.startswith("q-"), response
 
@@ -504,11 +539,11 @@ async def test_queued_stream_ends_with_the_agents_stream(
 async def test_delivered_task_history_names_the_queue_id(stack: Stack) -> None:
     async with asyncio.timeout(TEST_DEADLINE), sdk_client(stack, streaming=False) as (client, _):
         await stack.busy()
-        response = await only_one(client, user_message(unique("history")))
+        response = await only_one(client, user_message(unique("history"), return_immediately=True))
         queued = response.task
         await stack.free()
         await stack.wait_delivered(queued.id)
-        task = await client.get_task(GetTaskRequest(id=queued.id))
+        task = await until_final(client, queued.id)
     assert task.status.state == COMPLETED, task
     assert len(task.history) >= 1, task
     ids = {(m.task_id, m.context_id) for m in task.history}

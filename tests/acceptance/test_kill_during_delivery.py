@@ -33,7 +33,8 @@ def v03_send(text: str) -> dict[str, Any]:
                 "role": "user",
                 "messageId": str(uuid.uuid4()),
                 "parts": [{"kind": "text", "text": text}],
-            }
+            },
+            "configuration": {"blocking": False},  # a queued send is answered 202 at once
         },
     }
 

@@ -122,7 +122,7 @@ async def post(session: aiohttp.ClientSession, base: str, send: Send) -> None:
         "jsonrpc": "2.0",
         "id": send.rpc_id,
         "method": "message/send",
-        "params": {"message": message},
+        "params": {"message": message, "configuration": {"blocking": False}},
     }
     try:
         async with session.post(f"{base}/workspaces/{WORKSPACE}/a2a", json=payload) as resp:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,13 +210,19 @@ class A2ad:
         method: str = "message/send",
         rpc_id: Any = 1,
         headers: dict[str, str] | None = None,
+        blocking: bool = False,
     ) -> tuple[int, dict[str, Any]]:
+        """A message send. Not blocking unless asked: a queued send is answered 202
+        at once (a blocking one is held until its item ends)."""
+        v1 = bool(headers and headers.get("A2A-Version", "").startswith("1"))
         message: dict[str, Any] = {"role": "user", "parts": [{"kind": "text", "text": text}]}
-        if headers and headers.get("A2A-Version", "").startswith("1"):
+        if v1:
             message = {"role": "ROLE_USER", "parts": [{"text": text}]}
-        if message_id:
-            message["messageId"] = message_id
-        body = {"jsonrpc": "2.0", "id": rpc_id, "method": method, "params": {"message": message}}
+        message["messageId"] = message_id or f"m-{uuid.uuid4().hex}"
+        params: dict[str, Any] = {"message": message}
+        if not blocking and method in ("message/send", "SendMessage"):
+            params["configuration"] = {"returnImmediately": True} if v1 else {"blocking": False}
+        body = {"jsonrpc": "2.0", "id": rpc_id, "method": method, "params": params}
         resp = await self.client.post(
             f"/workspaces/{workspace}/a2a", json=body, headers=headers or {}
         )

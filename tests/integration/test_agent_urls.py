@@ -109,7 +109,13 @@ async def test_redirects_from_an_agent_are_not_followed(
             "jsonrpc": "2.0",
             "id": 1,
             "method": "message/send",
-            "params": {"message": {"role": "user", "parts": [{"kind": "text", "text": "hi"}]}},
+            "params": {
+                "message": {
+                    "messageId": "m-1",
+                    "role": "user",
+                    "parts": [{"kind": "text", "text": "hi"}],
+                }
+            },
         }
         resp = await a2ad.client.post("/workspaces/w/a2a", json=body, allow_redirects=False)
         assert resp.status == 307

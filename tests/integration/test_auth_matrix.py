@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,8 +62,13 @@ def rpc(method: str, params: dict[str, Any], rpc_id: Any = 11) -> bytes:
 
 
 def send_body(text: str, rpc_id: Any = 11) -> bytes:
-    message = {"role": "user", "parts": [{"kind": "text", "text": text}]}
-    return rpc("message/send", {"message": message}, rpc_id)
+    """A send whose caller does not wait (a queued one is answered 202 at once)."""
+    message = {
+        "messageId": f"m-{uuid.uuid4().hex}",
+        "role": "user",
+        "parts": [{"kind": "text", "text": text}],
+    }
+    return rpc("message/send", {"message": message, "configuration": {"blocking": False}}, rpc_id)
 
 
 # -- a real agent -----------------------------------------------------------------
@@ -436,7 +442,10 @@ async def check_allowed(world: World, endpoint: Endpoint, credential: str, reply
         assert reply.json["result"]["status"]["state"] == "canceled"
         assert await item_state(a2ad, world.queued) == "cancelled"
     elif endpoint.name == "SubscribeToTask":
-        assert reply.headers["Content-Type"].startswith("text/event-stream")
+        # The item is expired: a task already terminal is the specification's
+        # UnsupportedOperationError (-32004), not a stream.
+        assert reply.json["error"]["code"] == -32004, reply.text
+        assert reply.json["error"]["data"]["code"] == "unsupported_operation"
         assert world.expired in reply.text
     elif endpoint.name == "heartbeat":
         assert reply.json == {"queue_depth": 1}
@@ -615,7 +624,7 @@ async def test_a_messageid_is_each_callers_own(world: World) -> None:
     its own item and never gets planner's answer."""
     a2ad = world.a2ad
     message = {"role": "user", "messageId": "shared-1", "parts": [{"kind": "text", "text": "a"}]}
-    body = rpc("message/send", {"message": message})
+    body = rpc("message/send", {"message": message, "configuration": {"blocking": False}})
     first = await request(a2ad, "POST", "/workspaces/w/a2a", body=body, headers=PLANNER)
     again = await request(a2ad, "POST", "/workspaces/w/a2a", body=body, headers=PLANNER)
     other = await request(a2ad, "POST", "/workspaces/w/a2a", body=body, headers=WRITER)

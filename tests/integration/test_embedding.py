@@ -72,7 +72,8 @@ def free_port() -> int:
 
 def rpc(text: str, message_id: str) -> dict[str, Any]:
     message = {"role": "user", "messageId": message_id, "parts": [{"kind": "text", "text": text}]}
-    return {"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": {"message": message}}
+    params = {"message": message, "configuration": {"blocking": False}}
+    return {"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": params}
 
 
 @pytest.fixture

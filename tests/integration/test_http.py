@@ -28,7 +28,14 @@ SEND = {
     "jsonrpc": "2.0",
     "id": 3,
     "method": "message/send",
-    "params": {"message": {"role": "user", "parts": [{"kind": "text", "text": "x"}]}},
+    "params": {
+        "message": {
+            "messageId": "m-send",
+            "role": "user",
+            "parts": [{"kind": "text", "text": "x"}],
+        },
+        "configuration": {"blocking": False},
+    },
 }
 
 
@@ -149,33 +156,35 @@ async def test_a_caller_sees_only_its_own_items(
     assert (await resp.json())["result"]["id"] == qid
 
 
+# SPEC, Errors: on the proxy path a JSON-RPC-level error is HTTP 200, the error in
+# the body, as the agent and the a2a-sdk answer.
 @pytest.mark.parametrize(
     ("body", "status", "rpc_code", "code"),
     [
-        (b"{not json", 400, -32700, "parse_error"),
-        (b"", 400, -32700, "parse_error"),
+        (b"{not json", 200, -32700, "parse_error"),
+        (b"", 200, -32700, "parse_error"),
         # JSON, but in UTF-16: RFC 8259 wants UTF-8 on the wire.
         (
             '{"jsonrpc": "2.0", "id": 1, "method": "message/send"}'.encode("utf-16"),
-            400,
+            200,
             -32700,
             "parse_error",
         ),
-        (b"[1, 2]", 400, -32600, "invalid_request"),
-        (b'{"jsonrpc": "1.0", "method": "x", "id": 1}', 400, -32600, "invalid_request"),
-        (b'{"jsonrpc": "2.0", "id": 1}', 400, -32600, "invalid_request"),
-        (b'{"jsonrpc": "2.0", "id": {}, "method": "x"}', 400, -32600, "invalid_request"),
+        (b"[1, 2]", 200, -32600, "invalid_request"),
+        (b'{"jsonrpc": "1.0", "method": "x", "id": 1}', 200, -32600, "invalid_request"),
+        (b'{"jsonrpc": "2.0", "id": 1}', 200, -32600, "invalid_request"),
+        (b'{"jsonrpc": "2.0", "id": {}, "method": "x"}', 200, -32600, "invalid_request"),
         (
             b'{"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": []}',
-            400,
+            200,
             -32600,
             "invalid_request",
         ),
         (
             b'{"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": {}}',
-            400,
-            -32600,
-            "invalid_request",
+            200,
+            -32602,
+            "invalid_params",
         ),
     ],
 )

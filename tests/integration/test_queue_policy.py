@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -73,13 +74,13 @@ async def post_send(
 ) -> tuple[int, dict[str, str], dict[str, Any]]:
     """message/send: the status, the response headers and the JSON body."""
     message: dict[str, Any] = {"role": "user", "parts": [{"kind": "text", "text": text}]}
-    if message_id is not None:
-        message["messageId"] = message_id
+    message["messageId"] = message_id if message_id is not None else f"m-{uuid.uuid4().hex}"
     body = {
         "jsonrpc": "2.0",
         "id": rpc_id,
         "method": "message/send",
-        "params": {"message": message},
+        # Not blocking: a queued send is answered 202 at once.
+        "params": {"message": message, "configuration": {"blocking": False}},
     }
     resp = await a2ad.client.post(f"/workspaces/{workspace}/a2a", json=body, headers=headers or {})
     return resp.status, dict(resp.headers), await resp.json()

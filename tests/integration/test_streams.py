@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,7 +20,12 @@ V1 = {"A2A-Version": "1.0"}
 
 
 def stream_body(text: str, method: str = "message/stream", **message: Any) -> dict[str, Any]:
-    msg = {"role": "user", "parts": [{"kind": "text", "text": text}], **message}
+    msg = {
+        "messageId": f"m-{uuid.uuid4().hex}",
+        "role": "user",
+        "parts": [{"kind": "text", "text": text}],
+        **message,
+    }
     return {"jsonrpc": "2.0", "id": 11, "method": method, "params": {"message": msg}}
 
 
@@ -176,13 +182,15 @@ async def test_a_caller_that_leaves_a_queued_stream_loses_nothing(
     item = await a2ad.final(qid)
     assert item["state"] == "delivered"
     assert item["result"]["result"]["artifacts"][0]["parts"][0]["text"] == "echo: keep me"
-    # Subscribing afterwards gives the final Task at once.
+    # The result is kept: GetTask gives the final Task. (Subscribing to a task already
+    # terminal is the specification's -32004, UnsupportedOperationError, not a stream.)
+    task = (await a2ad.rpc("w", "tasks/get", {"id": qid}))["result"]
+    assert task["status"]["state"] == "completed" and task["id"] == qid
     resp = await a2ad.client.post(
         "/workspaces/w/a2a",
         json={"jsonrpc": "2.0", "id": 2, "method": "tasks/resubscribe", "params": {"id": qid}},
     )
-    (only,) = await collect(resp)
-    assert only["result"]["status"]["state"] == "completed" and only["result"]["id"] == qid
+    assert resp.status == 200 and (await resp.json())["error"]["code"] == -32004
 
 
 async def test_cancel_a_queued_item_ends_its_stream_and_it_is_never_delivered(

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from a2ad.settings import ConfigError, Settings, load_settings
+from a2ad import a2a
+from a2ad.settings import RESERVED_AGENT_HEADERS, ConfigError, Settings, load_settings
 
 # The Configuration block of SPEC.md, every key set to a value that is not its default.
 FULL_CONFIG = """
@@ -59,6 +60,8 @@ max_concurrent = 3
 token = "demo-secret"
 heartbeat = true
 request_timeout_seconds = 30.5
+agent_token = "agent-secret"
+agent_headers = { X-Api-Key = "key-secret", X-Tenant = "blue" }
 restart_command = ["systemctl", "restart", "agent@demo"]
 status_command = ["systemctl", "is-active", "agent@demo"]
 """
@@ -134,6 +137,8 @@ def test_workspace_defaults(tmp_path: Path) -> None:
     assert ws.request_timeout_seconds == 300
     assert ws.restart_command == []
     assert ws.status_command == []
+    assert (ws.agent_token, ws.agent_token_file, ws.agent_headers) == ("", "", {})
+    assert ws.agent_credentials == {}
 
 
 def test_every_spec_key_is_accepted(tmp_path: Path) -> None:
@@ -164,6 +169,8 @@ def test_every_spec_key_is_accepted(tmp_path: Path) -> None:
     assert (ws.token, ws.heartbeat, ws.request_timeout_seconds) == ("demo-secret", True, 30.5)
     assert ws.restart_command == ["systemctl", "restart", "agent@demo"]
     assert ws.status_command == ["systemctl", "is-active", "agent@demo"]
+    assert ws.agent_token == "agent-secret"
+    assert ws.agent_headers == {"X-Api-Key": "key-secret", "X-Tenant": "blue"}
     assert settings.open_endpoints == []
 
 
@@ -211,7 +218,7 @@ def test_secrets_are_read_from_token_files(tmp_path: Path) -> None:
 def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, FULL_CONFIG))
     text = repr(settings)
-    for secret in ("admin-secret", "planner-secret", "demo-secret"):
+    for secret in ("admin-secret", "planner-secret", "demo-secret", "agent-secret", "key-secret"):
         assert secret not in text
 
 
@@ -437,3 +444,88 @@ def test_several_errors_stay_one_line(tmp_path: Path) -> None:
     text = '[server]\nport = "x"\ncolour = 1\n[queue]\nmax_attempts = 0\n'
     message = config_error(write(tmp_path, text))
     assert "more" in message
+
+
+# -- agent credentials: from the file, checked at load --------------------------------
+
+AGENT_WS = '[[workspaces]]\nid = "demo"\nurl = "http://127.0.0.1:9001/"\nheartbeat = false\n'
+
+
+def test_agent_credentials_are_sent_as_headers(tmp_path: Path) -> None:
+    (tmp_path / "agent.token").write_text("  agent-from-file \n")
+    text = AGENT_WS + (
+        f'agent_token_file = "{tmp_path / "agent.token"}"\nagent_headers = {{ X-Api-Key = "k" }}\n'
+    )
+    (ws,) = load_settings(write(tmp_path, text)).workspaces
+    assert ws.agent_token == "agent-from-file"
+    assert ws.agent_credentials == {"X-Api-Key": "k", "Authorization": "Bearer agent-from-file"}
+    assert "agent-from-file" not in repr(ws)
+
+
+def test_missing_agent_token_file_names_the_field(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.token"
+    message = config_error(write(tmp_path, AGENT_WS + f'agent_token_file = "{missing}"\n'))
+    assert ": workspaces[0]: " in message
+    assert "agent_token_file" in message and str(missing) in message
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Host",
+        "content-length",
+        "Content-Type",
+        "Transfer-Encoding",
+        "Connection",
+        "A2A-Version",
+        "traceparent",
+        "X-Request-Id",
+    ],
+)
+def test_reserved_agent_headers_are_refused(tmp_path: Path, name: str) -> None:
+    text = AGENT_WS + f'agent_headers = {{ "{name}" = "value-secret" }}\n'
+    message = config_error(write(tmp_path, text))
+    assert ": workspaces[0]: agent_headers: " in message
+    assert name in message
+    assert "value-secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ('{ "X Api" = "v-secret" }', "is not an HTTP header name"),
+        ('{ X-Api-Key = "v-secret\\r\\nX-Evil: 1" }', "line break"),
+        ('{ X-Api-Key = "" }', "X-Api-Key is empty"),
+        ('{ X-Api-Key = "v-secret", x-api-key = "v-secret" }', "given twice"),
+        ("{ X-Api-Key = 12 }", "valid string"),
+    ],
+)
+def test_bad_agent_headers_are_one_line_errors(tmp_path: Path, table: str, says: str) -> None:
+    message = config_error(write(tmp_path, AGENT_WS + f"agent_headers = {table}\n"))
+    assert ": workspaces[0]" in message and says in message
+    assert "v-secret" not in message
+
+
+def test_agent_token_and_an_authorization_header_conflict(tmp_path: Path) -> None:
+    text = AGENT_WS + 'agent_token = "t-secret"\nagent_headers = { Authorization = "Basic x" }\n'
+    message = config_error(write(tmp_path, text))
+    assert "Authorization and agent_token" in message
+    assert "t-secret" not in message
+
+
+def test_an_agent_token_with_a_line_break_is_refused(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, AGENT_WS + 'agent_token = "t-secret\\nX: y"\n'))
+    assert ": workspaces[0]: agent_token holds a line break" in message
+    assert "t-secret" not in message
+
+
+def test_an_authorization_header_alone_is_allowed(tmp_path: Path) -> None:
+    text = AGENT_WS + 'agent_headers = { Authorization = "Basic dTpw" }\n'
+    (ws,) = load_settings(write(tmp_path, text)).workspaces
+    assert ws.agent_credentials == {"Authorization": "Basic dTpw"}
+
+
+def test_every_header_a2ad_passes_on_is_reserved() -> None:
+    """A configured header never collides with one a2ad sets per request."""
+    passed = {*a2a.FORWARDED_HEADERS, *a2a.STORED_HEADERS, "X-Request-Id", "Accept-Encoding"}
+    assert {name.lower() for name in passed} <= RESERVED_AGENT_HEADERS
