@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from .errors import InvalidParams, InvalidRequest, ParseError
@@ -225,6 +226,91 @@ def limit_history(task: dict[str, Any], length: int | None) -> dict[str, Any]:
     if length == 0:
         return {k: v for k, v in task.items() if k != "history"}
     return {**task, "history": history[-length:]}
+
+
+LIST_TASKS_METHODS = frozenset({"ListTasks", "tasks/list"})
+# The specification's ListTasks page size: 50 unless asked, from 1 to 100.
+LIST_PAGE_SIZE, LIST_PAGE_SIZE_MAX = 50, 100
+# TaskState's numbers in the 1.0 protobuf, which proto3 JSON also accepts.
+_STATE_NUMBERS = {1: "submitted", 2: "working", 3: "completed", 4: "failed", 5: "canceled"}
+_STATE_NUMBERS |= {6: "input-required", 7: "rejected", 8: "auth-required"}
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """ListTasks' params, checked."""
+
+    context_id: str | None
+    state: str | None  # a2ad's state key ("submitted", …), None for any
+    page_size: int
+    page_token: str | None
+    history_length: int | None
+    updated_from: float | None  # statusTimestampAfter, in epoch seconds
+    include_artifacts: bool
+
+
+def list_query(params: Mapping[str, Any]) -> ListQuery:
+    """ListTasks' params as the specification defines them; raise InvalidParams
+    naming the first one that is not."""
+
+    def text(key: str) -> str | None:
+        value = params.get(key)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise InvalidParams(f"{key} must be a string (got {json.dumps(value)[:40]})")
+        return value
+
+    size = params.get("pageSize")
+    page_size = LIST_PAGE_SIZE
+    if size is not None:
+        integral = (isinstance(size, int) and not isinstance(size, bool)) or (
+            isinstance(size, float) and size.is_integer()
+        )
+        if not integral or not 1 <= int(size) <= LIST_PAGE_SIZE_MAX:
+            raise InvalidParams(
+                f"pageSize must be an integer from 1 to {LIST_PAGE_SIZE_MAX}"
+                f" (got {json.dumps(size)[:40]})"
+            )
+        page_size = int(size)
+    include = params.get("includeArtifacts")
+    if include is not None and not isinstance(include, bool):
+        shown = json.dumps(include)[:40]
+        raise InvalidParams(f"includeArtifacts must be true or false (got {shown})")
+    return ListQuery(
+        context_id=text("contextId"),
+        state=_list_state(params.get("status")),
+        page_size=page_size,
+        page_token=text("pageToken"),
+        history_length=history_length(params),
+        updated_from=_list_time(text("statusTimestampAfter")),
+        include_artifacts=include is True,
+    )
+
+
+def _list_state(value: Any) -> str | None:
+    """A status filter: a TaskState name (either protocol's) or number; unspecified
+    (0, TASK_STATE_UNSPECIFIED or absent) filters nothing."""
+    if value is None or value in (0, "", "TASK_STATE_UNSPECIFIED"):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value in _STATE_NUMBERS:
+        return _STATE_NUMBERS[value]
+    if isinstance(value, str) and _STATE_FROM_ANY.get(value, "unknown") != "unknown":
+        return _STATE_FROM_ANY[value]
+    raise InvalidParams(f"status must be a TaskState (got {json.dumps(value)[:40]})")
+
+
+def _list_time(value: str | None) -> float | None:
+    """statusTimestampAfter: an RFC 3339 time with its offset, as epoch seconds."""
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise InvalidParams(f"statusTimestampAfter must be an RFC 3339 time (got {value[:40]!r})")
+    return when.timestamp()
 
 
 def protocol_of(headers: Mapping[str, str]) -> Protocol:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Mapping
@@ -30,7 +31,15 @@ from .errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
-from .results import as_queue_task, item_task, stored_result
+from .results import (
+    as_queue_task,
+    item_task,
+    list_result,
+    list_states,
+    listed_tasks,
+    read_page_token,
+    stored_result,
+)
 from .store import PRIORITIES, Item, NewItem
 from .upstream import Answer, Outcome
 from .workspaces import Workspace
@@ -252,6 +261,8 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
                 return _task_not_found(rpc)
             _refuse_if_terminal(item, protocol)
             return await _item_stream(request, daemon, item, rpc, protocol)
+    if rpc.method in a2a.LIST_TASKS_METHODS:
+        return await _list_tasks(daemon, ws, rpc, caller, protocol)
     unknown = await _unknown_queue_id(daemon, ws, rpc, caller)
     if unknown is not None:
         return _task_not_found(rpc, unknown)
@@ -580,6 +591,38 @@ async def _get_task(
     if item.agent_task_id and not a2a.is_final_state(task["status"]["state"]):
         task = await _refreshed(request, daemon, item, rpc, protocol) or task
     return json_response(a2a.rpc_result(rpc.id, a2a.limit_history(task, history_length)))
+
+
+async def _list_tasks(
+    daemon: Daemon, ws: Workspace, rpc: a2a.RpcRequest, caller: str, protocol: a2a.Protocol
+) -> web.Response:
+    """ListTasks: the caller's own queue items of this workspace, never forwarded (a2ad
+    reaches the agent with one credential for every caller, so the agent's list would
+    hold every caller's tasks). Most recently updated first, as the specification
+    orders them; a delivered item shows its stored Task, not refreshed from the agent."""
+    query = a2a.list_query(rpc.params)
+    before = read_page_token(query.page_token) if query.page_token else None
+    read = functools.partial(
+        daemon.store.caller_items,
+        ws.id,
+        caller,
+        context_id=query.context_id,
+        updated_from=query.updated_from,
+    )
+    if query.state is None:
+        items, total = await read(before=before, limit=query.page_size + 1)
+        page = listed_tasks(items, query, protocol)
+    else:
+        # A delivered item's state is in its stored answer, which SQL does not read:
+        # the caller's candidates are read whole, then counted and paged here.
+        items, _ = await read(states=list_states(query.state))
+        page = listed_tasks(items, query, protocol)
+        total = len(page)
+        if before is not None:
+            page = [(item, task) for item, task in page if (item.updated_at, item.seq) < before]
+    more = len(page) > query.page_size
+    result = list_result(page[: query.page_size], query, total, more=more)
+    return json_response(a2a.rpc_result(rpc.id, result))
 
 
 async def _refreshed(

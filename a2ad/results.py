@@ -3,10 +3,12 @@ protocol version, and the operator's JSON view."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 from . import a2a
+from .errors import InvalidParams
 from .store import PRIORITY_NAMES, Item
 
 
@@ -120,3 +122,63 @@ def item_task(item: Item, protocol: a2a.Protocol) -> dict[str, Any]:
         code, message = answer.value.get("code"), answer.value.get("message")
         return own("failed", f"the agent answered with error {code}: {message}", error=answer.value)
     return own("failed", "the agent's answer was not an A2A result")
+
+
+# -- ListTasks ------------------------------------------------------------------
+
+# The item states whose Task a2ad writes itself in each A2A state; a delivered
+# item's Task is the agent's, in whatever state its stored answer gives.
+_OWN_STATES = {
+    "submitted": ("queued",),
+    "working": ("dispatching",),
+    "canceled": ("cancelled",),
+    "failed": ("failed", "expired"),
+}
+
+
+def list_states(state: str) -> tuple[str, ...]:
+    """The item states whose Task may be in A2A `state`."""
+    return (*_OWN_STATES.get(state, ()), "delivered")
+
+
+def page_token(item: Item) -> str:
+    """An opaque nextPageToken: the last listed item's place in the order."""
+    return base64.urlsafe_b64encode(f"{item.updated_at!r} {item.seq}".encode()).decode()
+
+
+def read_page_token(token: str) -> tuple[float, int]:
+    """A pageToken back to (updated_at, seq); InvalidParams if a2ad did not make it."""
+    try:
+        updated_at, seq = base64.urlsafe_b64decode(token.encode()).decode().split(" ")
+        return float(updated_at), int(seq)
+    except (ValueError, UnicodeError):
+        raise InvalidParams(f"pageToken {token[:40]!r} is not one ListTasks gave") from None
+
+
+def listed_tasks(
+    items: list[Item], query: a2a.ListQuery, protocol: a2a.Protocol
+) -> list[tuple[Item, dict[str, Any]]]:
+    """Each item with its Task as ListTasks shows it, those in the status asked for:
+    artifacts only when asked, history cut to historyLength."""
+    out = []
+    for item in items:
+        task = item_task(item, protocol)
+        if query.state and a2a.canonical_state(task["status"]["state"]) != query.state:
+            continue
+        if not query.include_artifacts:
+            task.pop("artifacts", None)
+        out.append((item, a2a.limit_history(task, query.history_length)))
+    return out
+
+
+def list_result(
+    page: list[tuple[Item, dict[str, Any]]], query: a2a.ListQuery, total: int, *, more: bool
+) -> dict[str, Any]:
+    """ListTasks' result: the page, the token for the next (empty on the last page,
+    as the specification has it), the page size used and the count before paging."""
+    return {
+        "tasks": [task for _, task in page],
+        "nextPageToken": page_token(page[-1][0]) if more and page else "",
+        "pageSize": query.page_size,
+        "totalSize": total,
+    }

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -113,6 +113,51 @@ class Reads:
         def read(conn: sqlite3.Connection) -> list[Item]:
             rows = conn.execute(sql, (*params, limit)).fetchall()
             return [Item.from_row(r) for r in rows]
+
+        return await self._read(read)
+
+    async def caller_items(
+        self,
+        workspace: str,
+        caller: str,
+        *,
+        context_id: str | None = None,
+        states: Sequence[str] | None = None,
+        updated_from: float | None = None,
+        before: tuple[float, int] | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[Item], int]:
+        """One caller's items of a workspace, most recently updated first (the newer
+        item first among equals), those after the cursor `before` = (updated_at, seq)
+        up to `limit`; and how many match leaving the cursor and limit aside. Read
+        in the items_caller index: never a scan of other callers' or workspaces' items."""
+        clauses = ["workspace = ?", "caller = ?"]
+        params: list[Any] = [workspace, caller]
+        if context_id is not None:
+            # The context id the caller sees: its own, or the agent's when it gave none.
+            clauses.append("COALESCE(context_id, agent_context_id) = ?")
+            params.append(context_id)
+        if states is not None:
+            clauses.append(f"state IN ({', '.join('?' for _ in states)})")
+            params.extend(states)
+        if updated_from is not None:
+            clauses.append("updated_at >= ?")
+            params.append(updated_from)
+        where = " AND ".join(clauses)
+        page_where, page_params = where, list(params)
+        if before is not None:
+            page_where += " AND (updated_at, seq) < (?, ?)"
+            page_params.extend(before)
+        sql = (
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE {page_where}"
+            " ORDER BY updated_at DESC, seq DESC LIMIT ?"
+        )
+        page_params.append(-1 if limit is None else limit)
+
+        def read(conn: sqlite3.Connection) -> tuple[list[Item], int]:
+            rows = conn.execute(sql, page_params).fetchall()
+            total = conn.execute(f"SELECT COUNT(*) FROM items WHERE {where}", params).fetchone()
+            return [Item.from_row(r) for r in rows], int(total[0])
 
         return await self._read(read)
 

@@ -288,3 +288,13 @@ def launcher(tmp_path: Path) -> Iterator[Launcher]:
 def demo_agent(launcher: Launcher) -> Process:
     """A demo agent with one slot that answers at once."""
     return launcher.demo_agent(delay=0.0)
+
+
+@pytest.fixture(scope="module")
+def module_launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    """A launcher shared by one test module: what it starts lives until the module ends."""
+    launch = Launcher(tmp_path_factory.mktemp("module"))
+    try:
+        yield launch
+    finally:
+        launch.close()
