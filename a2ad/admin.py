@@ -12,7 +12,7 @@ from .a2a import timestamp
 from .agent_urls import check_agent_url
 from .daemon import DAEMON, Daemon
 from .errors import Conflict, InvalidBody, InvalidRequest, NotFound
-from .proxy import json_response, read_body
+from .http_io import json_response, read_body
 from .results import item_view
 from .settings import WorkspaceSettings
 from .store import STATES, Item

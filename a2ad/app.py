@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import admin, proxy, ui
+from . import admin, agent_routes, http_io, proxy, ui
 from .clock import Clock
 from .daemon import DAEMON, Daemon
 from .errors import A2adError, MethodNotAllowed, NotFound
@@ -34,7 +34,7 @@ def _error_response(request: web.Request, error: A2adError) -> web.Response:
         return ui.error_page(error)  # a person reads these: HTML, not JSON
     status = error.status
     if _is_rpc_path(request):
-        body = error.rpc_body(request.get(proxy.RPC_ID))
+        body = error.rpc_body(request.get(http_io.RPC_ID))
         status = error.proxy_status or status
     else:
         body = error.body()
@@ -60,7 +60,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every error becomes a JSON body with a stable code; never a traceback."""
     given = request.headers.get("X-Request-Id")
     request_id = given if given and _REQUEST_ID_OK.match(given) else _new_request_id()
-    request[proxy.REQUEST_ID] = request_id
+    request[http_io.REQUEST_ID] = request_id
     try:
         response = await handler(request)
     except A2adError as exc:
@@ -112,9 +112,9 @@ def create_app(
     app.router.add_post("/workspaces/{workspace}/a2a", proxy.handle_rpc)
     for card_path in ("agent-card.json", "agent.json"):
         app.router.add_get(
-            f"/workspaces/{{workspace}}/a2a/.well-known/{card_path}", proxy.handle_card
+            f"/workspaces/{{workspace}}/a2a/.well-known/{card_path}", agent_routes.handle_card
         )
-    app.router.add_post("/workspaces/{workspace}/heartbeat", proxy.handle_heartbeat)
+    app.router.add_post("/workspaces/{workspace}/heartbeat", agent_routes.handle_heartbeat)
     app.router.add_get("/workspaces", admin.list_workspaces)
     app.router.add_get("/workspaces/{workspace}", admin.get_workspace)
     app.router.add_put("/workspaces/{workspace}", admin.put_workspace)

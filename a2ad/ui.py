@@ -33,7 +33,7 @@ from .a2a import timestamp
 from .clock import Clock
 from .daemon import DAEMON, Daemon
 from .errors import A2adError, Conflict, NotFound
-from .proxy import read_body
+from .http_io import read_body
 from .store import STATES, Item
 
 SESSION_COOKIE = "a2ad_session"
