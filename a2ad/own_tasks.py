@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import a2a
+from . import a2a, a2a_params
 from .daemon import Daemon
 from .errors import UnsupportedOperation
 from .forward import forward, forwarded_headers
@@ -219,14 +219,14 @@ async def get_task(
     caller: str,
     protocol: a2a.Protocol,
 ) -> web.Response:
-    history_length = a2a.history_length(rpc.params)  # checked first, as the agent does
+    history_length = a2a_params.history_length(rpc.params)  # checked first, as the agent does
     item = await find_item(daemon, ws, rpc.task_id or "", caller)
     if item is None:
         return task_not_found(rpc)
     task = item_task(item, protocol)
     if item.agent_task_id and not a2a.is_final_state(task["status"]["state"]):
         task = await refreshed(request, daemon, item, rpc, protocol) or task
-    return json_response(a2a.rpc_result(rpc.id, a2a.limit_history(task, history_length)))
+    return json_response(a2a.rpc_result(rpc.id, a2a_params.limit_history(task, history_length)))
 
 
 async def list_tasks(
@@ -236,7 +236,7 @@ async def list_tasks(
     reaches the agent with one credential for every caller, so the agent's list would
     hold every caller's tasks). Most recently updated first, as the specification
     orders them; a delivered item shows its stored Task, not refreshed from the agent."""
-    query = a2a.list_query(rpc.params)
+    query = a2a_params.list_query(rpc.params)
     before = read_page_token(query.page_token) if query.page_token else None
     read = functools.partial(
         daemon.store.caller_items,

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import ClientError, ClientResponse, web
 from aiohttp.typedefs import Handler
 
-from . import a2a, logs
+from . import a2a, a2a_params, logs
 from .agent_routes import handle_card
 from .daemon import DAEMON, Daemon
 from .errors import (
@@ -81,7 +81,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
     rpc = a2a.parse_request(body)
     protocol = a2a.protocol_of(request.headers)
     if rpc.is_message:
-        a2a.check_message(rpc, protocol)
+        a2a_params.check_message(rpc, protocol)
         await refuse_ended_task(daemon, ws, rpc, caller, protocol)
         return await _send_message(request, daemon, ws, rpc, raw, body, caller, protocol)
     if is_queue_id(rpc.task_id):
@@ -95,7 +95,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
                 return task_not_found(rpc)
             refuse_if_terminal(item, protocol)
             return await item_stream(request, daemon, item, rpc, protocol)
-    if rpc.method in a2a.LIST_TASKS_METHODS:
+    if rpc.method in a2a_params.LIST_TASKS_METHODS:
         return await list_tasks(daemon, ws, rpc, caller, protocol)
     unknown = await unknown_queue_id(daemon, ws, rpc, caller)
     if unknown is not None:

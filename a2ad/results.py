@@ -7,7 +7,7 @@ import base64
 import json
 from typing import Any
 
-from . import a2a
+from . import a2a, a2a_params
 from .errors import InvalidParams
 from .store import PRIORITY_NAMES, Item
 
@@ -156,7 +156,7 @@ def read_page_token(token: str) -> tuple[float, int]:
 
 
 def listed_tasks(
-    items: list[Item], query: a2a.ListQuery, protocol: a2a.Protocol
+    items: list[Item], query: a2a_params.ListQuery, protocol: a2a.Protocol
 ) -> list[tuple[Item, dict[str, Any]]]:
     """Each item with its Task as ListTasks shows it, those in the status asked for:
     artifacts only when asked, history cut to historyLength."""
@@ -167,12 +167,12 @@ def listed_tasks(
             continue
         if not query.include_artifacts:
             task.pop("artifacts", None)
-        out.append((item, a2a.limit_history(task, query.history_length)))
+        out.append((item, a2a_params.limit_history(task, query.history_length)))
     return out
 
 
 def list_result(
-    page: list[tuple[Item, dict[str, Any]]], query: a2a.ListQuery, total: int, *, more: bool
+    page: list[tuple[Item, dict[str, Any]]], query: a2a_params.ListQuery, total: int, *, more: bool
 ) -> dict[str, Any]:
     """ListTasks' result: the page, the token for the next (empty on the last page,
     as the specification has it), the page size used and the count before paging."""
