@@ -145,6 +145,10 @@ def parse_request(body: Any) -> RpcRequest:
     if rpc_id is not None and (not isinstance(rpc_id, (str, int)) or isinstance(rpc_id, bool)):
         raise InvalidRequest('"id" must be a string, a number or null')
     params = body.get("params", {})
+    if isinstance(params, list) and "/" not in method:
+        # By-position params are valid JSON-RPC that A2A 1.0 cannot take: invalid
+        # params, as its agents answer (v0.3 agents answer invalid request).
+        raise InvalidParams(f"{method} takes its params as a JSON object, not an array")
     if not isinstance(params, dict):
         raise InvalidRequest('"params" must be a JSON object')
     if method in MESSAGE_METHODS and not isinstance(params.get("message"), dict):

@@ -187,11 +187,6 @@ BY_DESIGN: dict[tuple[str, str], int] = {
 
 # Genuine a2ad defects: (case, version, load) -> reason. Each row fails today; the
 # xfail is strict so that a fix shows up as XPASS and the row is taken out.
-PARAMS_LIST = (
-    "params as a JSON array is a valid JSON-RPC 2.0 request (by-position params) whose "
-    "params A2A cannot take: the agent answers -32602 invalid params, a2ad -32600 "
-    'invalid request ("params" must be a JSON object)'
-)
 VERSION_MISMATCH = (
     "a send named in the other protocol version than the one the caller speaks "
     "(SendMessage without A2A-Version; message/send with A2A-Version: 1.0) is refused "
@@ -200,8 +195,6 @@ VERSION_MISMATCH = (
     "caller learns of the refusal only from the stored result"
 )
 DEFECTS: dict[tuple[str, str, str], str] = {
-    ("params_list", "1.0", FREE): PARAMS_LIST,
-    ("params_list", "1.0", BUSY): PARAMS_LIST,
     ("other_version_send", "0.3", BUSY): VERSION_MISMATCH,
     ("other_version_send", "1.0", BUSY): VERSION_MISMATCH,
 }
