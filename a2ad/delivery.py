@@ -268,14 +268,15 @@ class Dispatcher:
                 lease_seconds=self.queue_settings.lease_seconds,
                 promote_after=self.queue_settings.promote_after_seconds,
                 limit=reserved,
+                # Awaited as it is (a shield would cost the hot path a loop turn): if
+                # this pump is cancelled, the claim commits all the same, and what it
+                # took is handed back.
+                if_cancelled=self._return_orphaned_claim,
             )
             try:
-                items = await asyncio.shield(claim)
-            except BaseException as exc:
+                items = await claim
+            except BaseException:
                 admission.claimed(reserved, 0)
-                if isinstance(exc, asyncio.CancelledError):
-                    # The claim commits all the same: hand back what it took.
-                    claim.add_done_callback(self._return_orphaned_claim)
                 raise
             slots = admission.claimed(reserved, len(items))
             if self._stopping:
@@ -288,10 +289,10 @@ class Dispatcher:
             if len(items) < reserved:
                 return
 
-    def _return_orphaned_claim(self, claim: asyncio.Future[list[Item]]) -> None:
-        if claim.cancelled() or claim.exception() is not None or not claim.result():
+    def _return_orphaned_claim(self, items: list[Item]) -> None:
+        if not items:
             return
-        task = asyncio.ensure_future(self._hand_back_unsent(claim.result()))
+        task = asyncio.ensure_future(self._hand_back_unsent(items))
         self._returning.add(task)
         task.add_done_callback(self._returning.discard)
 

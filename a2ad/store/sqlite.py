@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 import aiosqlite
@@ -188,10 +188,11 @@ class Store(Reads):
         lease_seconds: float,
         promote_after: float,
         limit: int = 1,
+        if_cancelled: Callable[[list[Item]], None] | None = None,
     ) -> asyncio.Future[list[Item]]:
         """Claim up to `limit` due items of one workspace, best first, each with its
-        own token; a future, so that a claimer that is cancelled can still hand
-        back what its claim took."""
+        own token; a future. A claimer cancelled while it waits is not told what the
+        claim took: `if_cancelled` is, once it committed, so it can be handed back."""
 
         def op(conn: sqlite3.Connection) -> Counted[list[Item]]:
             where = {"workspace": workspace, "now": now, "promote_after": promote_after}
@@ -205,7 +206,9 @@ class Store(Reads):
             moves = [Move(workspace, i.id, i.priority, "queued", "dispatching", now) for i in items]
             return Counted(items, moves)
 
-        return self._submit(op, durable=False)
+        if self._writer is None or self._writer.closing:
+            raise StoreUnavailable("the store is closed", retry_after=1)
+        return self._writer.submit(op, durable=False, if_cancelled=if_cancelled)  # type: ignore[arg-type]
 
     async def claim(
         self,

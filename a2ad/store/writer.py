@@ -94,6 +94,11 @@ async def on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any
     return cast(T, await conn._execute(fn, *args))  # type: ignore[no-untyped-call]
 
 
+# An op waiting for its batch: the op, its caller's future, whether it is durable,
+# and what to do with its committed result if the caller cancelled the future.
+Pending = tuple[Op[Any], "asyncio.Future[Any]", bool, Callable[[Any], None] | None]
+
+
 class Writer:
     """The batch loop on the writer connection."""
 
@@ -109,7 +114,7 @@ class Writer:
         self.depths = depths
         self._live_snapshot = live_snapshot
         self._seen_version: int | None = None  # PRAGMA data_version at the last commit
-        self._pending: list[tuple[Op[Any], asyncio.Future[Any], bool]] = []
+        self._pending: list[Pending] = []
         self._level: str | None = synchronous  # the connection's synchronous, if known
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -134,7 +139,13 @@ class Writer:
         """Nothing waits for the writer and no batch is being committed."""
         return not self._pending and not self._committing
 
-    def submit(self, op: Op[T], *, durable: bool = True) -> asyncio.Future[T]:
+    def submit(
+        self,
+        op: Op[T],
+        *,
+        durable: bool = True,
+        if_cancelled: Callable[[T], None] | None = None,
+    ) -> asyncio.Future[T]:
         """Run `op` in the next batch; the future of its outcome. A durable write
         (a new item, an operator's change) is committed at the configured
         `synchronous`; the rest, a delivery's steps (claims, leases, outcomes,
@@ -146,7 +157,7 @@ class Writer:
         if self.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future, durable))
+        self._pending.append((op, future, durable, if_cancelled))
         self._wake.set()
         return future
 
@@ -177,9 +188,9 @@ class Writer:
             return Counted(version)
         return Counted(version, snapshot=self._live_snapshot(conn))
 
-    async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any], bool]]) -> None:
-        ops: list[Op[Any]] = [self._resync, *(op for op, _, _ in batch)]
-        wanted = self.synchronous if any(d for _, _, d in batch) else "normal"
+    async def _commit(self, batch: list[Pending]) -> None:
+        ops: list[Op[Any]] = [self._resync, *(op for op, _, _, _ in batch)]
+        wanted = self.synchronous if any(d for _, _, d, _ in batch) else "normal"
         change = wanted if wanted != self._level else None
         # Unknown until the batch has run: a batch that fails part way must
         # not leave a level the next durable batch would wrongly trust.
@@ -194,7 +205,7 @@ class Writer:
                     log.error("the store cannot write: %s", exc)
                 self.last_error = str(exc)
                 error = StoreUnavailable(f"the store cannot write: {exc}", retry_after=1)
-            for _, future, _ in batch:
+            for _, future, _, _ in batch:
                 if not future.done():
                     future.set_exception(error)
             return
@@ -212,8 +223,10 @@ class Writer:
         seen, *results = results
         if seen[0]:
             self._seen_version = seen[1]
-        for (_, future, _), (ok, value) in zip(batch, results, strict=True):
+        for (_, future, _, if_cancelled), (ok, value) in zip(batch, results, strict=True):
             if future.done():  # its caller stopped waiting; the write stands
+                if ok and future.cancelled() and if_cancelled is not None:
+                    if_cancelled(value)
                 continue
             if ok:
                 future.set_result(value)

@@ -997,3 +997,19 @@ async def test_a_retried_old_item_answers_for_its_message_id(store: Store) -> No
     again = await store.enqueue(new(message_id="m"), now=T0 + 3, replay_window=REPLAY)
     assert not again.created
     assert again.item.id == first.id
+
+
+async def test_a_claim_whose_caller_was_cancelled_reports_what_it_took(store: Store) -> None:
+    """A claimer cancelled while its claim waits for the writer is not told what the
+    claim took; the claim commits all the same, and `if_cancelled` hears of it, so
+    the items can be handed back instead of staying dispatching."""
+    await put(store, T0)
+    heard: list[list[Item]] = []
+    claim = store.submit_claim(
+        WS, now=T0 + 1, lease_seconds=60, promote_after=120, if_cancelled=heard.append
+    )
+    claim.cancel()  # before the writer ran the batch
+    await store.recount()  # one more batch: the claim's has committed by now
+    assert [[item.state for item in items] for items in heard] == [["dispatching"]]
+    (taken,) = heard[0]
+    assert taken.claim_token and await store.hand_back(taken.id, taken.claim_token, now=T0 + 2)
