@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .a2a import _STATE_FROM_ANY, Protocol, RpcRequest
+from . import a2a
+from .a2a import Protocol, RpcRequest
 from .errors import InvalidParams
 
 # A message's roles in each version: v0.3 names them; 1.0 is proto3 JSON, which
@@ -155,8 +156,8 @@ def _list_state(value: Any) -> str | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value in _STATE_NUMBERS:
         return _STATE_NUMBERS[value]
-    if isinstance(value, str) and _STATE_FROM_ANY.get(value, "unknown") != "unknown":
-        return _STATE_FROM_ANY[value]
+    if isinstance(value, str) and a2a.canonical_state(value) != "unknown":
+        return a2a.canonical_state(value)
     raise InvalidParams(f"status must be a TaskState (got {json.dumps(value)[:40]})")
 
 
