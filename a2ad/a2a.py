@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import InvalidParams, InvalidRequest, ParseError
+from .errors import InvalidParams, InvalidRequest, ParseError, VersionNotSupported
 from .ids import random_hex
 
 Protocol = Literal["1.0", "0.3"]
@@ -23,6 +23,39 @@ MESSAGE_METHODS = SEND_METHODS | STREAM_METHODS
 GET_TASK_METHODS = frozenset({"GetTask", "tasks/get"})
 CANCEL_TASK_METHODS = frozenset({"CancelTask", "tasks/cancel"})
 SUBSCRIBE_METHODS = frozenset({"SubscribeToTask", "tasks/resubscribe"})
+
+# Every method name of each protocol version: an agent refuses a name of the other
+# version than the request's A2A-Version names (the a2a-sdk's server does).
+V1_METHODS = frozenset(
+    {
+        "SendMessage",
+        "SendStreamingMessage",
+        "GetTask",
+        "ListTasks",
+        "CancelTask",
+        "SubscribeToTask",
+        "CreateTaskPushNotificationConfig",
+        "GetTaskPushNotificationConfig",
+        "ListTaskPushNotificationConfigs",
+        "DeleteTaskPushNotificationConfig",
+        "GetExtendedAgentCard",
+    }
+)
+V03_METHODS = frozenset(
+    {
+        "message/send",
+        "message/stream",
+        "tasks/get",
+        "tasks/list",
+        "tasks/cancel",
+        "tasks/resubscribe",
+        "tasks/pushNotificationConfig/set",
+        "tasks/pushNotificationConfig/get",
+        "tasks/pushNotificationConfig/list",
+        "tasks/pushNotificationConfig/delete",
+        "agent/getAuthenticatedExtendedCard",
+    }
+)
 
 # Error codes of the A2A specification.
 TASK_NOT_FOUND = -32001
@@ -132,8 +165,9 @@ def parse_json(raw: bytes) -> Any:
     return value
 
 
-def parse_request(body: Any) -> RpcRequest:
-    """Check a parsed body is a JSON-RPC 2.0 request; raise InvalidRequest."""
+def parse_request(body: Any, protocol: Protocol) -> RpcRequest:
+    """Check a parsed body is a JSON-RPC 2.0 request in the protocol version the
+    caller speaks; raise InvalidRequest, InvalidParams or VersionNotSupported."""
     if not isinstance(body, dict):
         raise InvalidRequest("a JSON-RPC request must be a JSON object")
     if body.get("jsonrpc") != "2.0":
@@ -144,6 +178,7 @@ def parse_request(body: Any) -> RpcRequest:
     rpc_id = body.get("id")
     if rpc_id is not None and (not isinstance(rpc_id, (str, int)) or isinstance(rpc_id, bool)):
         raise InvalidRequest('"id" must be a string, a number or null')
+    refuse_other_version(method, protocol)
     params = body.get("params", {})
     if isinstance(params, list) and "/" not in method:
         # By-position params are valid JSON-RPC that A2A 1.0 cannot take: invalid
@@ -154,6 +189,22 @@ def parse_request(body: Any) -> RpcRequest:
     if method in MESSAGE_METHODS and not isinstance(params.get("message"), dict):
         raise InvalidParams(f'{method} needs "params.message" as an object')
     return RpcRequest(rpc_id, method, params)
+
+
+def refuse_other_version(method: str, protocol: Protocol) -> None:
+    """A method of the other protocol version is refused before its params are read,
+    whether or not a slot is free, as the agent refuses it (so the answer never
+    depends on load)."""
+    if protocol == "0.3" and method in V1_METHODS:
+        raise VersionNotSupported(
+            f"{method} is an A2A 1.0 method and the request speaks v0.3 (no A2A-Version "
+            f"header, or 0.x): send A2A-Version: 1.0, or use the v0.3 method name"
+        )
+    if protocol == "1.0" and method in V03_METHODS:
+        raise VersionNotSupported(
+            f"{method} is an A2A v0.3 method and the request says A2A-Version 1.x: "
+            f"use the 1.0 method name, or leave A2A-Version out to speak v0.3"
+        )
 
 
 def protocol_of(headers: Mapping[str, str]) -> Protocol:

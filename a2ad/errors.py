@@ -69,6 +69,13 @@ class UnsupportedOperation(A2adError):
     status, code, rpc_code = 200, "unsupported_operation", -32004
 
 
+class VersionNotSupported(A2adError):
+    """The A2A specification's VersionNotSupportedError: the method belongs to
+    another protocol version than the one the request's A2A-Version names."""
+
+    status, code, rpc_code = 200, "version_not_supported", -32009
+
+
 class InvalidHeader(A2adError):
     """A bad A2AD-* header value."""
 

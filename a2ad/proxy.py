@@ -78,8 +78,8 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request, daemon.settings.server.max_body_bytes)
     body = a2a.parse_json(raw)
     request[RPC_ID] = a2a.readable_id(body)
-    rpc = a2a.parse_request(body)
     protocol = a2a.protocol_of(request.headers)
+    rpc = a2a.parse_request(body, protocol)
     if rpc.is_message:
         a2a_params.check_message(rpc, protocol)
         await refuse_ended_task(daemon, ws, rpc, caller, protocol)

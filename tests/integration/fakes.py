@@ -207,14 +207,16 @@ class A2ad:
         text: str,
         *,
         message_id: str | None = None,
-        method: str = "message/send",
+        method: str | None = None,
         rpc_id: Any = 1,
         headers: dict[str, str] | None = None,
         blocking: bool = False,
     ) -> tuple[int, dict[str, Any]]:
-        """A message send. Not blocking unless asked: a queued send is answered 202
-        at once (a blocking one is held until its item ends)."""
+        """A message send, named in the version the headers speak (SendMessage with
+        A2A-Version 1.x, else message/send). Not blocking unless asked: a queued send
+        is answered 202 at once (a blocking one is held until its item ends)."""
         v1 = bool(headers and headers.get("A2A-Version", "").startswith("1"))
+        method = method or ("SendMessage" if v1 else "message/send")
         message: dict[str, Any] = {"role": "user", "parts": [{"kind": "text", "text": text}]}
         if v1:
             message = {"role": "ROLE_USER", "parts": [{"text": text}]}

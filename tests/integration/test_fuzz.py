@@ -89,6 +89,7 @@ PROXY_STATUS = {
     "invalid_request": 200,
     "invalid_params": 200,
     "unsupported_operation": 200,
+    "version_not_supported": 200,
 }
 DOCUMENTED = {200, 201, 202, 304, *ERROR_STATUS.values()}
 # Errors a2ad answers before it has read the body, so no request id to echo.
@@ -635,6 +636,20 @@ ROLES: dict[str, tuple[str | int, ...]] = {
 }
 
 
+# Method names of one protocol version, as the agent refuses them under the other
+# (A2A 1.0, Versioning): a 1.0 name without A2A-Version 1.x, a v0.3 name with it.
+V1_NAMES = {name for name in KNOWN_METHODS if "/" not in name}
+V03_NAMES = {name for name in KNOWN_METHODS if "/" in name}
+
+
+def speaks_v1(version: str | None) -> bool:
+    return (version or "").strip().startswith("1")
+
+
+def other_version(method: str, version: str | None) -> bool:
+    return method in (V03_NAMES if speaks_v1(version) else V1_NAMES)
+
+
 def message_verdict(message: dict[str, Any], method: str, version: str | None) -> str:
     """SPEC: a message any A2A agent must refuse (no messageId, no role, empty parts)
     is invalid_params. The role counts in the version of the request's header or of
@@ -675,8 +690,10 @@ def rpc_verdict(raw: bytes, version: str | None = None) -> str:
     if rpc_id is not None and (isinstance(rpc_id, bool) or not isinstance(rpc_id, (str, int))):
         return "invalid_request"
     params = body.get("params", {})
-    if isinstance(params, list):
+    if isinstance(params, list) and not other_version(method, version):
         return "either"
+    if other_version(method, version):
+        return "version_not_supported"  # before the params, as the agent checks
     if not isinstance(params, dict):
         return "invalid_request"
     if method in MESSAGE_METHODS:
@@ -837,6 +854,10 @@ async def test_fuzz_proxy_headers(world: World) -> None:
             headers={**CALLER, **h},
         )
         code = check_reply(reply, rpc_path=True, sent=raw)
+        if other_version(case.method, h.get("A2A-Version")):
+            assert code == "version_not_supported", (h, reply.text[:300])
+            assert await world.item_ids() == before
+            return
         verdicts = {
             "A2AD-Priority": priority_verdict(h.get("A2AD-Priority")),
             "A2AD-TTL": ttl_verdict(h.get("A2AD-TTL")),

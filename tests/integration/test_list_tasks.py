@@ -235,17 +235,19 @@ async def test_invalid_params_get_32602_with_200(world: World, params: dict[str,
     assert len(world.agent.received) == 2  # nothing reached the agent
 
 
-async def test_v03_callers_get_v03_tasks_and_tasks_list_is_answered_too(world: World) -> None:
-    """ListTasks is a 1.0 method; a caller without A2A-Version gets the v0.3 shape,
-    and the pre-1.0 name is never forwarded either."""
+async def test_v03_callers_list_with_tasks_list_and_get_v03_tasks(world: World) -> None:
+    """ListTasks is a 1.0 method: without A2A-Version it is refused as the agent
+    refuses it (-32009); the v0.3 name gets the v0.3 shape, and neither is forwarded."""
     a2ad = world.a2ad
     qid = await queue(a2ad, "w", PLANNER)
     v03 = {"Authorization": PLANNER["Authorization"]}
-    for method in ("ListTasks", "tasks/list"):
-        data = await list_tasks(a2ad, "w", v03, method=method)
-        assert ids(data) == [qid], method
-        task = data["result"]["tasks"][0]
-        assert task["kind"] == "task" and task["status"]["state"] == "submitted"
+    data = await list_tasks(a2ad, "w", v03, method="tasks/list")
+    assert ids(data) == [qid]
+    task = data["result"]["tasks"][0]
+    assert task["kind"] == "task" and task["status"]["state"] == "submitted"
+    refused = await list_tasks(a2ad, "w", v03, method="ListTasks")
+    assert refused["error"]["code"] == -32009, refused
+    assert refused["error"]["data"]["code"] == "version_not_supported"
     assert len(world.agent.received) == 2
 
 

@@ -113,7 +113,12 @@ async def test_queued_stream_is_one_task_under_the_queue_id(
     agent, a2ad = await setup(agent_factory, a2ad_factory)
     await busy(a2ad)
     headers = V1 if protocol == "1.0" else {}
-    resp = await a2ad.client.post("/workspaces/w/a2a", json=stream_body("later"), headers=headers)
+    body = stream_body("later")
+    if protocol == "1.0":
+        body = stream_body(
+            "later", "SendStreamingMessage", role="ROLE_USER", parts=[{"text": "later"}]
+        )
+    resp = await a2ad.client.post("/workspaces/w/a2a", json=body, headers=headers)
     assert resp.status == 200
     stream = events(resp)
     first = (await anext(stream))["result"]

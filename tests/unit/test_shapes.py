@@ -6,7 +6,7 @@ import pytest
 
 from a2ad import a2a
 from a2ad.clock import ManualClock
-from a2ad.errors import InvalidRequest, ParseError
+from a2ad.errors import InvalidRequest, ParseError, VersionNotSupported
 from a2ad.settings import LivenessSettings, WorkspaceSettings
 from a2ad.upstream import parse_retry_after
 from a2ad.workspaces import State, Workspace
@@ -39,13 +39,26 @@ def test_parse_request() -> None:
         b'{"jsonrpc": "2.0", "id": 1, "method": "SendMessage",'
         b' "params": {"message": {"messageId": "m", "contextId": "c"}}}'
     )
-    rpc = a2a.parse_request(body)
+    rpc = a2a.parse_request(body, "1.0")
     assert rpc.is_message and not rpc.is_stream
     assert (rpc.message_id, rpc.context_id) == ("m", "c")
     with pytest.raises(ParseError):
         a2a.parse_json(b"[" * 100_000)
     with pytest.raises(InvalidRequest):
-        a2a.parse_request({"jsonrpc": "2.0", "id": True, "method": "x"})
+        a2a.parse_request({"jsonrpc": "2.0", "id": True, "method": "x"}, "1.0")
+
+
+@pytest.mark.parametrize(
+    ("method", "protocol"), [("SendMessage", "0.3"), ("GetTask", "0.3"), ("message/send", "1.0")]
+)
+def test_a_method_of_the_other_version_is_refused_before_its_params(
+    method: str, protocol: a2a.Protocol
+) -> None:
+    # Params that are wrong too: the version is what the agent refuses first.
+    with pytest.raises(VersionNotSupported) as refused:
+        a2a.parse_request({"jsonrpc": "2.0", "id": 1, "method": method, "params": []}, protocol)
+    assert refused.value.rpc_code == -32009
+    assert a2a.parse_request({"jsonrpc": "2.0", "id": 1, "method": "x"}, protocol).method == "x"
 
 
 def test_read_answer_both_protocols() -> None:
