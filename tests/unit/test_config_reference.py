@@ -10,6 +10,7 @@ import pytest
 
 from a2ad import config_reference
 from a2ad.config_reference import END, REGENERATE, START, read_block, render, undocumented
+from a2ad.errors import A2adError
 from a2ad.settings import load_settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -93,3 +94,33 @@ def test_the_readme_example_configuration_loads(tmp_path: Path) -> None:
     path.write_text(example.replace('"/etc/a2ad/', f'"{tmp_path}/'), encoding="utf-8")
     settings = load_settings(path)
     assert [w.id for w in settings.workspaces] == ["demo"]
+
+
+def all_errors() -> list[type[A2adError]]:
+    found, todo = [], [A2adError]
+    while todo:
+        kind = todo.pop()
+        todo.extend(kind.__subclasses__())
+        if kind is not A2adError:
+            found.append(kind)
+    return found
+
+
+def test_readme_error_table_names_every_error_with_its_statuses() -> None:
+    """Each error a2ad answers is a row of README's error table, with the HTTP status
+    it really has on the proxy path and elsewhere (a user reads the table, not the code)."""
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("\n### Errors\n") : text.index("\n### Send options\n")]
+    rows = {}
+    for line in table.splitlines():
+        found = re.match(r"\| `([a-z_]+)`[^|]*\| ([^|]+) \| ([^|]+) \|", line)
+        if found:
+            rows[found.group(1)] = (found.group(2).strip(), found.group(3).strip())
+    for kind in all_errors():
+        assert kind.code in rows, f"README's error table has no row for {kind.code}"
+        proxy, elsewhere = rows[kind.code]
+        proxy_status = kind.proxy_status or kind.status
+        if proxy != "—":
+            assert proxy.split()[0] == str(proxy_status), kind.code
+        if elsewhere != "—":
+            assert elsewhere == str(kind.status), kind.code
