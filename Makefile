@@ -8,7 +8,7 @@ PORT ?= 8470
 AGENT_PORT ?= 9001
 
 .PHONY: install run test lint typecheck format unit integration acceptance clean bench bench-quick \
-	soak wheelhouse chromium
+	soak wheelhouse chromium postgresql
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ run: install
 	$(BIN)/a2ad serve --config a2ad.toml
 
 ## test: lint, type checks, then every test tier.
-test: install chromium lint typecheck
+test: install chromium postgresql lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 ## chromium: Debian's chromium, for the status page's browser test. Playwright's own
@@ -45,6 +45,15 @@ chromium:
 		echo "chromium is missing; installing Debian's chromium with apt-get"; \
 		{ apt-get update -q && apt-get install -y -q --no-install-recommends chromium; } >/dev/null || \
 			{ echo "could not install chromium (apt-get failed); the status page's browser test needs it"; exit 1; }; \
+	}
+
+## postgresql: Debian's PostgreSQL server programs; the store's tests start their own
+## throwaway server from them (initdb in a temporary folder), never a system one.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "PostgreSQL is missing; installing Debian's postgresql with apt-get"; \
+		{ apt-get update -q && apt-get install -y -q --no-install-recommends postgresql; } >/dev/null || \
+			{ echo "could not install postgresql (apt-get failed); the PostgreSQL store's tests need it"; exit 1; }; \
 	}
 
 ## soak: kill -9 a2ad at random moments under load, 100 times, and reconcile; the

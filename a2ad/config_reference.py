@@ -117,7 +117,8 @@ def tables(model: type[BaseModel] = Settings) -> list[Table]:
     ) -> None:
         table = Table(header, description, [])
         out.append(table)
-        for name, field in model.model_fields.items():
+        for attribute, field in model.model_fields.items():
+            name = field.alias or attribute  # what the file and the environment say
             nested = _model(field.annotation)
             if nested is not None:
                 sub, is_list = nested

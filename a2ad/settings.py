@@ -122,6 +122,38 @@ class StoreSettings(_Section):
     through a power cut, normal through a crash (a delivery's steps always use normal)."""
     busy_timeout_seconds: float = Field(5.0, ge=0)
     """How long a write waits for another process's lock (the queue commands)."""
+    url: str = ""
+    """PostgreSQL instead of SQLite: postgresql://user@host:port/db, libpq parameters
+    such as sslmode in the query (needs pip install 'a2ad[postgres]')."""
+    url_file: str = ""
+    """File holding store.url (keeps the password out of the config file)."""
+    schema_name: str = Field("a2ad", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    """PostgreSQL schema holding a2ad's tables (created by a2ad migrate or serve)."""
+    pool_size: int = Field(4, ge=1, le=100)
+    """PostgreSQL connections for reads; one more writes, and one listens and holds the lock."""
+    statement_timeout_seconds: float = Field(30.0, gt=0)
+    """PostgreSQL statement_timeout of a2ad's connections."""
+
+    @model_validator(mode="after")
+    def _url_from_file(self) -> StoreSettings:
+        if self.url_file and not self.url:
+            object.__setattr__(self, "url", _read_secret(self.url_file, "store.url_file"))
+        if self.url and not self.url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("store.url must start with postgresql:// (SQLite takes store.path)")
+        return self
+
+    @property
+    def is_postgres(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def where(self) -> str:
+        """The store for people and logs, without a password."""
+        if not self.is_postgres:
+            return self.path
+        rest = self.url.split("://", 1)[1]
+        host = rest.rsplit("@", 1)[-1].split("?", 1)[0]
+        return f"postgresql://{host} (schema {self.schema_name})"
 
 
 class QueueSettings(_Section):

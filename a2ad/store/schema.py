@@ -17,9 +17,10 @@ class Migration:
     sql: str
 
 
-def bundled_migrations() -> list[Migration]:
-    """The numbered migrations shipped in a2ad/migrations, in order."""
-    folder = resources.files("a2ad") / "migrations"
+def bundled_migrations(kind: str = "migrations") -> list[Migration]:
+    """The numbered migrations shipped in a2ad/migrations (SQLite's) or
+    a2ad/migrations_pg (PostgreSQL's), in order."""
+    folder = resources.files("a2ad") / kind
     found = []
     for entry in folder.iterdir():
         if entry.name.endswith(".sql"):

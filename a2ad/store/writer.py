@@ -96,7 +96,8 @@ async def on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any
 
 # An op waiting for its batch: the op, its caller's future, whether it is durable,
 # and what to do with its committed result if the caller cancelled the future.
-Pending = tuple[Op[Any], "asyncio.Future[Any]", bool, Callable[[Any], None] | None]
+# (SQLite's ops take a sqlite3 connection, PostgreSQL's an async psycopg one.)
+Pending = tuple[Callable[[Any], Any], "asyncio.Future[Any]", bool, Callable[[Any], None] | None]
 
 
 class Writer:
@@ -213,22 +214,28 @@ class Writer:
         if wrote and self.last_error is not None:
             log.warning("the store writes again")
             self.last_error = None
-        # The queue's counts change here, in commit order, before any caller of
-        # this batch (or anyone they wake) can look at them.
-        results = []
-        for ok, value in outcomes:
-            if ok and isinstance(value, Counted):
-                value = value.applied(self.depths)
-            results.append((ok, value))
-        seen, *results = results
-        if seen[0]:
-            self._seen_version = seen[1]
-        for (_, future, _, if_cancelled), (ok, value) in zip(batch, results, strict=True):
-            if future.done():  # its caller stopped waiting; the write stands
-                if ok and future.cancelled() and if_cancelled is not None:
-                    if_cancelled(value)
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+        seen, *results = outcomes
+        if seen[0]:  # another process's commits counted first, then this batch's
+            self._seen_version = seen[1].applied(self.depths)
+        hand_out(batch, results, self.depths)
+
+
+def hand_out(batch: list[Pending], outcomes: list[tuple[bool, Any]], depths: Depths) -> None:
+    """A committed batch's outcomes to their callers. The queue's counts change
+    first, in commit order, before any caller of the batch (or anyone they wake)
+    can look at them; a caller that stopped waiting is told through its
+    `if_cancelled`, since the write stands."""
+    results = []
+    for ok, value in outcomes:
+        if ok and isinstance(value, Counted):
+            value = value.applied(depths)
+        results.append((ok, value))
+    for (_, future, _, if_cancelled), (ok, value) in zip(batch, results, strict=True):
+        if future.done():
+            if ok and future.cancelled() and if_cancelled is not None:
+                if_cancelled(value)
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)

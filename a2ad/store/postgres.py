@@ -1,0 +1,870 @@
+"""The PostgreSQL store: the same operations as the SQLite store, on psycopg 3.
+
+One writer connection runs the group commit (pg_writer.py); reads come from a
+small pool; one more connection listens for other processes' commits and holds
+the owner's advisory lock. Tables live in a schema of a2ad's own
+(`store.schema`). Installed with `pip install 'a2ad[postgres]'`; nothing else in
+a2ad imports psycopg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar
+
+import psycopg
+from psycopg import sql as pgsql
+from psycopg_pool import AsyncConnectionPool
+
+from ..errors import StoreUnavailable
+from .depth import Counted, Depths, Move, Snapshot
+from .lock import StoreLocked
+from .models import (
+    FINAL_STATES,
+    ITEM_COLUMNS,
+    Enqueued,
+    Item,
+    NewItem,
+    Released,
+    State,
+    answers_again,
+)
+from .pg_writer import PgOp, PgWriter, is_store_failure
+from .schema import Migration, bundled_migrations
+from .sql import place
+
+log = logging.getLogger("a2ad.store")
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+
+LIVE = "state IN ('queued', 'dispatching')"
+# Promotion moves an item up one level per full promote_after_seconds waited.
+_HEAD = """h{p} AS (SELECT seq, enqueued_at, {level} AS level FROM items
+    WHERE workspace = %(workspace)s AND state = 'queued' AND priority = {p}
+      AND not_before <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
+    ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"""
+# Each priority's oldest `limit` due items (locked, skipping any another claimer
+# holds), ordered by the level they have risen to by waiting, then age.
+CLAIM = f"""WITH {", ".join(_HEAD.format(p=p, level=lv) for p, lv in ((100, 2), (50, 1), (10, 0)))},
+picked AS (
+    SELECT seq FROM (SELECT * FROM h100 UNION ALL SELECT * FROM h50 UNION ALL SELECT * FROM h10) h
+    ORDER BY LEAST(2, level + floor((%(now)s - enqueued_at) / %(promote)s)) DESC, seq
+    LIMIT %(limit)s)
+UPDATE items SET state = 'dispatching', claim_token = replace(gen_random_uuid()::text, '-', ''),
+    lease_until = %(lease)s, updated_at = %(now)s
+FROM picked WHERE items.seq = picked.seq
+RETURNING {", ".join("items." + c for c in ITEM_COLUMNS.split(", "))}"""
+
+RELEASE_DISPATCHING = """
+UPDATE items
+SET attempts = attempts + 1,
+    state = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN attempts + 1 >= %(max_attempts)s THEN %(now)s END,
+    last_error = %(reason)s, claim_token = NULL, lease_until = NULL, updated_at = %(now)s
+WHERE state = 'dispatching' {condition}
+RETURNING id, workspace, state, priority
+"""
+
+
+def _lock_key(purpose: str, schema: str) -> str:
+    return f"a2ad:{purpose}:{schema}"
+
+
+class PostgresStore:
+    """The PostgreSQL store. `open()` it, `migrate()` it, use it, `close()` it."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "a2ad",
+        synchronous: str = "full",
+        pool_size: int = 4,
+        statement_timeout: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.schema = schema
+        self.synchronous = synchronous
+        self.pool_size = pool_size
+        self.statement_timeout = statement_timeout
+        self.depths = Depths()
+        self.instance = uuid.uuid4().hex
+        self.channel = f"a2ad_changes_{schema}"
+        self._pool: AsyncConnectionPool[Conn] | None = None
+        self._writer: PgWriter | None = None
+        self._listener: Conn | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._lock_conn: Conn | None = None  # holds the owner's advisory lock
+        self._changes = 0  # commits by other processes seen (LISTEN), for data_version
+
+    # -- connections ---------------------------------------------------------
+
+    @property
+    def _options(self) -> str:
+        timeout = int(self.statement_timeout * 1000)
+        return f"-c search_path={self.schema} -c statement_timeout={timeout}"
+
+    async def _connect(self) -> Conn:
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, options=self._options, connect_timeout=5
+            )
+        except psycopg.Error as exc:
+            raise StoreUnavailable(
+                f"cannot connect to the store: {str(exc).strip()}", retry_after=1
+            ) from None
+
+    @property
+    def last_write_error(self) -> str | None:
+        return self._writer.last_error if self._writer is not None else None
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits if self._writer is not None else 0
+
+    async def open(self) -> None:
+        admin = await self._connect()
+        try:
+            await admin.execute(
+                pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(pgsql.Identifier(self.schema))
+            )
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot open the store: {str(exc).strip()}") from None
+        finally:
+            await admin.close()
+        self._pool = AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.pool_size,
+            kwargs={"autocommit": True, "options": self._options},
+            open=False,
+            timeout=5,
+        )
+        await self._pool.open()
+        self._writer = PgWriter(
+            self._connect,
+            synchronous=self.synchronous,
+            depths=self.depths,
+            channel=self.channel,
+            instance=self.instance,
+        )
+        self._writer.start()
+        self._listener = await self._connect()
+        await self._listener.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(self.channel)))
+        self._listening = asyncio.create_task(self._listen(), name="a2ad-store-listen")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
+        if self._listening is not None:
+            self._listening.cancel()
+            await asyncio.gather(self._listening, return_exceptions=True)
+            self._listening = None
+        for conn in (self._listener, self._lock_conn):
+            if conn is not None:
+                await conn.close()  # ends the session: the owner's lock goes with it
+        self._listener = self._lock_conn = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def __aenter__(self) -> PostgresStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _listen(self) -> None:
+        """Count other processes' commits; after a lost connection, count one (what
+        was missed is unknown, so the daemon recounts) and listen again."""
+        while True:
+            conn = self._listener
+            try:
+                assert conn is not None
+                async for note in conn.notifies():
+                    if note.payload != self.instance:
+                        self._changes += 1
+            except (psycopg.Error, AssertionError):
+                pass
+            self._changes += 1
+            await asyncio.sleep(1.0)
+            try:
+                self._listener = await self._connect()
+                await self._listener.execute(
+                    pgsql.SQL("LISTEN {}").format(pgsql.Identifier(self.channel))
+                )
+            except (StoreUnavailable, psycopg.Error):
+                continue
+
+    async def take_ownership(self) -> None:
+        """Make this process the store's one owner: a session advisory lock, held by
+        a connection of its own for as long as the store is open; StoreLocked when
+        another a2ad holds it."""
+        conn = await self._connect()
+        row = await (
+            await conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                (_lock_key("owner", self.schema),),
+            )
+        ).fetchone()
+        if not (row and row[0]):
+            await conn.close()
+            raise StoreLocked(
+                f"{self.where} is held by another a2ad; stop it first, or give this one "
+                "another store.schema"
+            )
+        self._lock_conn = conn
+
+    @property
+    def where(self) -> str:
+        rest = self.url.split("://", 1)[1]
+        return f"postgresql://{rest.rsplit('@', 1)[-1].split('?', 1)[0]} (schema {self.schema})"
+
+    # -- the two paths ---------------------------------------------------------
+
+    def _submit(self, op: PgOp[Any], *, durable: bool = True) -> asyncio.Future[Any]:
+        if self._writer is None or self._writer.closing:
+            raise StoreUnavailable("the store is closed", retry_after=1)
+        return self._writer.submit(op, durable=durable)
+
+    async def _write(self, op: PgOp[Any], *, durable: bool = True) -> Any:
+        return await self._submit(op, durable=durable)
+
+    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        pool = self._pool
+        assert pool is not None, "store is not open"
+        try:
+            async with pool.connection() as conn:
+                return await fn(conn)
+        except (psycopg.Error, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) or is_store_failure(exc):
+                raise StoreUnavailable(
+                    f"the store cannot be read: {str(exc).strip()}", retry_after=1
+                ) from exc
+            raise
+
+    async def _rows(self, statement: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        async def read(conn: Conn) -> list[Any]:
+            return await (await conn.execute(statement, params)).fetchall()
+
+        return await self._read(read)
+
+    async def probe_write(self, now: float) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO write_probe (id, at) VALUES (1, %s)"
+                " ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at",
+                (now,),
+            )
+
+        await self._write(op)
+
+    # -- migrations --------------------------------------------------------------
+
+    async def schema_version(self) -> int:
+        async def read(conn: Conn) -> int:
+            found = await (
+                await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            ).fetchone()
+            if not found or not found[0]:
+                return 0
+            row = await (
+                await conn.execute("SELECT MAX(version) FROM schema_migrations")
+            ).fetchone()
+            return int(row[0] or 0) if row else 0
+
+        return await self._read(read)
+
+    async def migrate(self, migrations: Iterable[Migration] | None = None) -> list[Migration]:
+        """Apply the migrations the database has not seen, each in its own
+        transaction under an advisory lock, so two processes never race."""
+        pending = sorted(
+            migrations if migrations is not None else bundled_migrations("migrations_pg"),
+            key=lambda m: m.version,
+        )
+        conn = await self._connect()
+        applied = []
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at double precision NOT NULL)"
+            )
+            for migration in pending:
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                        (_lock_key("migrate", self.schema),),
+                    )
+                    seen = await (
+                        await conn.execute(
+                            "SELECT 1 FROM schema_migrations WHERE version = %s",
+                            (migration.version,),
+                        )
+                    ).fetchone()
+                    if seen:
+                        continue
+                    await conn.execute(migration.sql.encode())
+                    await conn.execute(
+                        "INSERT INTO schema_migrations VALUES (%s, %s, %s)",
+                        (migration.version, migration.name, time.time()),
+                    )
+                applied.append(migration)
+        finally:
+            await conn.close()
+        return applied
+
+    # -- writes ----------------------------------------------------------------
+
+    async def enqueue(self, new: NewItem, *, now: float, replay_window: float) -> Enqueued:
+        return await self.submit_enqueue(new, now=now, replay_window=replay_window)
+
+    def submit_enqueue(
+        self, new: NewItem, *, now: float, replay_window: float
+    ) -> asyncio.Future[Enqueued]:
+        async def existing(conn: Conn) -> Item | None:
+            row = await (
+                await conn.execute(
+                    f"SELECT {ITEM_COLUMNS} FROM items"
+                    " WHERE workspace = %s AND caller = %s AND message_id = %s"
+                    f" ORDER BY ({LIVE}) DESC, seq DESC LIMIT 1",
+                    (new.workspace, new.caller, new.message_id),
+                )
+            ).fetchone()
+            return Item.from_row(row) if row is not None else None
+
+        async def op(conn: Conn) -> Counted[Enqueued]:
+            if new.message_id is not None:
+                found = await existing(conn)
+                if found is not None and answers_again(
+                    found.state, found.finished_at, now=now, replay_window=replay_window
+                ):
+                    return Counted(Enqueued(found, created=False))
+            row = await (
+                await conn.execute(
+                    "INSERT INTO items (id, workspace, caller, method, body, headers, message_id,"
+                    " context_id, request_id, priority, ttl_seconds, expires_at, busy_answers,"
+                    " enqueued_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+                    " %s, %s, %s, %s, %s) ON CONFLICT (workspace, caller, message_id)"
+                    f" WHERE message_id IS NOT NULL AND {LIVE} DO NOTHING RETURNING seq",
+                    (
+                        new.id,
+                        new.workspace,
+                        new.caller,
+                        new.method,
+                        new.body,
+                        json.dumps(new.headers),
+                        new.message_id,
+                        new.context_id,
+                        new.request_id,
+                        new.priority,
+                        new.ttl_seconds,
+                        new.expires_at,
+                        new.busy_answers,
+                        now,
+                        now,
+                    ),
+                )
+            ).fetchone()
+            if row is None:  # another writer made the live item meanwhile
+                found = await existing(conn)
+                assert found is not None
+                return Counted(Enqueued(found, created=False))
+            move = Move(new.workspace, new.id, new.priority, None, "queued", now)
+            return Counted(Enqueued(Item.stored(new, row[0], now), True), (move,), then=place)
+
+        return self._submit(op)
+
+    def submit_claim(
+        self,
+        workspace: str,
+        *,
+        now: float,
+        lease_seconds: float,
+        promote_after: float,
+        limit: int = 1,
+        if_cancelled: Callable[[list[Item]], None] | None = None,
+    ) -> asyncio.Future[list[Item]]:
+        params = {
+            "workspace": workspace,
+            "now": now,
+            "limit": limit,
+            "promote": promote_after,
+            "lease": now + lease_seconds,
+        }
+
+        async def op(conn: Conn) -> Counted[list[Item]]:
+            rows = await (await conn.execute(CLAIM, params)).fetchall()
+            items = sorted(
+                (Item.from_row(row) for row in rows), key=_claim_order(now, promote_after)
+            )
+            moves = [Move(workspace, i.id, i.priority, "queued", "dispatching", now) for i in items]
+            return Counted(items, moves)
+
+        if self._writer is None or self._writer.closing:
+            raise StoreUnavailable("the store is closed", retry_after=1)
+        return self._writer.submit(op, durable=False, if_cancelled=if_cancelled)
+
+    async def claim(
+        self,
+        workspace: str,
+        *,
+        now: float,
+        lease_seconds: float,
+        promote_after: float,
+        limit: int = 1,
+    ) -> list[Item]:
+        return await self.submit_claim(
+            workspace,
+            now=now,
+            lease_seconds=lease_seconds,
+            promote_after=promote_after,
+            limit=limit,
+        )
+
+    async def renew(self, claims: dict[str, str], *, lease_until: float, now: float) -> set[str]:
+        async def op(conn: Conn) -> set[str]:
+            rows = await (
+                await conn.execute(
+                    "UPDATE items SET lease_until = %s, updated_at = %s"
+                    " WHERE id = ANY(%s) AND claim_token = ANY(%s) AND state = 'dispatching'"
+                    " RETURNING id, claim_token",
+                    (lease_until, now, list(claims), list(claims.values())),
+                )
+            ).fetchall()
+            kept = {item_id for item_id, token in rows if claims.get(item_id) == token}
+            return set(claims) - kept
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
+
+    async def settle(
+        self,
+        item_id: str,
+        token: str,
+        *,
+        state: State,
+        now: float,
+        result: bytes | None = None,
+        last_error: str | None = None,
+        agent_task_id: str | None = None,
+        agent_context_id: str | None = None,
+        attempt_used: bool = False,
+    ) -> bool:
+        assert state in FINAL_STATES
+        return await self._move_claimed(
+            "UPDATE items SET state = %s, result = %s, last_error = %s, agent_task_id = %s,"
+            " agent_context_id = %s, attempts = attempts + %s, finished_at = %s,"
+            " updated_at = %s, claim_token = NULL, lease_until = NULL"
+            " WHERE id = %s AND claim_token = %s AND state = 'dispatching'"
+            " RETURNING workspace, priority",
+            (
+                state,
+                result,
+                last_error,
+                agent_task_id,
+                agent_context_id,
+                int(attempt_used),
+                now,
+                now,
+                item_id,
+                token,
+            ),
+            item_id,
+            state,
+            now,
+        )
+
+    async def hand_back(
+        self,
+        item_id: str,
+        token: str,
+        *,
+        now: float,
+        not_before: float = 0.0,
+        attempt_used: bool = False,
+        busy: bool = False,
+        last_error: str | None = None,
+    ) -> bool:
+        return await self._move_claimed(
+            "UPDATE items SET state = 'queued', attempts = attempts + %s,"
+            " busy_answers = busy_answers + %s, not_before = %s,"
+            " last_error = COALESCE(%s, last_error), claim_token = NULL, lease_until = NULL,"
+            " updated_at = %s WHERE id = %s AND claim_token = %s AND state = 'dispatching'"
+            " RETURNING workspace, priority",
+            (int(attempt_used), int(busy), not_before, last_error, now, item_id, token),
+            item_id,
+            "queued",
+            now,
+            not_before,
+        )
+
+    async def _move_claimed(
+        self,
+        statement: str,
+        params: tuple[Any, ...],
+        item_id: str,
+        new: State,
+        now: float,
+        not_before: float = 0.0,
+    ) -> bool:
+        async def op(conn: Conn) -> Counted[bool]:
+            row = await (await conn.execute(statement, params)).fetchone()
+            if row is None:
+                return Counted(False)
+            workspace, priority = row
+            move = Move(workspace, item_id, priority, "dispatching", new, now, not_before)
+            return Counted(True, (move,))
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
+
+    async def recover_dispatching(self, *, now: float, max_attempts: int) -> list[Released]:
+        reason = "a2ad stopped while delivering (recovered at start-up)"
+        return await self._release("", {"now": now, "max_attempts": max_attempts, "reason": reason})
+
+    async def sweep_leases(self, *, now: float, max_attempts: int) -> list[Released]:
+        params = {"now": now, "max_attempts": max_attempts, "reason": "claim lease expired"}
+        return await self._release("AND lease_until < %(now)s", params)
+
+    async def release_claims(
+        self, claims: dict[str, str], *, now: float, max_attempts: int
+    ) -> list[Released]:
+        statement = RELEASE_DISPATCHING.format(
+            condition="AND id = %(id)s AND claim_token = %(token)s"
+        )
+        params = {"now": now, "max_attempts": max_attempts, "reason": "claim lease expired"}
+
+        async def op(conn: Conn) -> Counted[list[Released]]:
+            rows: list[Any] = []
+            for item_id, token in claims.items():
+                cur = await conn.execute(statement, {**params, "id": item_id, "token": token})
+                rows += await cur.fetchall()
+            return _released(rows, "dispatching", now)
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
+
+    async def _release(self, condition: str, params: dict[str, Any]) -> list[Released]:
+        statement = RELEASE_DISPATCHING.format(condition=condition)
+
+        async def op(conn: Conn) -> Counted[list[Released]]:
+            rows = await (await conn.execute(statement, params)).fetchall()
+            return _released(rows, "dispatching", params["now"])
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
+
+    async def expire_due(self, *, now: float) -> list[Released]:
+        async def op(conn: Conn) -> Counted[list[Released]]:
+            rows = await (
+                await conn.execute(
+                    "UPDATE items SET state = 'expired', finished_at = %(now)s,"
+                    " updated_at = %(now)s, last_error = 'expired before it could be delivered'"
+                    " || COALESCE(' (last: ' || last_error || ')', '')"
+                    " WHERE state = 'queued' AND expires_at <= %(now)s"
+                    " RETURNING id, workspace, state, priority",
+                    {"now": now},
+                )
+            ).fetchall()
+            return _released(rows, "queued", now)
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
+
+    async def cancel(self, item_id: str, *, now: float) -> bool:
+        async def op(conn: Conn) -> Counted[bool]:
+            row = await (
+                await conn.execute(
+                    "UPDATE items SET state = 'cancelled', finished_at = %s, updated_at = %s,"
+                    " last_error = 'cancelled' WHERE id = %s AND state = 'queued'"
+                    " RETURNING workspace, priority",
+                    (now, now, item_id),
+                )
+            ).fetchone()
+            if row is None:
+                return Counted(False)
+            return Counted(True, (Move(row[0], item_id, row[1], "queued", "cancelled", now),))
+
+        return await self._write(op)  # type: ignore[no-any-return]
+
+    async def _requeue(self, conn: Conn, item_id: str, now: float, max_age: float) -> Any:
+        """One failed or expired item back to queued, in a savepoint: a newer live
+        item with its messageId makes this one a duplicate (UniqueViolation)."""
+        async with conn.transaction():
+            return await (
+                await conn.execute(
+                    "UPDATE items SET state = 'queued', attempts = 0, not_before = 0,"
+                    " expires_at = %s + COALESCE(ttl_seconds, %s), finished_at = NULL,"
+                    " updated_at = %s WHERE id = %s AND state IN ('failed', 'expired')"
+                    " RETURNING workspace, priority",
+                    (now, max_age, now, item_id),
+                )
+            ).fetchone()
+
+    async def retry(
+        self, item_id: str, *, now: float, max_age: float
+    ) -> Literal["retried", "not_final", "duplicate"]:
+        async def op(conn: Conn) -> Counted[Literal["retried", "not_final", "duplicate"]]:
+            try:
+                row = await self._requeue(conn, item_id, now, max_age)
+            except psycopg.errors.UniqueViolation:
+                return Counted("duplicate")
+            if row is None:
+                return Counted("not_final")
+            return Counted("retried", (Move(row[0], item_id, row[1], "final", "queued", now),))
+
+        return await self._write(op)  # type: ignore[no-any-return]
+
+    async def retry_failed(self, workspace: str, *, now: float, max_age: float) -> int:
+        async def op(conn: Conn) -> Counted[int]:
+            failed = await (
+                await conn.execute(
+                    "SELECT id FROM items WHERE workspace = %s AND state = 'failed' ORDER BY seq",
+                    (workspace,),
+                )
+            ).fetchall()
+            moves = []
+            for (item_id,) in failed:
+                try:
+                    row = await self._requeue(conn, item_id, now, max_age)
+                except psycopg.errors.UniqueViolation:
+                    continue  # a newer live item has its messageId: it stays failed
+                if row is not None:
+                    moves.append(Move(workspace, item_id, row[1], "final", "queued", now))
+            return Counted(len(moves), moves)
+
+        return await self._write(op)  # type: ignore[no-any-return]
+
+    async def _count_changed(self, statement: str, params: Sequence[Any], *, durable: bool) -> int:
+        async def op(conn: Conn) -> int:
+            return (await conn.execute(statement, params)).rowcount
+
+        return await self._write(op, durable=durable)  # type: ignore[no-any-return]
+
+    async def delete(self, item_id: str) -> bool:
+        statement = (
+            "DELETE FROM items WHERE id = %s AND state IN"
+            " ('delivered', 'failed', 'expired', 'cancelled')"
+        )
+        return await self._count_changed(statement, (item_id,), durable=True) == 1
+
+    async def purge(self, *, state: str, before: float, workspace: str | None = None) -> int:
+        assert state in FINAL_STATES
+        statement = "DELETE FROM items WHERE state = %s AND finished_at < %s"
+        params: tuple[Any, ...] = (state, before)
+        if workspace is not None:
+            statement += " AND workspace = %s"
+            params += (workspace,)
+        return await self._count_changed(statement, params, durable=True)
+
+    async def delete_finished(self, *, before: float, chunk: int = 2000) -> int:
+        """Retention, a chunk per transaction, so sends never wait behind one long delete."""
+        statement = (
+            "DELETE FROM items WHERE seq IN (SELECT seq FROM items WHERE finished_at < %s LIMIT %s)"
+        )
+        deleted = 0
+        while True:
+            n = await self._count_changed(statement, (before, chunk), durable=False)
+            deleted += n
+            if n < chunk:
+                return deleted
+
+    async def recount(self) -> None:
+        async def op(conn: Conn) -> Counted[None]:
+            return Counted(None, snapshot=await live_snapshot(conn))
+
+        await self._submit(op, durable=False)
+
+    # -- run-time workspaces ----------------------------------------------------
+
+    async def save_workspace(
+        self, workspace_id: str, config: dict[str, Any], *, now: float
+    ) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO workspaces (id, config, updated_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (id) DO UPDATE SET config = EXCLUDED.config,"
+                " updated_at = EXCLUDED.updated_at",
+                (workspace_id, json.dumps(config), now),
+            )
+
+        await self._write(op)
+
+    async def remove_workspace(self, workspace_id: str, *, purge: bool) -> int:
+        async def op(conn: Conn) -> Counted[int]:
+            await conn.execute("DELETE FROM workspaces WHERE id = %s", (workspace_id,))
+            if not purge:
+                return Counted(0)
+            n = (
+                await conn.execute("DELETE FROM items WHERE workspace = %s", (workspace_id,))
+            ).rowcount
+            return Counted(n, snapshot=Snapshot(frozenset([workspace_id])))
+
+        return await self._write(op)  # type: ignore[no-any-return]
+
+    async def load_workspaces(self) -> list[dict[str, Any]]:
+        rows = await self._rows("SELECT config FROM workspaces ORDER BY id")
+        return [json.loads(row[0]) for row in rows]
+
+    async def data_version(self) -> int:
+        """Changes when another process commits to the store (heard by LISTEN)."""
+        return self._changes
+
+    # -- reads -----------------------------------------------------------------
+
+    async def get(self, item_id: str) -> Item | None:
+        rows = await self._rows(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = %s", (item_id,))
+        return Item.from_row(rows[0]) if rows else None
+
+    async def find_message(self, workspace: str, caller: str, message_id: str) -> Item | None:
+        rows = await self._rows(
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE workspace = %s AND caller = %s"
+            " AND message_id = %s ORDER BY seq DESC LIMIT 1",
+            (workspace, caller, message_id),
+        )
+        return Item.from_row(rows[0]) if rows else None
+
+    async def last_delivered(self, workspaces: Iterable[str]) -> dict[str, float]:
+        names = list(workspaces)
+        rows = await self._rows(
+            "SELECT w, (SELECT MAX(finished_at) FROM items WHERE workspace = w"
+            " AND state = 'delivered') FROM unnest(%s::text[]) AS w",
+            (names,),
+        )
+        return {w: float(at) for w, at in rows if at is not None}
+
+    async def agent_context(self, context_id: str, caller: str, workspace: str) -> str | None:
+        rows = await self._rows(
+            "SELECT agent_context_id FROM items WHERE context_id = %s AND caller = %s"
+            " AND workspace = %s AND agent_context_id IS NOT NULL ORDER BY seq DESC LIMIT 1",
+            (context_id, caller, workspace),
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def list_items(
+        self,
+        *,
+        workspace: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: int = 0,
+        newest_first: bool = False,
+    ) -> list[Item]:
+        clauses, params = ["seq > %s"], [after]
+        if workspace is not None:
+            clauses.append("workspace = %s")
+            params.append(workspace)  # type: ignore[arg-type]
+        if state is not None:
+            clauses.append("state = %s")
+            params.append(state)  # type: ignore[arg-type]
+        order = "seq DESC" if newest_first else "seq"
+        rows = await self._rows(
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE {' AND '.join(clauses)}"
+            f" ORDER BY {order} LIMIT %s",
+            (*params, limit),
+        )
+        return [Item.from_row(r) for r in rows]
+
+    async def caller_items(
+        self,
+        workspace: str,
+        caller: str,
+        *,
+        context_id: str | None = None,
+        states: Sequence[str] | None = None,
+        updated_from: float | None = None,
+        before: tuple[float, int] | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[Item], int]:
+        clauses = ["workspace = %s", "caller = %s"]
+        params: list[Any] = [workspace, caller]
+        if context_id is not None:
+            clauses.append("COALESCE(context_id, agent_context_id) = %s")
+            params.append(context_id)
+        if states is not None:
+            clauses.append("state = ANY(%s)")
+            params.append(list(states))
+        if updated_from is not None:
+            clauses.append("updated_at >= %s")
+            params.append(updated_from)
+        where = " AND ".join(clauses)
+        page_where, page_params = where, list(params)
+        if before is not None:
+            page_where += " AND (updated_at, seq) < (%s, %s)"
+            page_params.extend(before)
+        page_params.append(limit)
+
+        async def read(conn: Conn) -> tuple[list[Item], int]:
+            rows = await (
+                await conn.execute(
+                    f"SELECT {ITEM_COLUMNS} FROM items WHERE {page_where}"
+                    " ORDER BY updated_at DESC, seq DESC LIMIT %s",
+                    page_params,
+                )
+            ).fetchall()
+            total = await (
+                await conn.execute(f"SELECT COUNT(*) FROM items WHERE {where}", params)
+            ).fetchone()
+            return [Item.from_row(r) for r in rows], int(total[0]) if total else 0
+
+        return await self._read(read)
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for ws, state, n in await self._rows(
+            "SELECT workspace, state, COUNT(*) FROM items GROUP BY workspace, state"
+        ):
+            out.setdefault(ws, {})[state] = n
+        return out
+
+    async def next_due(self, workspace: str, *, now: float) -> float | None:
+        rows = await self._rows(
+            "SELECT MIN(not_before) FROM items"
+            " WHERE workspace = %s AND state = 'queued' AND not_before > %s",
+            (workspace, now),
+        )
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
+def _claim_order(now: float, promote_after: float) -> Callable[[Item], tuple[int, int]]:
+    """The claim's order, again in Python: RETURNING keeps none."""
+    levels = {100: 2, 50: 1, 10: 0}
+
+    def key(item: Item) -> tuple[int, int]:
+        level = min(2, levels[item.priority] + int((now - item.enqueued_at) // promote_after))
+        return (-level, item.seq)
+
+    return key
+
+
+def _released(rows: Iterable[Any], old: State, now: float) -> Counted[list[Released]]:
+    released, moves = [], []
+    for item_id, workspace, state, priority in rows:
+        released.append(Released(item_id, workspace, state))
+        moves.append(Move(workspace, item_id, priority, old, state, now))
+    return Counted(released, moves)
+
+
+async def live_snapshot(conn: Conn) -> Snapshot:
+    """Every workspace's live items, as one transaction sees them."""
+    queued: dict[str, dict[int, int]] = {}
+    dispatching: dict[str, int] = {}
+    waiting: dict[str, dict[str, float]] = {}
+    counted = await conn.execute(
+        f"SELECT workspace, state, priority, COUNT(*) FROM items WHERE {LIVE}"
+        " GROUP BY state, workspace, priority"
+    )
+    for workspace, state, priority, n in await counted.fetchall():
+        if state == "queued":
+            queued.setdefault(workspace, {})[priority] = n
+        else:
+            dispatching[workspace] = dispatching.get(workspace, 0) + n
+    backoff = await conn.execute(
+        "SELECT workspace, id, not_before FROM items WHERE state = 'queued' AND not_before > 0"
+    )
+    for workspace, item_id, not_before in await backoff.fetchall():
+        waiting.setdefault(workspace, {})[item_id] = not_before
+    return Snapshot(None, queued, dispatching, waiting)
