@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from pgserver import PgServer
 
 from a2ad.errors import StoreUnavailable
 from a2ad.store import (
@@ -21,6 +24,7 @@ from a2ad.store import (
     Store,
     bundled_migrations,
 )
+from a2ad.store.postgres import PostgresStore
 
 T0 = 1_800_000_000.0
 WS = "ws"
@@ -87,10 +91,24 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
+async def sqlite_store(db_path: Path) -> AsyncIterator[Store]:
     async with Store(str(db_path)) as s:
         await s.migrate()
         yield s
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, db_path: Path) -> AsyncIterator[Store]:
+    """Each contract test runs on both stores: a SQLite file, and a schema of its own
+    on the throwaway PostgreSQL server."""
+    if request.param == "sqlite":
+        opened: Store | PostgresStore = Store(str(db_path))
+    else:
+        server: PgServer = request.getfixturevalue("pg_server")
+        opened = PostgresStore(server.url, schema=f"t_{uuid.uuid4().hex[:12]}")
+    async with opened as s:
+        await s.migrate()
+        yield s  # type: ignore[misc]
 
 
 # -- migrations --------------------------------------------------------------
@@ -223,28 +241,44 @@ async def _claim_and_settle(store: Store, limit: int, seen: list[str]) -> int:
     return len(items)
 
 
-async def test_claims_are_exclusive_across_two_writer_connections(db_path: Path) -> None:
-    """Two Store objects on one file: two writers, as two processes would have."""
-    async with Store(str(db_path)) as a, Store(str(db_path)) as b:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store_pair(
+    request: pytest.FixtureRequest, db_path: Path
+) -> AsyncIterator[tuple[Store, Store]]:
+    """Two stores on one database: two writers, as two processes would have."""
+    if request.param == "sqlite":
+        a: Store | PostgresStore = Store(str(db_path))
+        b: Store | PostgresStore = Store(str(db_path))
+    else:
+        server: PgServer = request.getfixturevalue("pg_server")
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        a, b = PostgresStore(server.url, schema=schema), PostgresStore(server.url, schema=schema)
+    async with a, b:
         await a.migrate()
-        ids = {(await put(a, T0 - 10 + i / 1000)).id for i in range(300)}
-        seen_a: list[str] = []
-        seen_b: list[str] = []
-        # In rounds, so both writers race for the same rows every time rather than
-        # one draining the queue while the other waits out its busy handler.
-        while True:
-            taken = await asyncio.gather(
-                *(_claim_and_settle(a, 1 if n % 2 else 3, seen_a) for n in range(10)),
-                *(_claim_and_settle(b, 3 if n % 2 else 1, seen_b) for n in range(10)),
-            )
-            if not any(taken):
-                break
+        yield a, b  # type: ignore[misc]
+
+
+async def test_claims_are_exclusive_across_two_writer_connections(
+    store_pair: tuple[Store, Store],
+) -> None:
+    a, b = store_pair
+    ids = {(await put(a, T0 - 10 + i / 1000)).id for i in range(300)}
+    seen_a: list[str] = []
+    seen_b: list[str] = []
+    # In rounds, so both writers race for the same rows every time rather than
+    # one draining the queue while the other waits out its busy handler.
+    while True:
+        taken = await asyncio.gather(
+            *(_claim_and_settle(a, 1 if n % 2 else 3, seen_a) for n in range(10)),
+            *(_claim_and_settle(b, 3 if n % 2 else 1, seen_b) for n in range(10)),
+        )
+        if not any(taken):
+            break
     # Both connections did real work, and no item went to both.
     assert seen_a
     assert seen_b
     assert Counter(seen_a + seen_b) == Counter(ids)
-    async with Store(str(db_path)) as fresh:
-        assert await fresh.counts() == {WS: {"delivered": 300}}
+    assert await b.counts() == {WS: {"delivered": 300}}
 
 
 async def test_claim_gives_each_item_its_own_token_and_lease(store: Store) -> None:
@@ -385,6 +419,23 @@ async def test_claim_takes_an_item_before_it_expires(store: Store) -> None:
 
 
 # -- leases ------------------------------------------------------------------
+
+
+async def test_a_claim_whose_process_died_is_recovered_by_its_lease(
+    store_pair: tuple[Store, Store],
+) -> None:
+    """A claimer's connection gone without a word: its claim is taken back once the
+    stored lease runs out, by the other store, with an attempt counted."""
+    a, b = store_pair
+    item = await put(a, T0)
+    [claimed] = await claim(a, T0)
+    await a.close()  # its connections end, as a killed process's would
+    assert await b.sweep_leases(now=T0 + LEASE - 1, max_attempts=MAX_ATTEMPTS) == []
+    released = await b.sweep_leases(now=T0 + LEASE + 1, max_attempts=MAX_ATTEMPTS)
+    assert released == [Released(item.id, WS, "queued")]
+    [again] = await claim(b, T0 + LEASE + 2)
+    assert again.id == item.id and again.attempts == 1
+    assert again.claim_token != claimed.claim_token
 
 
 async def test_a_renewed_lease_is_not_swept(store: Store) -> None:
@@ -743,9 +794,11 @@ async def writer_synchronous(store: Store) -> int:
 FULL, NORMAL = 2, 1
 
 
-async def test_only_a_deliverys_steps_skip_the_fsync(store: Store) -> None:
+async def test_only_a_deliverys_steps_skip_the_fsync(sqlite_store: Store) -> None:
     """New items commit at FULL; claims, leases and outcomes at NORMAL (a power
-    cut may undo them, making an item be delivered again, never lose one)."""
+    cut may undo them, making an item be delivered again, never lose one).
+    SQLite's levels; PostgreSQL's synchronous_commit is set per transaction."""
+    store = sqlite_store
     await put(store, T0)
     assert await writer_synchronous(store) == FULL
     item = await claim_one(store, T0)
@@ -796,7 +849,7 @@ async def test_an_error_in_one_op_fails_only_its_caller(store: Store) -> None:
     )
     assert store.commits - commits == 1  # one batch, one transaction
     ok_a, dup, ok_b, cancelled = results
-    assert isinstance(dup, sqlite3.IntegrityError)
+    assert isinstance(dup, sqlite3.IntegrityError | psycopg.errors.IntegrityError)
     assert not isinstance(ok_a, BaseException)
     assert not isinstance(ok_b, BaseException)
     assert cancelled is True
