@@ -18,7 +18,7 @@ from .daemon import DAEMON
 from .errors import StoreUnavailable
 from .listener import Runner
 from .settings import ConfigError, Settings, load_settings
-from .store import Store, StoreLock, StoreLocked
+from .store import StoreLock, StoreLocked, open_store
 
 EXIT_CONFIG = 2
 
@@ -52,7 +52,11 @@ def _refuse_open(settings: Settings) -> None:
         )
 
 
-def _take_lock(settings: Settings, action: str) -> StoreLock:
+def _take_lock(settings: Settings, action: str) -> StoreLock | None:
+    """SQLite's owner lock on <store.path>.lock; PostgreSQL's is an advisory lock
+    the store takes itself (None here)."""
+    if settings.store.is_postgres:
+        return None
     lock = StoreLock(settings.store.path)
     try:
         lock.acquire()
@@ -70,11 +74,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_serve(settings, lock))
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     return 0
 
 
-async def _serve(settings: Settings, lock: StoreLock) -> None:
+async def _serve(settings: Settings, lock: StoreLock | None) -> None:
     """Run until SIGTERM or SIGINT; a second signal exits at once.
 
     Stopping: the listener closes, claiming stops, deliveries get
@@ -96,6 +101,8 @@ async def _serve(settings: Settings, lock: StoreLock) -> None:
         await runner.setup()  # takes the store: migrations, recovery, loops
     except StoreUnavailable as exc:
         raise CliError(exc.message, code=1) from None
+    except StoreLocked as exc:
+        raise CliError(f"cannot serve: {exc}") from None
     try:
         site = web.TCPSite(runner, server.host, server.port)
         try:
@@ -105,7 +112,7 @@ async def _serve(settings: Settings, lock: StoreLock) -> None:
                 f"cannot listen on {server.host}:{server.port}: {exc.strerror}", code=1
             ) from None
         log.info(
-            "a2ad %s listening on %s (store %s)", __version__, server.base_url, settings.store.path
+            "a2ad %s listening on %s (store %s)", __version__, server.base_url, settings.store.where
         )
         systemd.notify("READY=1")
         interval = systemd.watchdog_interval()
@@ -139,19 +146,26 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     lock = _take_lock(settings, "migrate (is a2ad serve running on this store?)")
 
     async def run() -> list[str]:
-        async with Store(settings.store.path, synchronous=settings.store.synchronous) as store:
+        store = open_store(settings.store)
+        await store.open()
+        try:
             applied = await store.migrate()
-            return [f"{m.version:04d} {m.name}" for m in applied]
+        finally:
+            await store.close()
+        return [f"{m.version:04d} {m.name}" for m in applied]
 
     try:
         applied = asyncio.run(run())
+    except StoreUnavailable as exc:
+        raise CliError(f"cannot migrate: {exc.message}", code=1) from None
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     if applied:
         for line in applied:
             print(f"applied {line}")
     else:
-        print(f"{settings.store.path}: up to date")
+        print(f"{settings.store.where}: up to date")
     return 0
 
 

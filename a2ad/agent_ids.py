@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from . import a2a
-from .store import Store
+from .store import QueueStore
 
 
 def agent_ids_in(result: bytes, parsed: Any = None) -> tuple[str | None, str | None]:
@@ -29,7 +29,7 @@ def agent_ids_in(result: bytes, parsed: Any = None) -> tuple[str | None, str | N
 class AgentIds:
     """Rewrites what goes on the wire to the agent; stored bodies are never rewritten."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: QueueStore) -> None:
         self.store = store
 
     async def rewrite(self, body: Any, caller: str, workspace: str) -> dict[str, Any] | None:

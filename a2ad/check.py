@@ -16,7 +16,7 @@ from .cards import card_urls
 from .errors import StoreUnavailable
 from .liveness import run_command
 from .settings import Settings, WorkspaceSettings
-from .store import Store, bundled_migrations
+from .store import Store, bundled_migrations, migrations_for, open_store
 from .upstream import to_agent
 
 PROBE_TIMEOUT = 3.0
@@ -30,7 +30,41 @@ class Row:
     detail: str
 
 
+def _postgres_row(settings: Settings) -> Row:
+    """The server, its version, the schema version and whether a2ad can write there;
+    it opens no write transaction and creates nothing."""
+    where = settings.store.where
+
+    async def look() -> tuple[str, bool, int]:
+        from .store.postgres import PostgresStore  # the optional extra
+
+        store = open_store(settings.store)
+        assert isinstance(store, PostgresStore)
+        await store.open(create_schema=False)
+        try:
+            version, writable = await store.server()
+            return version, writable, await store.schema_version()
+        finally:
+            await store.close()
+
+    try:
+        version, writable, current = asyncio.run(look())
+    except StoreUnavailable as exc:
+        return Row("store", FAIL, exc.message)
+    latest = migrations_for(settings.store)[-1].version
+    detail = f"{where}: PostgreSQL {version}, schema {current} of {latest}"
+    if not writable:
+        return Row("store", FAIL, detail + ": cannot write (a standby, or no CREATE right)")
+    if current > latest:
+        return Row("store", FAIL, detail + ": written by a newer a2ad")
+    if current < latest:
+        return Row("store", FAIL, detail + ": run a2ad migrate")
+    return Row("store", OK, detail + ", writable")
+
+
 def _store_row(settings: Settings) -> Row:
+    if settings.store.is_postgres:
+        return _postgres_row(settings)
     path = settings.store.path
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.exists(path):

@@ -23,7 +23,7 @@ from .errors import StoreUnavailable
 from .liveness import Liveness
 from .metrics import Metrics
 from .settings import Settings, WorkspaceSettings
-from .store import Store, StoreLock
+from .store import QueueStore, StoreLock, migrations_for, open_store
 from .upstream import Upstream
 from .watch import ResultWatch
 from .workspaces import Registry, Workspace
@@ -46,11 +46,7 @@ class Daemon:
         self.settings = settings
         self.clock = clock or Clock()
         self.lock = lock
-        self.store = Store(
-            settings.store.path,
-            synchronous=settings.store.synchronous,
-            busy_timeout=settings.store.busy_timeout_seconds,
-        )
+        self.store: QueueStore = open_store(settings.store)
         self.registry = Registry(settings.liveness, self.clock, self.store.depths)
         for ws in settings.workspaces:
             self.registry.add(ws)
@@ -87,14 +83,22 @@ class Daemon:
 
     async def start(self) -> None:
         """Take the store (lock, migrations, recovery), then start the loops."""
-        if self.lock is None:
+        postgres = self.settings.store.is_postgres
+        if self.lock is None and not postgres:
             self.lock = StoreLock(self.settings.store.path)
             self.lock.acquire()
             self._owns_lock = True
         await self.store.open()
-        applied = await self.store.migrate()
-        for migration in applied:
-            log.info("store migrated to version %d (%s)", migration.version, migration.name)
+        try:
+            await self.store.take_ownership()  # PostgreSQL: its advisory lock
+            if postgres:
+                await self._refuse_other_schema()
+            else:
+                for migration in await self.store.migrate():
+                    log.info("store migrated to version %d (%s)", migration.version, migration.name)
+        except BaseException:
+            await self.store.close()
+            raise
         # Under the owner's lock, every dispatching row belongs to a dead process.
         recovered = await self.store.recover_dispatching(
             now=self.clock.now(), max_attempts=self.settings.queue.max_attempts
@@ -198,6 +202,22 @@ class Daemon:
         self.auth.add_workspace_token(ws.id, "")
         self.cards.forget(ws.id)
         return deleted
+
+    async def _refuse_other_schema(self) -> None:
+        """A PostgreSQL schema is brought forward by `a2ad migrate`, not by serve:
+        a database others use changes only when its operator says so."""
+        current = await self.store.schema_version()
+        latest = migrations_for(self.settings.store)[-1].version
+        if current < latest:
+            raise StoreUnavailable(
+                f"{self.settings.store.where} is at schema {current}, this a2ad needs"
+                f" {latest}: run a2ad migrate"
+            )
+        if current > latest:
+            raise StoreUnavailable(
+                f"{self.settings.store.where} is at schema {current}, written by a newer"
+                f" a2ad (this one knows {latest})"
+            )
 
     async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         # Background loops never die silently: they log and go on.

@@ -26,7 +26,7 @@ from .direct import DirectPath
 from .errors import StoreUnavailable
 from .metrics import Metrics
 from .settings import Settings
-from .store import Enqueued, Item, NewItem, Store
+from .store import Enqueued, Item, NewItem, QueueStore
 from .upstream import Answer, Outcome, Upstream, connection_failure, iter_sse
 from .watch import ResultWatch
 from .workspaces import Registry, Workspace
@@ -80,7 +80,7 @@ class Dispatcher:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        store: QueueStore,
         registry: Registry,
         upstream: Upstream,
         clock: Clock,

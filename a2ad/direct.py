@@ -10,7 +10,7 @@ from .admission import Slot
 from .clock import Clock
 from .metrics import Metrics
 from .settings import Settings
-from .store import Store, answers_again
+from .store import QueueStore, answers_again
 from .upstream import Answer, Opened, Outcome, Upstream
 from .workspaces import Workspace
 
@@ -19,7 +19,12 @@ class DirectPath:
     """Forwards sends that admission let skip the queue; observes agents' answers."""
 
     def __init__(
-        self, settings: Settings, store: Store, upstream: Upstream, clock: Clock, metrics: Metrics
+        self,
+        settings: Settings,
+        store: QueueStore,
+        upstream: Upstream,
+        clock: Clock,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.replay_window = settings.queue.replay_window_seconds

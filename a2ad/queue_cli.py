@@ -16,7 +16,7 @@ from typing import Any
 from .a2a import timestamp
 from .results import item_view
 from .settings import Settings
-from .store import FINAL_STATES, STATES, Item, Store, bundled_migrations
+from .store import FINAL_STATES, STATES, Item, QueueStore, migrations_for, open_store
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -72,21 +72,25 @@ def add_commands(sub: Any, config_arg: Callable[[argparse.ArgumentParser], None]
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Open the store (never recovering claims: that is the owning daemon's) and run."""
-    if not os.path.exists(settings.store.path):
+    if not settings.store.is_postgres and not os.path.exists(settings.store.path):
         raise QueueCliError(f"no store at {settings.store.path}; a2ad serve creates it")
     return asyncio.run(_run(args, settings))
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    path = settings.store.path
-    async with Store(path, synchronous=settings.store.synchronous) as store:
-        version, latest = await store.schema_version(), bundled_migrations()[-1].version
+    where = settings.store.where
+    store = open_store(settings.store)
+    await store.open()
+    try:
+        version, latest = await store.schema_version(), migrations_for(settings.store)[-1].version
         if version < latest:
             raise QueueCliError(
-                f"{path} is at schema {version}, this a2ad needs {latest}: run a2ad migrate"
+                f"{where} is at schema {version}, this a2ad needs {latest}: run a2ad migrate"
             )
-        command: Callable[[Store, argparse.Namespace, Settings], Awaitable[int]] = args.run
+        command: Callable[[QueueStore, argparse.Namespace, Settings], Awaitable[int]] = args.run
         return await command(store, args, settings)
+    finally:
+        await store.close()
 
 
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
@@ -106,7 +110,7 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-async def _ls(store: Store, args: argparse.Namespace, settings: Settings) -> int:
+async def _ls(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
     items = await store.list_items(workspace=args.workspace, state=args.state, limit=args.limit)
     if args.json:
         _print_json([item_view(i, with_result=False) for i in items])
@@ -131,14 +135,14 @@ async def _ls(store: Store, args: argparse.Namespace, settings: Settings) -> int
     return 0
 
 
-async def _item(store: Store, item_id: str) -> Item:
+async def _item(store: QueueStore, item_id: str) -> Item:
     item = await store.get(item_id)
     if item is None:
         raise QueueCliError(f"no queue item {item_id!r}")
     return item
 
 
-async def _show(store: Store, args: argparse.Namespace, settings: Settings) -> int:
+async def _show(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
     view = item_view(await _item(store, args.id), with_body=True)
     if args.json:
         _print_json(view)
@@ -153,7 +157,7 @@ async def _show(store: Store, args: argparse.Namespace, settings: Settings) -> i
     return 0
 
 
-async def _retry(store: Store, args: argparse.Namespace, settings: Settings) -> int:
+async def _retry(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
     now, max_age = time.time(), settings.queue.max_age_seconds
     if args.failed:
         if not args.workspace:
@@ -176,7 +180,7 @@ async def _retry(store: Store, args: argparse.Namespace, settings: Settings) -> 
     return 0
 
 
-async def _purge(store: Store, args: argparse.Namespace, settings: Settings) -> int:
+async def _purge(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
     before = time.time() - args.older_than
     count = await store.purge(state=args.state, before=before, workspace=args.workspace)
     if args.json:
@@ -186,7 +190,7 @@ async def _purge(store: Store, args: argparse.Namespace, settings: Settings) -> 
     return 0
 
 
-async def _workspaces(store: Store, args: argparse.Namespace, settings: Settings) -> int:
+async def _workspaces(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
     counts = await store.counts()
     urls = {w.id: w.url for w in settings.workspaces}
     for saved in await store.load_workspaces():  # registered at run time

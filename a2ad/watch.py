@@ -7,14 +7,14 @@ import contextlib
 from typing import Any
 
 from .clock import Clock
-from .store import Item, Store
+from .store import Item, QueueStore
 
 
 class ResultWatch:
     """Long polls, held blocking sends and queued streams wait here; deliveries
     and sweeps tell them."""
 
-    def __init__(self, store: Store, clock: Clock, *, max_held: int = 1000) -> None:
+    def __init__(self, store: QueueStore, clock: Clock, *, max_held: int = 1000) -> None:
         self.store = store
         self.clock = clock
         self.max_held = max_held

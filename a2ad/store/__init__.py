@@ -1,12 +1,20 @@
 """The store: queue items and run-time workspaces, durably.
 
-`models` holds the rows as a2ad sees them, `depth` the queue's counts that
-change in commit order; for SQLite, `writer` is the group commit, `sqlite`
-the store and its writes, `reads` its reads, `sql` its busiest statements,
-`schema` its connections and migrations, `lock` the single-owner lock.
-Nothing outside this package writes SQL.
+`base` is what a2ad asks of a store (QueueStore), `models` the rows as a2ad
+sees them, `depth` the queue's counts that change in commit order. For
+SQLite, `writer` is the group commit, `sqlite` the store and its writes,
+`reads` its reads, `sql` its busiest statements, `schema` its connections and
+migrations, `lock` the single-owner lock; for PostgreSQL (the optional extra),
+`postgres` and `pg_writer`. Nothing outside this package writes SQL or imports
+a driver.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import StoreUnavailable
+from .base import QueueStore
 from .depth import Depth, Depths
 from .lock import StoreLock, StoreLocked
 from .models import (
@@ -26,6 +34,40 @@ from .models import (
 from .schema import Migration, bundled_migrations
 from .sqlite import Store
 
+if TYPE_CHECKING:
+    from ..settings import StoreSettings
+
+
+def open_store(settings: StoreSettings) -> QueueStore:
+    """The store the settings name (not opened yet): PostgreSQL when store.url is
+    set, else the SQLite file at store.path."""
+    if not settings.is_postgres:
+        return Store(
+            settings.path,
+            synchronous=settings.synchronous,
+            busy_timeout=settings.busy_timeout_seconds,
+        )
+    try:
+        from .postgres import PostgresStore
+    except ImportError as exc:
+        raise StoreUnavailable(
+            f"store.url names PostgreSQL but its driver is not installed ({exc.name}):"
+            " pip install 'a2ad[postgres]'"
+        ) from None
+    return PostgresStore(
+        settings.url,
+        schema=settings.schema_name,
+        synchronous=settings.synchronous,
+        pool_size=settings.pool_size,
+        statement_timeout=settings.statement_timeout_seconds,
+    )
+
+
+def migrations_for(settings: StoreSettings) -> list[Migration]:
+    """The bundled migrations of the store the settings name."""
+    return bundled_migrations("migrations_pg" if settings.is_postgres else "migrations")
+
+
 __all__ = [
     "FINAL_STATES",
     "LIVE_STATES",
@@ -38,6 +80,7 @@ __all__ = [
     "Item",
     "Migration",
     "NewItem",
+    "QueueStore",
     "Released",
     "State",
     "Store",
@@ -45,5 +88,7 @@ __all__ = [
     "StoreLocked",
     "answers_again",
     "bundled_migrations",
+    "migrations_for",
     "new_queue_id",
+    "open_store",
 ]

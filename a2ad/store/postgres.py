@@ -128,16 +128,19 @@ class PostgresStore:
     def commits(self) -> int:
         return self._writer.commits if self._writer is not None else 0
 
-    async def open(self) -> None:
-        admin = await self._connect()
-        try:
-            await admin.execute(
-                pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(pgsql.Identifier(self.schema))
-            )
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"cannot open the store: {str(exc).strip()}") from None
-        finally:
-            await admin.close()
+    async def open(self, *, create_schema: bool = True) -> None:
+        if create_schema:
+            admin = await self._connect()
+            try:
+                await admin.execute(
+                    pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                        pgsql.Identifier(self.schema)
+                    )
+                )
+            except psycopg.Error as exc:
+                raise StoreUnavailable(f"cannot open the store: {str(exc).strip()}") from None
+            finally:
+                await admin.close()
         self._pool = AsyncConnectionPool(
             self.url,
             min_size=1,
@@ -265,6 +268,25 @@ class PostgresStore:
             )
 
         await self._write(op)
+
+    async def server(self) -> tuple[str, bool]:
+        """The server's version, and whether this role can write a2ad's schema there
+        (not a standby, and allowed to create in the schema or the database)."""
+
+        async def read(conn: Conn) -> tuple[str, bool]:
+            row = await (
+                await conn.execute(
+                    "SELECT current_setting('server_version'), NOT pg_is_in_recovery() AND"
+                    " (CASE WHEN to_regnamespace(%s) IS NULL"
+                    "  THEN has_database_privilege(current_database(), 'CREATE')"
+                    "  ELSE has_schema_privilege(%s, 'CREATE') END)",
+                    (self.schema, self.schema),
+                )
+            ).fetchone()
+            assert row is not None
+            return str(row[0]), bool(row[1])
+
+        return await self._read(read)
 
     # -- migrations --------------------------------------------------------------
 

@@ -89,6 +89,10 @@ class Store(Reads):
                 await conn.close()
         self._reader = self._conn = None
 
+    async def take_ownership(self) -> None:
+        """Nothing more to take: the owner of a SQLite store is whoever holds its
+        file lock (StoreLock), taken before the store opens."""
+
     async def __aenter__(self) -> Store:
         await self.open()
         return self

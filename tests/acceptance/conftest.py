@@ -87,16 +87,20 @@ def write_config(
     name: str = "a2ad.toml",
     port: int | None = None,
     host: str = "127.0.0.1",
-    store: Path | None = None,
+    store: Path | Mapping[str, Any] | None = None,
     workspaces: Sequence[Mapping[str, Any]] = (),
     **sections: Mapping[str, Any],
 ) -> A2adConfig:
-    """Write an a2ad.toml; `sections` add or override keys per section (server=..., queue=...)."""
+    """Write an a2ad.toml; `sections` add or override keys per section (server=..., queue=...).
+    `store` is the SQLite file, or the whole [store] section (a PostgreSQL url)."""
     port = free_port() if port is None else port
+    store_section: dict[str, Any] = {}
+    if isinstance(store, Mapping):
+        store_section, store = dict(store), None
     store = directory / "var" / "a2ad.db" if store is None else store
     merged: dict[str, dict[str, Any]] = {
         "server": {"host": host, "port": port, "shutdown_grace_seconds": 2.0},
-        "store": {"path": str(store)},
+        "store": {"path": str(store), **store_section},
     }
     for section, values in sections.items():
         merged.setdefault(section, {}).update(values)

@@ -1,0 +1,134 @@
+"""What a2ad asks of a store, whichever database holds it: the SQLite file
+(sqlite.py, the default) or a PostgreSQL server (postgres.py). Operations are
+named for what they do; none of them exposes SQL or a driver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, Protocol
+
+from .depth import Depths
+from .models import Enqueued, Item, NewItem, Released, State
+from .schema import Migration
+
+
+class QueueStore(Protocol):
+    """A store: `open()` it, `migrate()` it, use it, `close()` it."""
+
+    depths: Depths  # the queue's counts, changed in commit order
+
+    @property
+    def last_write_error(self) -> str | None: ...
+    @property
+    def commits(self) -> int: ...
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def probe_write(self, now: float) -> None: ...
+    async def schema_version(self) -> int: ...
+    async def migrate(self, migrations: Iterable[Migration] | None = None) -> list[Migration]: ...
+    async def data_version(self) -> int: ...
+    async def take_ownership(self) -> None: ...
+
+    # -- the queue
+    async def enqueue(self, new: NewItem, *, now: float, replay_window: float) -> Enqueued: ...
+    def submit_enqueue(
+        self, new: NewItem, *, now: float, replay_window: float
+    ) -> asyncio.Future[Enqueued]: ...
+    def submit_claim(
+        self,
+        workspace: str,
+        *,
+        now: float,
+        lease_seconds: float,
+        promote_after: float,
+        limit: int = 1,
+        if_cancelled: Callable[[list[Item]], None] | None = None,
+    ) -> asyncio.Future[list[Item]]: ...
+    async def claim(
+        self,
+        workspace: str,
+        *,
+        now: float,
+        lease_seconds: float,
+        promote_after: float,
+        limit: int = 1,
+    ) -> list[Item]: ...
+    async def renew(
+        self, claims: dict[str, str], *, lease_until: float, now: float
+    ) -> set[str]: ...
+    async def settle(
+        self,
+        item_id: str,
+        token: str,
+        *,
+        state: State,
+        now: float,
+        result: bytes | None = None,
+        last_error: str | None = None,
+        agent_task_id: str | None = None,
+        agent_context_id: str | None = None,
+        attempt_used: bool = False,
+    ) -> bool: ...
+    async def hand_back(
+        self,
+        item_id: str,
+        token: str,
+        *,
+        now: float,
+        not_before: float = 0.0,
+        attempt_used: bool = False,
+        busy: bool = False,
+        last_error: str | None = None,
+    ) -> bool: ...
+    async def recover_dispatching(self, *, now: float, max_attempts: int) -> list[Released]: ...
+    async def sweep_leases(self, *, now: float, max_attempts: int) -> list[Released]: ...
+    async def release_claims(
+        self, claims: dict[str, str], *, now: float, max_attempts: int
+    ) -> list[Released]: ...
+    async def expire_due(self, *, now: float) -> list[Released]: ...
+    async def cancel(self, item_id: str, *, now: float) -> bool: ...
+    async def retry(
+        self, item_id: str, *, now: float, max_age: float
+    ) -> Literal["retried", "not_final", "duplicate"]: ...
+    async def retry_failed(self, workspace: str, *, now: float, max_age: float) -> int: ...
+    async def delete(self, item_id: str) -> bool: ...
+    async def purge(self, *, state: str, before: float, workspace: str | None = None) -> int: ...
+    async def delete_finished(self, *, before: float, chunk: int = 2000) -> int: ...
+    async def recount(self) -> None: ...
+
+    # -- run-time workspaces
+    async def save_workspace(
+        self, workspace_id: str, config: dict[str, Any], *, now: float
+    ) -> None: ...
+    async def remove_workspace(self, workspace_id: str, *, purge: bool) -> int: ...
+    async def load_workspaces(self) -> list[dict[str, Any]]: ...
+
+    # -- reads
+    async def get(self, item_id: str) -> Item | None: ...
+    async def find_message(self, workspace: str, caller: str, message_id: str) -> Item | None: ...
+    async def last_delivered(self, workspaces: Iterable[str]) -> dict[str, float]: ...
+    async def agent_context(self, context_id: str, caller: str, workspace: str) -> str | None: ...
+    async def list_items(
+        self,
+        *,
+        workspace: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: int = 0,
+        newest_first: bool = False,
+    ) -> list[Item]: ...
+    async def caller_items(
+        self,
+        workspace: str,
+        caller: str,
+        *,
+        context_id: str | None = None,
+        states: Sequence[str] | None = None,
+        updated_from: float | None = None,
+        before: tuple[float, int] | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[Item], int]: ...
+    async def counts(self) -> dict[str, dict[str, int]]: ...
+    async def next_due(self, workspace: str, *, now: float) -> float | None: ...
