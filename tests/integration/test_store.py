@@ -1066,3 +1066,35 @@ async def test_a_claim_whose_caller_was_cancelled_reports_what_it_took(store: St
     assert [[item.state for item in items] for items in heard] == [["dispatching"]]
     (taken,) = heard[0]
     assert taken.claim_token and await store.hand_back(taken.id, taken.claim_token, now=T0 + 2)
+
+
+async def test_postgres_lost_and_back_fails_writes_clearly_then_reconnects() -> None:
+    """The server stops at once (as a crash would) and comes back: meanwhile a write
+    is StoreUnavailable with a Retry-After, never a driver's exception; afterwards
+    the store writes and reads again by itself, and nothing committed is lost."""
+    with PgServer() as server:
+        async with PostgresStore(server.url, schema="lost") as s:
+            await s.migrate()
+            kept = await put(s, T0)
+            server.kill()
+            with pytest.raises(StoreUnavailable) as refused:
+                await put(s, T0 + 1)
+            assert refused.value.retry_after is not None
+            assert s.last_write_error is not None
+            server.launch()
+            for _ in range(50):
+                try:
+                    await put(s, T0 + 2)
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(0.1)
+            assert s.last_write_error is None
+            got = None
+            for _ in range(50):  # the pool replaces its broken connections
+                try:
+                    got = await s.get(kept.id)
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(0.1)
+            assert got is not None and got.state == "queued"
+            assert (await s.counts())[WS]["queued"] == 2
