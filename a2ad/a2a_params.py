@@ -54,6 +54,9 @@ def check_message(rpc: RpcRequest, protocol: Protocol) -> None:
     parts = message.get("parts")
     if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
         raise InvalidParams("params.message.parts must be a non-empty list of Part objects")
+    configuration = rpc.params.get("configuration")
+    if isinstance(configuration, dict):
+        history_length(configuration)  # the agent refuses a bad one, so a2ad does on both paths
 
 
 _INTEGER_TEXT = re.compile(r"-?[0-9]{1,10}")

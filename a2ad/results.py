@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 from . import a2a, a2a_params
@@ -148,11 +149,16 @@ def page_token(item: Item) -> str:
 
 def read_page_token(token: str) -> tuple[float, int]:
     """A pageToken back to (updated_at, seq); InvalidParams if a2ad did not make it."""
+    refused = InvalidParams(f"pageToken {token[:40]!r} is not one ListTasks gave")
     try:
-        updated_at, seq = base64.urlsafe_b64decode(token.encode()).decode().split(" ")
-        return float(updated_at), int(seq)
+        text_at, text_seq = base64.urlsafe_b64decode(token.encode()).decode().split(" ")
+        updated_at, seq = float(text_at), int(text_seq)
     except (ValueError, UnicodeError):
-        raise InvalidParams(f"pageToken {token[:40]!r} is not one ListTasks gave") from None
+        raise refused from None
+    # What a2ad writes: a finite time and a row number a database integer holds.
+    if not math.isfinite(updated_at) or not 0 <= seq < 2**63:
+        raise refused
+    return updated_at, seq
 
 
 def listed_tasks(

@@ -229,6 +229,25 @@ async def test_the_transport_keeps_its_statuses_and_other_endpoints_keep_400(
         ("message/stream", {"message": None}),
         ("SendMessage", {"message": []}),
         ("SendStreamingMessage", {}),
+        # A send's configuration.historyLength, as GetTask's (the SDK agent refuses both).
+        (
+            "SendMessage",
+            {
+                "message": {"messageId": "h1", "role": "ROLE_USER", "parts": [{"text": "x"}]},
+                "configuration": {"historyLength": -1},
+            },
+        ),
+        (
+            "message/send",
+            {
+                "message": {
+                    "messageId": "h2",
+                    "role": "user",
+                    "parts": [{"kind": "text", "text": "x"}],
+                },
+                "configuration": {"historyLength": "abc", "blocking": False},
+            },
+        ),
     ],
 )
 async def test_a_missing_or_invalid_message_is_invalid_params(

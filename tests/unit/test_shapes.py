@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
-from a2ad import a2a
+from a2ad import a2a, results
 from a2ad.clock import ManualClock
-from a2ad.errors import InvalidRequest, ParseError, VersionNotSupported
+from a2ad.errors import InvalidParams, InvalidRequest, ParseError, VersionNotSupported
 from a2ad.settings import LivenessSettings, WorkspaceSettings
 from a2ad.upstream import parse_retry_after
 from a2ad.workspaces import State, Workspace
@@ -175,3 +177,15 @@ def test_a_direct_send_never_takes_a_slot_that_is_not_free() -> None:
     assert ws.admission.free_slots(0) == 0 and ws.admission.try_direct(0) is None
     first.release()
     assert ws.admission.try_direct(0) is not None
+
+
+@pytest.mark.parametrize(
+    "decoded", ["1.0 99999999999999999999", "1.0 -99999999999999999999", "nan 1", "1e999 1", "x 1"]
+)
+def test_a_tampered_page_token_is_invalid_params(decoded: str) -> None:
+    """Never a database error (an integer past 64 bits) or an empty page."""
+    token = base64.urlsafe_b64encode(decoded.encode()).decode()
+    with pytest.raises(InvalidParams):
+        results.read_page_token(token)
+    good = base64.urlsafe_b64encode(b"1800000000.5 42").decode()
+    assert results.read_page_token(good) == (1800000000.5, 42)
