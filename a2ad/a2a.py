@@ -105,14 +105,14 @@ class RpcRequest:
     def is_blocking(self) -> bool:
         """Does the caller of a non-streaming send wait for the task to end? In 1.0
         unless `configuration.returnImmediately`; in v0.3 unless `blocking: false`
-        (absent counts as blocking, as the a2a-sdk agent reads it)."""
+        (absent counts as blocking, as the a2a-sdk agent reads it). Each version's
+        field only: its agent ignores the other's (the method name says which)."""
         configuration = self.params.get("configuration")
         if self.is_stream or not isinstance(configuration, dict):
             return not self.is_stream
-        return (
-            configuration.get("returnImmediately") is not True
-            and configuration.get("blocking") is not False
-        )
+        if "/" in self.method:  # message/send
+            return configuration.get("blocking") is not False
+        return configuration.get("returnImmediately") is not True
 
     @property
     def message(self) -> dict[str, Any]:

@@ -55,15 +55,16 @@ async def hold(daemon: Daemon, item: Item) -> Item:
 
 
 def held_answer(item: Item, rpc: a2a.RpcRequest, protocol: a2a.Protocol) -> web.Response:
-    """What a held caller gets when its item ends, with HTTP 200: the agent's own
-    answer (its Task under the queue id), or the FAILED or CANCELED Task."""
+    """What a send gets, with HTTP 200, for an item that ended: a held caller, or the
+    same messageId sent again. The agent's own answer, a Task under the queue id
+    (as GetTask shows it), a Message or a JSON-RPC error as the agent sent it; or
+    the FAILED or CANCELED Task, also when the agent's answer was not an A2A
+    result (an HTML error page), never a bare `null`."""
     if item.state == "delivered":
         answer = a2a.read_answer(stored_result(item))
-        if answer.kind != "task":
-            return replay(item, rpc)  # a Message or a JSON-RPC error, as the agent sent it
-        task = as_queue_task(item, answer.value, protocol)
-    else:
-        task = item_task(item, protocol)
+        if answer.kind in ("message", "error"):
+            return replay(item, rpc)
+    task = item_task(item, protocol)
     return json_response(a2a.rpc_result(rpc.id, a2a.send_result(task, protocol)))
 
 
@@ -142,14 +143,11 @@ async def final_event(daemon: Daemon, item: Item) -> dict[str, Any] | None:
 
 
 def replay(item: Item, rpc: a2a.RpcRequest) -> web.Response:
-    """The stored answer of an already delivered messageId, under the new request's id."""
-    try:
-        stored = json.loads(item.result or b"null")
-    except ValueError:
-        stored = None
-    if isinstance(stored, dict):
-        stored["id"] = rpc.id
-    return json_response(stored)
+    """The stored answer of a delivered item (a JSON-RPC response), under the new
+    request's id."""
+    stored = stored_result(item)
+    assert isinstance(stored, dict)
+    return json_response({**stored, "id": rpc.id})
 
 
 async def find_item(daemon: Daemon, ws: Workspace, item_id: str, caller: str) -> Item | None:

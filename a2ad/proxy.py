@@ -32,7 +32,6 @@ from .own_tasks import (
     list_tasks,
     refuse_ended_task,
     refuse_if_terminal,
-    replay,
     task_not_found,
     unknown_queue_id,
 )
@@ -201,7 +200,7 @@ async def _send_message(
     if rpc.is_stream:
         return await item_stream(request, daemon, item, rpc, protocol, queue_info)
     if not queued.created and item.state == "delivered":
-        return replay(item, rpc)
+        return held_answer(item, rpc, protocol)  # the same messageId, already answered
     if rpc.is_blocking:
         item = await hold(daemon, item)
         if item.is_final:

@@ -172,3 +172,115 @@ async def test_shutdown_answers_held_sends_with_the_current_task(
     assert agent.gate is not None
     agent.gate.set()
     await first
+
+
+DONE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "result": {"kind": "message", "messageId": "r", "role": "agent", "parts": []},
+}
+
+
+def v03_send(message_id: str, *, blocking: bool = True, rpc_id: int = 5) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "message": {
+            "role": "user",
+            "messageId": message_id,
+            "parts": [{"kind": "text", "text": "x"}],
+        }
+    }
+    if not blocking:
+        params["configuration"] = {"blocking": False}
+    return {"jsonrpc": "2.0", "id": rpc_id, "method": "message/send", "params": params}
+
+
+async def test_an_answer_that_is_not_a2a_reaches_a_held_or_returning_caller_as_failed(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """The agent answers a delivery with an HTML 500 (a final answer): the held
+    caller, and a caller sending the same messageId later, get a JSON-RPC answer
+    with the FAILED Task under the queue id, as GetTask shows it; never `null`."""
+    agent, a2ad, first = await busy_agent_and_a2ad(agent_factory, a2ad_factory)
+    html = (500, b"<html>Internal Server Error</html>", {"Content-Type": "text/html"})
+    agent.script = [(200, DONE, {}), html]
+    held = asyncio.create_task(a2ad.client.post("/workspaces/w/a2a", json=v03_send("held")))
+    await asyncio.sleep(0.1)
+    assert agent.gate is not None
+    agent.gate.set()
+    await first
+    resp = await asyncio.wait_for(held, 10)
+    assert resp.status == 200
+    data = await resp.json()
+    assert data["id"] == 5 and data["result"]["status"]["state"] == "failed", data
+    qid = data["result"]["id"]
+    assert qid.startswith("q-")
+    again = await a2ad.client.post("/workspaces/w/a2a", json=v03_send("held", rpc_id=6))
+    assert again.status == 200
+    replayed = await again.json()
+    assert replayed["id"] == 6 and replayed["result"]["id"] == qid, replayed
+    assert replayed["result"]["status"]["state"] == "failed"
+    assert len(agent.received) == 2  # the agent saw it once
+
+
+async def test_the_same_message_id_after_delivery_gets_the_task_under_the_queue_id(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """A held caller leaves, its item is delivered with the agent's Task, and the
+    caller sends the messageId again: the Task it gets is named by the queue id, as
+    a caller that stayed and GetTask see it, not by the agent's own task id."""
+    agent, a2ad, first = await busy_agent_and_a2ad(agent_factory, a2ad_factory)
+    task = {
+        "kind": "task",
+        "id": "agent-t",
+        "contextId": "agent-c",
+        "status": {"state": "completed"},
+    }
+    agent.script = [(200, DONE, {}), (200, {"jsonrpc": "2.0", "id": 1, "result": task}, {})]
+    leaving = asyncio.create_task(a2ad.send("w", "m", message_id="leave", blocking=True))
+    await asyncio.sleep(0.1)
+    leaving.cancel()
+    await asyncio.gather(leaving, return_exceptions=True)
+    assert agent.gate is not None
+    agent.gate.set()
+    await first
+    [item] = [i for i in await a2ad.daemon.store.list_items() if i.message_id == "leave"]
+    await a2ad.final(item.id)
+    for blocking in (True, False):
+        status, data = await a2ad.send("w", "m", message_id="leave", blocking=blocking)
+        assert status == 200, data
+        assert data["result"]["id"] == item.id, data
+        assert data["result"]["metadata"]["a2ad"]["agent_task_id"] == "agent-t"
+    got = await a2ad.rpc("w", "tasks/get", {"id": item.id})
+    assert got["result"]["id"] == item.id
+    assert len(agent.received) == 2
+
+
+async def test_each_version_reads_only_its_own_field_for_not_waiting(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """A 1.0 send with v0.3's `blocking: false` is held (a 1.0 agent ignores that
+    field and waits); a v0.3 send with 1.0's `returnImmediately` is held too."""
+    agent, a2ad, first = await busy_agent_and_a2ad(agent_factory, a2ad_factory)
+    v1 = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "SendMessage",
+        "params": {
+            "message": {"role": "ROLE_USER", "messageId": "v1", "parts": [{"text": "x"}]},
+            "configuration": {"blocking": False},
+        },
+    }
+    v03 = v03_send("v03")
+    v03["params"]["configuration"] = {"returnImmediately": True}
+    sends = [
+        asyncio.create_task(a2ad.client.post("/workspaces/w/a2a", json=v1, headers=V1)),
+        asyncio.create_task(a2ad.client.post("/workspaces/w/a2a", json=v03)),
+    ]
+    await asyncio.sleep(0.2)
+    assert not any(s.done() for s in sends)  # both held
+    assert agent.gate is not None
+    agent.gate.set()
+    await first
+    for send in sends:
+        resp = await asyncio.wait_for(send, 10)
+        assert resp.status == 200, await resp.text()
