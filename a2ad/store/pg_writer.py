@@ -63,6 +63,7 @@ class PgWriter:
         self._pending: list[Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._committing = False
         self.closing = False
         self.last_error: str | None = None
         self.commits = 0
@@ -79,6 +80,11 @@ class PgWriter:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits for the writer and no batch is being committed."""
+        return not self._pending and not self._committing
 
     def submit(
         self,
@@ -105,7 +111,11 @@ class PgWriter:
                     return
                 continue
             batch, self._pending = self._pending, []
-            await self._commit(batch)
+            self._committing = True
+            try:
+                await self._commit(batch)
+            finally:
+                self._committing = False
             if self._pending:
                 self._wake.set()
             elif self.closing:

@@ -10,10 +10,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fakes import A2ad, FakeAgent, wait_until, write_lock
 
 from a2ad.clock import ManualClock
 from a2ad.store import NewItem, Store
+
+BOTH_STORES = True  # delivery behaves the same on SQLite and PostgreSQL
 
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
@@ -71,6 +74,7 @@ async def test_concurrent_sends_after_a_queue_episode_never_exceed_one_slot(
     assert agent.max_active == 1
 
 
+@pytest.mark.sqlite_only  # reads, or locks, the SQLite file beside the store
 async def test_counts_stay_equal_to_the_store_through_concurrent_enqueues_and_recounts(
     a2ad_factory: A2adFactory, tmp_path: Path
 ) -> None:
@@ -90,6 +94,7 @@ async def test_counts_stay_equal_to_the_store_through_concurrent_enqueues_and_re
     assert workspace.queued_total == 90
 
 
+@pytest.mark.sqlite_only  # reads, or locks, the SQLite file beside the store
 async def test_a_claim_in_the_writer_at_shutdown_is_handed_back_without_an_attempt(
     agent_factory: AgentFactory, a2ad_factory: A2adFactory, tmp_path: Path
 ) -> None:
@@ -192,6 +197,7 @@ async def test_a_step_of_the_wall_clock_does_not_take_a_running_delivery_for_a_d
     assert len(agent.received) == 2  # delivered once
 
 
+@pytest.mark.sqlite_only  # reads, or locks, the SQLite file beside the store
 async def test_an_outcome_the_store_cannot_record_keeps_its_claim_until_the_lease_lapses(
     agent_factory: AgentFactory, a2ad_factory: A2adFactory, tmp_path: Path
 ) -> None:

@@ -16,6 +16,8 @@ from fakes import A2ad, FakeAgent, jsonrpc_task, wait_until
 from a2ad.clock import ManualClock
 from a2ad.store import NewItem
 
+BOTH_STORES = True  # delivery behaves the same on SQLite and PostgreSQL
+
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
 V1 = {"A2A-Version": "1.0"}

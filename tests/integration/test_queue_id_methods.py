@@ -13,6 +13,8 @@ from fakes import A2ad, FakeAgent, Reply, jsonrpc_task
 
 from a2ad.clock import ManualClock
 
+BOTH_STORES = True  # delivery behaves the same on SQLite and PostgreSQL
+
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
 V1 = {"A2A-Version": "1.0"}
