@@ -3,6 +3,11 @@ store, again and again; then reconcile. Every send a2ad acknowledged (a 202 with
 queue id, or the agent's own answer relayed with a 200) is delivered in the end:
 at least once (duplicates are allowed), never lost.
 
+It runs on each store: the SQLite file, and a PostgreSQL server of its own, which
+is also stopped at once (as a crash would) and started again under load in some
+trials, while a2ad runs: sends then get 503 store_unavailable, and a2ad carries on
+by itself once the server is back.
+
 A2AD_SOAK_TRIALS sets the number of kills (3 here, 100 under `make soak`);
 A2AD_SOAK_SEED replays a run's kill schedule (the seed is printed)."""
 
@@ -12,11 +17,11 @@ import asyncio
 import json
 import os
 import random
-import sqlite3
 import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import fault_agent
 import pytest
-from queue_drain import wait_drained
+from pgserver import PgServer
+from queue_drain import PostgresRows, SqliteRows, StoreRows, wait_drained
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher, Process
@@ -46,6 +52,8 @@ CLIENT_TIMEOUT = 5.0
 # against hanging, at DRAIN_CAP): the backlog after 100 kills is not a fixed size.
 DRAIN_STALL = 15.0
 DRAIN_CAP = 300.0
+SERVER_RESTART_SHARE = 0.5  # PostgreSQL trials that also crash and restart the server
+SERVER_DOWN = 0.5  # seconds the server stays down
 
 
 @dataclass
@@ -75,30 +83,6 @@ def start_agent(launcher: Launcher, log: Path) -> Process:
     process = launcher.spawn("fault-agent", argv, url=f"http://127.0.0.1:{port}")
     process.wait_until("/stats")
     return process
-
-
-def stored(store: Path) -> dict[str, dict[str, Any]]:
-    """Every row of the items table, straight from the SQLite file, by id (none while
-    a2ad has not made the file yet: it was killed that early)."""
-    if not store.exists():
-        return {}
-    conn = sqlite3.connect(f"file:{store}?mode=rw", uri=True, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        rows = conn.execute(
-            "SELECT id, state, attempts, last_error, message_id, result FROM items"
-        ).fetchall()
-    finally:
-        conn.close()
-    return {row["id"]: dict(row) for row in rows}
-
-
-def integrity(store: Path) -> list[tuple[str]]:
-    conn = sqlite3.connect(store, timeout=10)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchall()
-    finally:
-        conn.close()
 
 
 def tracebacks(directory: Path) -> dict[str, str]:
@@ -134,15 +118,34 @@ async def post(session: aiohttp.ClientSession, base: str, send: Send) -> None:
         send.status, send.body = status, body
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def soak_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[dict[str, Any] | None, StoreRows, PgServer | None]]:
+    """The store section of a2ad.toml, a reader of its rows, and the PostgreSQL
+    server (one of this test's own, as it is stopped and started again)."""
+    if request.param == "sqlite":
+        yield None, SqliteRows(tmp_path / "var" / "a2ad.db"), None
+        return
+    with PgServer() as server:
+        yield {"url": server.url, "schema": "soak"}, PostgresRows(server.url, "soak"), server
+
+
 @pytest.mark.slow
-async def test_sigkill_at_random_moments_loses_nothing(launcher: Launcher, tmp_path: Path) -> None:
+async def test_sigkill_at_random_moments_loses_nothing(
+    launcher: Launcher,
+    tmp_path: Path,
+    soak_store: tuple[dict[str, Any] | None, StoreRows, PgServer | None],
+) -> None:
+    store_section, rows, pg = soak_store
     schedule = random.Random(SEED)  # which trials kill early, and when: replayable
     gaps = random.Random(SEED + 1)  # drawn by concurrent senders, so in no fixed order
-    context = f"A2AD_SOAK_SEED={SEED}"
+    context = f"A2AD_SOAK_SEED={SEED} ({'postgres' if pg else 'sqlite'})"
     print(f"\n{context}, {TRIALS} trials")
     agent_log = tmp_path / "agent.log"
     agent = await asyncio.to_thread(start_agent, launcher, agent_log)
     config: A2adConfig = launcher.config(
+        store=store_section,
         workspaces=[
             {
                 "id": WORKSPACE,
@@ -155,6 +158,9 @@ async def test_sigkill_at_random_moments_loses_nothing(launcher: Launcher, tmp_p
         # A kill mid-delivery costs the item an attempt; it must never run out.
         queue={"max_attempts": 1000, "lease_seconds": 10.0},
     )
+    if pg is not None:
+        migrated = await asyncio.to_thread(launcher.run, "migrate", "--config", str(config.path))
+        assert migrated.returncode == 0, migrated.stderr
     base = config.url
     sends: list[Send] = []
     kills = Counter[str]()
@@ -177,6 +183,13 @@ async def test_sigkill_at_random_moments_loses_nothing(launcher: Launcher, tmp_p
         timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             load = [asyncio.create_task(sender(session, trial, stop)) for _ in range(SENDERS)]
+            if pg is not None and not early and schedule.random() < SERVER_RESTART_SHARE:
+                # The database crashes and comes back while a2ad runs under load.
+                await asyncio.sleep(schedule.uniform(0, KILL_WINDOW / 2))
+                await asyncio.to_thread(pg.kill)
+                await asyncio.sleep(SERVER_DOWN)
+                await asyncio.to_thread(pg.launch)
+                kills["database restarted"] += 1
             await asyncio.sleep(delay)
             assert a2ad.running(), f"{context}: a2ad exited on its own:\n{a2ad.stderr()[-4000:]}"
             await asyncio.to_thread(a2ad.kill)
@@ -184,15 +197,15 @@ async def test_sigkill_at_random_moments_loses_nothing(launcher: Launcher, tmp_p
             await asyncio.gather(*load)
         kills["while starting" if early else "under load"] += 1
         # Checkpoint, with a2ad dead: everything acknowledged so far is in the file.
-        items = await asyncio.to_thread(stored, config.store)
+        items = await asyncio.to_thread(rows.items)
         acked = [s.queue_id for s in sends if s.queue_id is not None]
         missing = [qid for qid in acked if qid not in items]
         assert not missing, f"{context}: trial {trial}: acknowledged but not stored: {missing}"
 
     # The last restart: a2ad recovers what the kills left and delivers it all.
     a2ad = await asyncio.to_thread(launcher.a2ad, config)
-    left = await wait_drained(config.store, stall=DRAIN_STALL, cap=DRAIN_CAP)
-    items = await asyncio.to_thread(stored, config.store)
+    left = await wait_drained(rows, stall=DRAIN_STALL, cap=DRAIN_CAP)
+    items = await asyncio.to_thread(rows.items)
     outcomes = Counter(entry["messageId"] for entry in fault_agent.read_log(agent_log))
     statuses = Counter(s.status or "cut off" for s in sends)
     duplicates = sum(1 for n in outcomes.values() if n > 1)
@@ -201,7 +214,9 @@ async def test_sigkill_at_random_moments_loses_nothing(launcher: Launcher, tmp_p
         f" agent requests {sum(outcomes.values())}, messages seen twice or more {duplicates}"
     )
 
-    assert set(statuses) <= {200, 202, "cut off"}, f"{context}: {statuses}"
+    # 503: the database was down (store_unavailable); nothing was promised.
+    allowed = {200, 202, "cut off", *([503] if pg is not None else [])}
+    assert set(statuses) <= allowed, f"{context}: {statuses}"
     assert not left, f"{context}: delivery stopped making progress, still live: {left}"
     lost = []
     for send in sends:
@@ -226,7 +241,7 @@ async def test_sigkill_at_random_moments_loses_nothing(launcher: Launcher, tmp_p
     report = [(s.trial, s.queue_id, items.get(s.queue_id or "")) for s in lost[:5]]
     assert not lost, f"{context}: {len(lost)} acknowledged sends lost: {report}"
     assert any(s.queue_id for s in sends), f"{context}: nothing was ever queued"
-    assert integrity(config.store) == [("ok",)]
+    assert rows.healthy()
     # No a2ad process, killed or not, met an exception it did not expect.
     assert not tracebacks(tmp_path), f"{context}: {tracebacks(tmp_path)}"
     assert a2ad.running()
