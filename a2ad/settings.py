@@ -140,6 +140,8 @@ class StoreSettings(_Section):
             object.__setattr__(self, "url", _read_secret(self.url_file, "store.url_file"))
         if self.url and not self.url.startswith(("postgresql://", "postgres://")):
             raise ValueError("store.url must start with postgresql:// (SQLite takes store.path)")
+        if self.schema_name.startswith("pg_"):
+            raise ValueError("store.schema may not start with pg_ (PostgreSQL keeps those)")
         return self
 
     @property

@@ -228,10 +228,11 @@ class Procs:
         workspaces: list[dict[str, Any]],
         *,
         synchronous: str = "full",
-        store: Path | None = None,
+        store: Path | dict[str, str] | None = None,
         ready_timeout: float = 120.0,
     ) -> Proc:
-        """`a2ad serve` on a generated config, with its store in the run's work folder."""
+        """`a2ad serve` on a generated config, with its store in the run's work folder
+        (or `store` = {"url": …, "schema": …}: on PostgreSQL)."""
         port = free_port()
         folder = self.workdir / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -299,11 +300,15 @@ def write_config(
     path: Path,
     *,
     port: int,
-    store: Path,
+    store: Path | dict[str, str],
     synchronous: str,
     workspaces: list[dict[str, Any]],
 ) -> Path:
     """An a2ad.toml for one benchmark a2ad: queue caps raised so nothing is refused."""
+    if isinstance(store, dict):
+        where = [f"{key} = {json.dumps(value)}" for key, value in store.items()]
+    else:
+        where = [f'path = "{store}"']
     lines = [
         "[server]",
         f'host = "{HOST}"',
@@ -311,7 +316,7 @@ def write_config(
         "shutdown_grace_seconds = 2",
         "",
         "[store]",
-        f'path = "{store}"',
+        *where,
         f'synchronous = "{synchronous}"',
         "",
         "[queue]",

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "backlog": bench.deep_backlog,
             "scale": bench.scale,
             "stream": bench.streaming,
+            "postgres": bench.postgres,
         }
         for key in SCENARIOS:
             if key not in chosen:

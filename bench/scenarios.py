@@ -7,6 +7,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Any
 
 from . import fill, report, wrkdrive
 from .procs import PYTHON, REPO, Proc, Procs, cpu_seconds, http_json, workspace
+
+sys.path.insert(0, str(REPO / "tests"))
+from pgserver import PgServer
+
 from .report import Row, limit_row, ratio_row
 
 
@@ -77,7 +82,8 @@ QUICK = Plan(
     raw_sqlite_seconds=1.0,
 )
 
-SCENARIOS = ("proxy", "enqueue", "drain", "backlog", "scale", "stream")
+SCENARIOS = ("proxy", "enqueue", "drain", "backlog", "scale", "stream", "postgres")
+PG_BACKLOG_ITEMS = 30_000  # the PostgreSQL backlog: enough for a steady rate
 
 
 def _tag(label: str) -> str:
@@ -188,21 +194,31 @@ class Bench:
 
     # -- helpers ---------------------------------------------------------------------
 
-    def store(self, name: str, counts: dict[str, int]) -> Path:
-        """A fresh store with a2ad's schema and `counts` queued items per workspace."""
+    def store(
+        self, name: str, counts: dict[str, int], pg: PgServer | None = None
+    ) -> Path | dict[str, str]:
+        """A fresh store with a2ad's schema and `counts` queued items per workspace: a
+        SQLite file, or with `pg` a schema of its own on that server."""
         folder = self.procs.workdir / name
         folder.mkdir(parents=True, exist_ok=True)
         db = folder / "a2ad.db"
         config = folder / "migrate.toml"
-        config.write_text(f'[store]\npath = "{db}"\n')
+        if pg is not None:
+            where = {"url": pg.url, "schema": "bench_" + name.replace("-", "_")}
+            config.write_text(f'[store]\nurl = "{pg.url}"\nschema = "{where["schema"]}"\n')
+        else:
+            config.write_text(f'[store]\npath = "{db}"\n')
         fill.migrate(config, REPO)
         if counts:
-            seconds = fill.fill(db, counts, tag=name)
+            if pg is not None:
+                seconds = fill.fill_postgres(pg.url, where["schema"], counts, tag=name)
+            else:
+                seconds = fill.fill(db, counts, tag=name)
             self.raw.setdefault("fills", {})[name] = {
                 "items": sum(counts.values()),
                 "seconds": round(seconds, 2),
             }
-        return db
+        return where if pg is not None else db
 
     @staticmethod
     def queue_counts(a2ad: Proc, ws_id: str) -> dict[str, int]:
@@ -465,14 +481,15 @@ class Bench:
 
     # -- 3. drain latency -------------------------------------------------------------
 
-    def drain_latency(self) -> None:
+    def drain_latency(self, pg: PgServer | None = None) -> None:
         """A one-slot agent that records when each request arrived and when its answer
         was written: the gap to the next arrival is how fast a freed slot is refilled."""
-        name = "drain latency"
+        name = "PostgreSQL drain latency" if pg else "drain latency"
+        key = "pg_drain" if pg else "drain"
         n = self.plan.drain_items
         recorder = self.procs.server("recorder")
-        db = self.store("drain", {"drain": n})
-        a2ad = self.procs.a2ad("drain", [workspace("drain", recorder.url)], store=db)
+        db = self.store(key.replace("_", "-"), {"drain": n}, pg)
+        a2ad = self.procs.a2ad(key, [workspace("drain", recorder.url)], store=db)
         try:
             deadline = time.monotonic() + 60 + n / 50
             while True:
@@ -489,7 +506,7 @@ class Bench:
         cycles = [(spans[k + 1][0] - spans[k][0]) * 1000 for k in range(len(spans) - 1)]
         p50 = _pct(gaps, 0.5)
         p99 = _pct(gaps, 0.99)
-        self.raw["drain"] = {
+        self.raw[key] = {
             "items": n,
             "delivered": len(spans),
             "busy_answers": busy,
@@ -516,15 +533,15 @@ class Bench:
 
     # -- 4. deep backlog ----------------------------------------------------------------
 
-    def deep_backlog(self) -> None:
-        """`backlog_items` queued before a2ad starts, for a fast agent with 16 slots."""
-        name = "deep backlog"
-        n = self.plan.backlog_items
+    def deep_backlog(self, pg: PgServer | None = None) -> None:
+        """`backlog_items` queued before a2ad starts, for a fast agent with 16 slots
+        (on PostgreSQL at most PG_BACKLOG_ITEMS, judged against the SQLite store)."""
+        name = "PostgreSQL deep backlog" if pg else "deep backlog"
+        key = "pg_backlog" if pg else "backlog"
+        n = min(self.plan.backlog_items, PG_BACKLOG_ITEMS) if pg else self.plan.backlog_items
         agent = self.procs.server("agent")
-        db = self.store("backlog", {"backlog": n})
-        a2ad = self.procs.a2ad(
-            "backlog", [workspace("backlog", agent.url, max_concurrent=16)], store=db
-        )
+        db = self.store(key.replace("_", "-"), {"backlog": n}, pg)
+        a2ad = self.procs.a2ad(key, [workspace("backlog", agent.url, max_concurrent=16)], store=db)
         in_flight: list[int] = []
         cpu_before = cpu_seconds(a2ad.pid)
         main_before = cpu_seconds(a2ad.pid, a2ad.pid)
@@ -551,10 +568,26 @@ class Bench:
             agent.stop()
         seconds = (stats["last"] or 0) - (stats["first"] or 0)
         rate = stats["served"] / seconds if seconds > 0 else None
+        if pg is not None:
+            self.raw[key] = {"items": n, "seconds": round(seconds, 3), "rate": rate}
+            sqlite_rate = self.raw.get("backlog", {}).get("rate")
+            note = f"a2ad CPU {cpu / seconds:.0%} of a core" if seconds > 0 else ""
+            self.rows.append(
+                ratio_row(
+                    name,
+                    f"delivered/s ({stats['served']:,} of {n:,})",
+                    rate,
+                    "items/s",
+                    "SQLite store",
+                    sqlite_rate,
+                    note=note,
+                )
+            )
+            return
         bare = self.raw.get("proxy", {}).get("c=50", {}).get("bare_proxy", {}).get("rps")
         if bare is None:  # the proxy scenario did not run: measure the reference here
             bare = self.loadgen(self.proxy.url, 50, "bare")["rps"]
-        self.raw["backlog"] = {
+        self.raw[key] = {
             "items": n,
             "delivered": stats["served"],
             "seconds": round(seconds, 3),
@@ -585,6 +618,59 @@ class Bench:
             notes.append(f"in flight: median {statistics.median(in_flight):g} of 16")
         row.note = "; ".join(n for n in notes if n)
         self.rows.append(row)
+
+    # -- 7. PostgreSQL ------------------------------------------------------------------
+
+    def postgres(self) -> None:
+        """The same a2ad on a PostgreSQL server of its own (fsync on), each figure against
+        its reference in this run: durable enqueue vs raw single-row INSERT transactions
+        on the same server, drain latency, and the backlog vs the SQLite store's."""
+        name = "PostgreSQL enqueue"
+        with PgServer(fsync=True) as pg:
+            raw_store = self.store("pg-raw", {}, pg)
+            assert isinstance(raw_store, dict)
+            out = subprocess.run(
+                [
+                    *(PYTHON, "-m", "bench.pg_raw", "--url", pg.url),
+                    *("--schema", raw_store["schema"], "-d", str(self.plan.raw_sqlite_seconds)),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            raw_pg = json.loads(out.stdout)
+            store = self.store("pg-enqueue", {}, pg)
+            a2ad = self.procs.a2ad("pg-enqueue", [workspace("busy", self.busy.url)], store=store)
+            try:
+                self.prime_busy(a2ad, "busy")
+                raw: dict[str, Any] = {"raw_insert": raw_pg}
+                for c in (1, 50):
+                    got = self.enqueue_load(f"{a2ad.url}/workspaces/busy/a2a", c, "pg", a2ad)
+                    raw[f"c={c}"] = got
+                    self.rows += [
+                        ratio_row(
+                            f"{name} c={c}",
+                            "FULL rate",
+                            got["rps"],
+                            "req/s",
+                            "raw INSERT, same server",
+                            raw_pg["rate"],
+                            at_least=1.0 if c >= 50 else None,
+                            note=f"p50 {got['p50_ms']:.1f} ms, p99 {got['p99_ms']:.1f} ms",
+                        ),
+                        Row(
+                            f"{name} c={c}",
+                            "CPU per 202",
+                            got["server_cpu_us_per_answer"],
+                            "µs",
+                        ),
+                    ]
+            finally:
+                a2ad.stop()
+            self.raw["pg_enqueue"] = raw
+            self.drain_latency(pg)
+            self.deep_backlog(pg)
 
     # -- 5. scale ------------------------------------------------------------------------
 

@@ -9,9 +9,12 @@ constraint) fails only its own caller: the batch runs again with each op in a
 savepoint, a cost paid only on that rare path. A lost connection fails the
 batch with StoreUnavailable and the next batch connects again.
 
-Every batch also sends a NOTIFY naming this store, so a daemon listening on
-the database learns of commits made by others (the queue CLI), as SQLite's
-`data_version` tells it.
+The writer connection's own default is `synchronous_commit = off`: a delivery's
+steps (claims, outcomes, leases) commit without waiting for the flush, and only
+a batch holding a durable write (a new item, an operator's change) sets it on,
+for that transaction. A store that does not own the database (the queue CLI)
+also sends a NOTIFY with each batch, so the daemon listening there learns of its
+commits, as SQLite's `data_version` tells it.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class PgWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._committing = False
+        self.announce = True  # NOTIFY with each batch (off for the owning daemon)
         self.closing = False
         self.last_error: str | None = None
         self.commits = 0
@@ -166,10 +170,11 @@ class PgWriter:
     ) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         async with conn.transaction():
-            if not durable:
-                # A delivery's steps need no flush to disk: a crash of the server
-                # can undo them (the item is delivered again), never a 202.
-                await conn.execute("SET LOCAL synchronous_commit = off")
+            if durable:
+                # A 202 waits for the flush; a delivery's steps need none (the
+                # connection's default): a server crash can undo them, and the
+                # item is delivered again, never lose an acknowledged one.
+                await conn.execute("SET LOCAL synchronous_commit = on")
             for op, _, _, _ in batch:
                 try:
                     if savepoints:
@@ -183,5 +188,6 @@ class PgWriter:
                     if not savepoints:
                         raise _Retry from exc
                     outcomes.append((False, exc))
-            await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self.instance))
+            if self.announce:
+                await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self.instance))
         return outcomes

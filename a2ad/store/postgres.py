@@ -110,10 +110,11 @@ class PostgresStore:
         timeout = int(self.statement_timeout * 1000)
         return f"-c search_path={self.schema} -c statement_timeout={timeout}"
 
-    async def _connect(self) -> Conn:
+    async def _connect(self, *, writer: bool = False) -> Conn:
+        options = self._options + (" -c synchronous_commit=off" if writer else "")
         try:
             return await psycopg.AsyncConnection.connect(
-                self.url, autocommit=True, options=self._options, connect_timeout=5
+                self.url, autocommit=True, options=options, connect_timeout=5
             )
         except psycopg.Error as exc:
             raise StoreUnavailable(
@@ -151,7 +152,7 @@ class PostgresStore:
         )
         await self._pool.open()
         self._writer = PgWriter(
-            self._connect,
+            lambda: self._connect(writer=True),
             synchronous=self.synchronous,
             depths=self.depths,
             channel=self.channel,
@@ -224,6 +225,8 @@ class PostgresStore:
                 "another store.schema"
             )
         self._lock_conn = conn
+        if self._writer is not None:
+            self._writer.announce = False  # its own commits need no telling
 
     @property
     def where(self) -> str:

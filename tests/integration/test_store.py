@@ -1098,3 +1098,25 @@ async def test_postgres_lost_and_back_fails_writes_clearly_then_reconnects() -> 
                     await asyncio.sleep(0.1)
             assert got is not None and got.state == "queued"
             assert (await s.counts())[WS]["queued"] == 2
+
+
+async def test_postgres_owner_hears_other_processes_commits_not_its_own(
+    pg_server: PgServer,
+) -> None:
+    """SQLite's data_version on PostgreSQL: the daemon's store (the owner) is told
+    by NOTIFY of each commit another process (the queue CLI) makes, not of its own."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    async with PostgresStore(pg_server.url, schema=schema) as daemon:
+        await daemon.migrate()
+        await daemon.take_ownership()
+        before = await daemon.data_version()
+        item = await put(daemon, T0)
+        await asyncio.sleep(0.3)
+        assert await daemon.data_version() == before
+        async with PostgresStore(pg_server.url, schema=schema) as cli:
+            assert await cli.cancel(item.id, now=T0 + 1)
+        for _ in range(50):
+            if await daemon.data_version() != before:
+                break
+            await asyncio.sleep(0.02)
+        assert await daemon.data_version() != before
