@@ -19,7 +19,6 @@ commits, as SQLite's `data_version` tells it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -27,7 +26,8 @@ from typing import Any, TypeVar
 import psycopg
 
 from ..errors import StoreUnavailable
-from .writer import Pending, hand_out
+from .depth import Depths
+from .writer import BatchLoop, Pending, hand_out
 
 log = logging.getLogger("a2ad.store")
 
@@ -45,85 +45,31 @@ class _Retry(Exception):
     """An op failed without savepoints: the batch runs again with them."""
 
 
-class PgWriter:
-    """The batch loop on the writer connection."""
+class PgWriter(BatchLoop):
+    """PostgreSQL's batch loop on the writer connection."""
 
     def __init__(
         self,
         connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]],
         *,
         synchronous: str,
-        depths: Any,
+        depths: Depths,
         channel: str,
         instance: str,
     ) -> None:
+        super().__init__(depths)
         self._connect = connect
         self.synchronous = synchronous
-        self.depths = depths
         self.channel = channel
         self.instance = instance
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._pending: list[Pending] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._committing = False
         self.announce = True  # NOTIFY with each batch (off for the owning daemon)
-        self.closing = False
-        self.last_error: str | None = None
-        self.commits = 0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="a2ad-store-writer")
+        self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def close(self) -> None:
-        self.closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        await super().close()
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
-
-    @property
-    def idle(self) -> bool:
-        """Nothing waits for the writer and no batch is being committed."""
-        return not self._pending and not self._committing
-
-    def submit(
-        self,
-        op: PgOp[Any],
-        *,
-        durable: bool = True,
-        if_cancelled: Callable[[Any], None] | None = None,
-    ) -> asyncio.Future[Any]:
-        """Run `op` in the next batch; the future of its outcome (of its value, for
-        an op that returns Counted)."""
-        if self.closing:
-            raise StoreUnavailable("the store is closed", retry_after=1)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future, durable, if_cancelled))
-        self._wake.set()
-        return future
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self._pending:
-                if self.closing:
-                    return
-                continue
-            batch, self._pending = self._pending, []
-            self._committing = True
-            try:
-                await self._commit(batch)
-            finally:
-                self._committing = False
-            if self._pending:
-                self._wake.set()
-            elif self.closing:
-                return
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:

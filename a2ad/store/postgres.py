@@ -32,11 +32,10 @@ from .models import (
     NewItem,
     Released,
     State,
-    answers_again,
 )
 from .pg_writer import PgOp, PgWriter, is_store_failure
 from .schema import Migration, bundled_migrations
-from .sql import place
+from .sql import place, released
 
 log = logging.getLogger("a2ad.store")
 
@@ -60,6 +59,32 @@ UPDATE items SET state = 'dispatching', claim_token = replace(gen_random_uuid():
     lease_until = %(lease)s, updated_at = %(now)s
 FROM picked WHERE items.seq = picked.seq
 RETURNING {", ".join("items." + c for c in ITEM_COLUMNS.split(", "))}"""
+
+# An enqueue in one statement: the item that already answers for this messageId (a
+# live one, or one delivered within the replay window: models.answers_again), or
+# else the new row. The partial unique index over live items settles a race with
+# another writer: nothing is inserted, and the statement is run again.
+ENQUEUE = f"""WITH found AS (
+    SELECT {ITEM_COLUMNS} FROM items
+    WHERE %(message_id)s::text IS NOT NULL AND workspace = %(workspace)s
+      AND caller = %(caller)s AND message_id = %(message_id)s
+    ORDER BY ({LIVE}) DESC, seq DESC LIMIT 1),
+answering AS (
+    SELECT * FROM found WHERE {LIVE}
+       OR (state = 'delivered' AND %(now)s - finished_at <= %(window)s)),
+inserted AS (
+    INSERT INTO items (id, workspace, caller, method, body, headers, message_id, context_id,
+                       request_id, priority, ttl_seconds, expires_at, busy_answers,
+                       enqueued_at, updated_at)
+    SELECT %(id)s, %(workspace)s, %(caller)s, %(method)s, %(body)s, %(headers)s,
+           %(message_id)s, %(context_id)s, %(request_id)s, %(priority)s, %(ttl_seconds)s,
+           %(expires_at)s, %(busy_answers)s, %(now)s, %(now)s
+    WHERE NOT EXISTS (SELECT 1 FROM answering)
+    ON CONFLICT (workspace, caller, message_id) WHERE message_id IS NOT NULL AND {LIVE}
+    DO NOTHING
+    RETURNING seq)
+SELECT (SELECT seq FROM inserted), answering.* FROM (SELECT 1) AS one
+LEFT JOIN answering ON true"""
 
 RELEASE_DISPATCHING = """
 UPDATE items
@@ -354,56 +379,37 @@ class PostgresStore:
     def submit_enqueue(
         self, new: NewItem, *, now: float, replay_window: float
     ) -> asyncio.Future[Enqueued]:
-        async def existing(conn: Conn) -> Item | None:
-            row = await (
-                await conn.execute(
-                    f"SELECT {ITEM_COLUMNS} FROM items"
-                    " WHERE workspace = %s AND caller = %s AND message_id = %s"
-                    f" ORDER BY ({LIVE}) DESC, seq DESC LIMIT 1",
-                    (new.workspace, new.caller, new.message_id),
-                )
-            ).fetchone()
-            return Item.from_row(row) if row is not None else None
+        values = {
+            "id": new.id,
+            "workspace": new.workspace,
+            "caller": new.caller,
+            "method": new.method,
+            "body": new.body,
+            "headers": json.dumps(new.headers),
+            "message_id": new.message_id,
+            "context_id": new.context_id,
+            "request_id": new.request_id,
+            "priority": new.priority,
+            "ttl_seconds": new.ttl_seconds,
+            "expires_at": new.expires_at,
+            "busy_answers": new.busy_answers,
+            "now": now,
+            "window": replay_window,
+        }
 
         async def op(conn: Conn) -> Counted[Enqueued]:
-            if new.message_id is not None:
-                found = await existing(conn)
-                if found is not None and answers_again(
-                    found.state, found.finished_at, now=now, replay_window=replay_window
-                ):
-                    return Counted(Enqueued(found, created=False))
-            row = await (
-                await conn.execute(
-                    "INSERT INTO items (id, workspace, caller, method, body, headers, message_id,"
-                    " context_id, request_id, priority, ttl_seconds, expires_at, busy_answers,"
-                    " enqueued_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                    " %s, %s, %s, %s, %s) ON CONFLICT (workspace, caller, message_id)"
-                    f" WHERE message_id IS NOT NULL AND {LIVE} DO NOTHING RETURNING seq",
-                    (
-                        new.id,
-                        new.workspace,
-                        new.caller,
-                        new.method,
-                        new.body,
-                        json.dumps(new.headers),
-                        new.message_id,
-                        new.context_id,
-                        new.request_id,
-                        new.priority,
-                        new.ttl_seconds,
-                        new.expires_at,
-                        new.busy_answers,
-                        now,
-                        now,
-                    ),
-                )
-            ).fetchone()
-            if row is None:  # another writer made the live item meanwhile
-                found = await existing(conn)
-                assert found is not None
-                return Counted(Enqueued(found, created=False))
-            move = Move(new.workspace, new.id, new.priority, None, "queued", now)
-            return Counted(Enqueued(Item.stored(new, row[0], now), True), (move,), then=place)
+            # One round trip: the replay look-up and the insert in one statement;
+            # again when another writer's live item came between the two.
+            while True:
+                row = await (await conn.execute(ENQUEUE, values)).fetchone()
+                assert row is not None
+                seq, found = row[0], row[1:]
+                if seq is not None:
+                    move = Move(new.workspace, new.id, new.priority, None, "queued", now)
+                    created = Enqueued(Item.stored(new, seq, now), True)
+                    return Counted(created, (move,), then=place)
+                if found[0] is not None:
+                    return Counted(Enqueued(Item.from_row(found), created=False))
 
         return self._submit(op)
 
@@ -570,7 +576,7 @@ class PostgresStore:
             for item_id, token in claims.items():
                 cur = await conn.execute(statement, {**params, "id": item_id, "token": token})
                 rows += await cur.fetchall()
-            return _released(rows, "dispatching", now)
+            return released(rows, "dispatching", now)
 
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
 
@@ -579,7 +585,7 @@ class PostgresStore:
 
         async def op(conn: Conn) -> Counted[list[Released]]:
             rows = await (await conn.execute(statement, params)).fetchall()
-            return _released(rows, "dispatching", params["now"])
+            return released(rows, "dispatching", params["now"])
 
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
 
@@ -595,7 +601,7 @@ class PostgresStore:
                     {"now": now},
                 )
             ).fetchall()
-            return _released(rows, "queued", now)
+            return released(rows, "queued", now)
 
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
 
@@ -863,14 +869,6 @@ def _claim_order(now: float, promote_after: float) -> Callable[[Item], tuple[int
         return (-level, item.seq)
 
     return key
-
-
-def _released(rows: Iterable[Any], old: State, now: float) -> Counted[list[Released]]:
-    released, moves = [], []
-    for item_id, workspace, state, priority in rows:
-        released.append(Released(item_id, workspace, state))
-        moves.append(Move(workspace, item_id, priority, old, state, now))
-    return Counted(released, moves)
 
 
 async def live_snapshot(conn: Conn) -> Snapshot:

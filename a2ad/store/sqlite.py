@@ -110,7 +110,7 @@ class Store(Reads):
         """`_write` without the coroutine: the future of `op`'s outcome."""
         if self._writer is None or self._writer.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
-        return self._writer.submit(op, durable=durable)  # type: ignore[arg-type]
+        return self._writer.submit(op, durable=durable)
 
     async def probe_write(self, now: float) -> None:
         """One small real write: succeeds once the store can write again."""
@@ -212,7 +212,7 @@ class Store(Reads):
 
         if self._writer is None or self._writer.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
-        return self._writer.submit(op, durable=False, if_cancelled=if_cancelled)  # type: ignore[arg-type]
+        return self._writer.submit(op, durable=False, if_cancelled=if_cancelled)
 
     async def claim(
         self,

@@ -100,23 +100,13 @@ async def on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any
 Pending = tuple[Callable[[Any], Any], "asyncio.Future[Any]", bool, Callable[[Any], None] | None]
 
 
-class Writer:
-    """The batch loop on the writer connection."""
+class BatchLoop:
+    """What both stores' writers share: ops queue up while a batch commits, and the
+    next batch takes all of them. `_commit` is the store's own."""
 
-    def __init__(
-        self,
-        conn: aiosqlite.Connection,
-        synchronous: str,
-        depths: Depths,
-        live_snapshot: Callable[[sqlite3.Connection], Snapshot],
-    ) -> None:
-        self._conn = conn
-        self.synchronous = synchronous
+    def __init__(self, depths: Depths) -> None:
         self.depths = depths
-        self._live_snapshot = live_snapshot
-        self._seen_version: int | None = None  # PRAGMA data_version at the last commit
         self._pending: list[Pending] = []
-        self._level: str | None = synchronous  # the connection's synchronous, if known
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._committing = False
@@ -142,22 +132,22 @@ class Writer:
 
     def submit(
         self,
-        op: Op[T],
+        op: Callable[[Any], Any],
         *,
         durable: bool = True,
-        if_cancelled: Callable[[T], None] | None = None,
-    ) -> asyncio.Future[T]:
-        """Run `op` in the next batch; the future of its outcome. A durable write
-        (a new item, an operator's change) is committed at the configured
-        `synchronous`; the rest, a delivery's steps (claims, leases, outcomes,
-        expiry), need no fsync: a power cut can only undo a suffix of commits
-        (the WAL is written in order and every durable commit syncs all before
-        it), so it can undo a delivery's steps, and the item is delivered
+        if_cancelled: Callable[[Any], None] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Run `op` in the next batch; the future of its outcome (its value, for an
+        op that returns Counted). A durable write (a new item, an operator's
+        change) is committed at the configured `synchronous`; the rest, a
+        delivery's steps (claims, leases, outcomes, expiry), need no flush to
+        disk: a power cut (or a database server's crash) can only undo a suffix
+        of commits, so it can undo a delivery's steps, and the item is delivered
         again, but never an acknowledged item. A process crash loses none of
         them either way."""
         if self.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future, durable, if_cancelled))
         self._wake.set()
         return future
@@ -180,6 +170,27 @@ class Writer:
                 self._wake.set()
             elif self.closing:
                 return
+
+    async def _commit(self, batch: list[Pending]) -> None:
+        raise NotImplementedError
+
+
+class Writer(BatchLoop):
+    """SQLite's batch loop on the writer connection."""
+
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        synchronous: str,
+        depths: Depths,
+        live_snapshot: Callable[[sqlite3.Connection], Snapshot],
+    ) -> None:
+        super().__init__(depths)
+        self._conn = conn
+        self.synchronous = synchronous
+        self._live_snapshot = live_snapshot
+        self._seen_version: int | None = None  # PRAGMA data_version at the last commit
+        self._level: str | None = synchronous  # the connection's synchronous, if known
 
     def _resync(self, conn: sqlite3.Connection) -> Counted[int]:
         """The first op of each batch: the live items read again when another

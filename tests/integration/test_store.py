@@ -1120,3 +1120,18 @@ async def test_postgres_owner_hears_other_processes_commits_not_its_own(
                 break
             await asyncio.sleep(0.02)
         assert await daemon.data_version() != before
+
+
+async def test_two_writers_enqueue_one_message_id_once(store_pair: tuple[Store, Store]) -> None:
+    """Two processes' writers receive the same messageId at once: one item, and every
+    send is answered with it (the database's unique index over live items decides)."""
+    a, b = store_pair
+    for round_ in range(5):
+        sends = [
+            s.enqueue(new(message_id=f"same-{round_}"), now=T0, replay_window=REPLAY)
+            for s in (a, b, a, b, a, b)
+        ]
+        results = await asyncio.gather(*sends)
+        assert sum(r.created for r in results) == 1, round_
+        assert len({r.item.id for r in results}) == 1, round_
+    assert await a.counts() == {WS: {"queued": 5}}
