@@ -27,6 +27,7 @@ import psycopg
 
 from ..errors import StoreUnavailable
 from .depth import Depths
+from .pg_enqueue import Enqueue, enqueue_many
 from .writer import BatchLoop, Pending, hand_out
 
 log = logging.getLogger("a2ad.store")
@@ -114,26 +115,37 @@ class PgWriter(BatchLoop):
         *,
         savepoints: bool,
     ) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
+        outcomes: list[tuple[bool, Any]] = [(False, None)] * len(batch)
+        # Without savepoints, a batch's sends go in one statement, where the last
+        # of them stands in the batch (ops before it do not see them, ops after
+        # it see them all, so the moves apply in order).
+        sends = [] if savepoints else [i for i, p in enumerate(batch) if isinstance(p[0], Enqueue)]
         async with conn.transaction():
             if durable:
                 # A 202 waits for the flush; a delivery's steps need none (the
                 # connection's default): a server crash can undo them, and the
                 # item is delivered again, never lose an acknowledged one.
                 await conn.execute("SET LOCAL synchronous_commit = on")
-            for op, _, _, _ in batch:
+            for index, (op, _, _, _) in enumerate(batch):
+                if sends and index in sends[:-1]:
+                    continue
                 try:
-                    if savepoints:
+                    if sends and index == sends[-1]:
+                        group = [batch[i][0] for i in sends]
+                        answers = await enqueue_many(conn, group)  # type: ignore[arg-type]
+                        for i, answer in zip(sends, answers, strict=True):
+                            outcomes[i] = (True, answer)
+                    elif savepoints:
                         async with conn.transaction():
-                            outcomes.append((True, await op(conn)))
+                            outcomes[index] = (True, await op(conn))
                     else:
-                        outcomes.append((True, await op(conn)))
+                        outcomes[index] = (True, await op(conn))
                 except Exception as exc:
                     if is_store_failure(exc):
                         raise
                     if not savepoints:
                         raise _Retry from exc
-                    outcomes.append((False, exc))
+                    outcomes[index] = (False, exc)
             if self.announce:
                 await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self.instance))
         return outcomes

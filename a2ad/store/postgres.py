@@ -33,16 +33,16 @@ from .models import (
     Released,
     State,
 )
+from .pg_enqueue import LIVE, Enqueue
 from .pg_writer import PgOp, PgWriter, is_store_failure
 from .schema import Migration, bundled_migrations
-from .sql import place, released
+from .sql import released
 
 log = logging.getLogger("a2ad.store")
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
 
-LIVE = "state IN ('queued', 'dispatching')"
 # Promotion moves an item up one level per full promote_after_seconds waited.
 _HEAD = """h{p} AS (SELECT seq, enqueued_at, {level} AS level FROM items
     WHERE workspace = %(workspace)s AND state = 'queued' AND priority = {p}
@@ -59,32 +59,6 @@ UPDATE items SET state = 'dispatching', claim_token = replace(gen_random_uuid():
     lease_until = %(lease)s, updated_at = %(now)s
 FROM picked WHERE items.seq = picked.seq
 RETURNING {", ".join("items." + c for c in ITEM_COLUMNS.split(", "))}"""
-
-# An enqueue in one statement: the item that already answers for this messageId (a
-# live one, or one delivered within the replay window: models.answers_again), or
-# else the new row. The partial unique index over live items settles a race with
-# another writer: nothing is inserted, and the statement is run again.
-ENQUEUE = f"""WITH found AS (
-    SELECT {ITEM_COLUMNS} FROM items
-    WHERE %(message_id)s::text IS NOT NULL AND workspace = %(workspace)s
-      AND caller = %(caller)s AND message_id = %(message_id)s
-    ORDER BY ({LIVE}) DESC, seq DESC LIMIT 1),
-answering AS (
-    SELECT * FROM found WHERE {LIVE}
-       OR (state = 'delivered' AND %(now)s - finished_at <= %(window)s)),
-inserted AS (
-    INSERT INTO items (id, workspace, caller, method, body, headers, message_id, context_id,
-                       request_id, priority, ttl_seconds, expires_at, busy_answers,
-                       enqueued_at, updated_at)
-    SELECT %(id)s, %(workspace)s, %(caller)s, %(method)s, %(body)s, %(headers)s,
-           %(message_id)s, %(context_id)s, %(request_id)s, %(priority)s, %(ttl_seconds)s,
-           %(expires_at)s, %(busy_answers)s, %(now)s, %(now)s
-    WHERE NOT EXISTS (SELECT 1 FROM answering)
-    ON CONFLICT (workspace, caller, message_id) WHERE message_id IS NOT NULL AND {LIVE}
-    DO NOTHING
-    RETURNING seq)
-SELECT (SELECT seq FROM inserted), answering.* FROM (SELECT 1) AS one
-LEFT JOIN answering ON true"""
 
 RELEASE_DISPATCHING = """
 UPDATE items
@@ -379,39 +353,7 @@ class PostgresStore:
     def submit_enqueue(
         self, new: NewItem, *, now: float, replay_window: float
     ) -> asyncio.Future[Enqueued]:
-        values = {
-            "id": new.id,
-            "workspace": new.workspace,
-            "caller": new.caller,
-            "method": new.method,
-            "body": new.body,
-            "headers": json.dumps(new.headers),
-            "message_id": new.message_id,
-            "context_id": new.context_id,
-            "request_id": new.request_id,
-            "priority": new.priority,
-            "ttl_seconds": new.ttl_seconds,
-            "expires_at": new.expires_at,
-            "busy_answers": new.busy_answers,
-            "now": now,
-            "window": replay_window,
-        }
-
-        async def op(conn: Conn) -> Counted[Enqueued]:
-            # One round trip: the replay look-up and the insert in one statement;
-            # again when another writer's live item came between the two.
-            while True:
-                row = await (await conn.execute(ENQUEUE, values)).fetchone()
-                assert row is not None
-                seq, found = row[0], row[1:]
-                if seq is not None:
-                    move = Move(new.workspace, new.id, new.priority, None, "queued", now)
-                    created = Enqueued(Item.stored(new, seq, now), True)
-                    return Counted(created, (move,), then=place)
-                if found[0] is not None:
-                    return Counted(Enqueued(Item.from_row(found), created=False))
-
-        return self._submit(op)
+        return self._submit(Enqueue(new, now, replay_window))
 
     def submit_claim(
         self,

@@ -1,0 +1,138 @@
+"""Enqueues on PostgreSQL: one send's in one statement, and all the sends of one
+batch in one statement, so a burst of 202s costs one round trip, not one each.
+
+Each answers a send with the item that already answers for its messageId (a live
+one, or one delivered within the replay window: models.answers_again), or else
+with the new row. The partial unique index over live items settles a race with
+another writer (or a second send of the messageId in the same batch): nothing
+is inserted for it, and that send's statement runs again on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+
+from .depth import Counted, Move
+from .models import ITEM_COLUMNS, Enqueued, Item, NewItem
+from .sql import place
+
+LIVE = "state IN ('queued', 'dispatching')"
+_COLUMNS = ITEM_COLUMNS.split(", ")
+_NEW = (
+    "id, workspace, caller, method, body, headers, message_id, context_id, request_id,"
+    " priority, ttl_seconds, expires_at, busy_answers"
+)
+# The columns' types, for the arrays a batch's sends arrive in.
+_TYPES = [*["text"] * 4, "bytea", *["text"] * 4, "int", "float8", "float8", "int"]
+_ANSWERING = f"{LIVE} OR (state = 'delivered' AND %(now)s - finished_at <= %(window)s)"
+_CONFLICT = f"ON CONFLICT (workspace, caller, message_id) WHERE message_id IS NOT NULL AND {LIVE}"
+
+ENQUEUE_ONE = f"""WITH found AS (
+    SELECT {ITEM_COLUMNS} FROM items
+    WHERE %(message_id)s::text IS NOT NULL AND workspace = %(workspace)s
+      AND caller = %(caller)s AND message_id = %(message_id)s
+    ORDER BY ({LIVE}) DESC, seq DESC LIMIT 1),
+answering AS (SELECT * FROM found WHERE {_ANSWERING}),
+inserted AS (
+    INSERT INTO items ({_NEW}, enqueued_at, updated_at)
+    SELECT {", ".join(f"%({c})s" for c in _NEW.split(", "))}, %(now)s, %(now)s
+    WHERE NOT EXISTS (SELECT 1 FROM answering)
+    {_CONFLICT} DO NOTHING
+    RETURNING seq)
+SELECT (SELECT seq FROM inserted), answering.* FROM (SELECT 1) AS one
+LEFT JOIN answering ON true"""
+
+_MANY_NEW = _NEW + ", now"
+_UNNEST = ", ".join(
+    f"%({c})s::{t}[]" for c, t in zip(_MANY_NEW.split(", "), [*_TYPES, "float8"], strict=True)
+)
+ENQUEUE_MANY = f"""WITH input AS (
+    SELECT * FROM unnest({_UNNEST}) WITH ORDINALITY AS i({_MANY_NEW}, ord)),
+found AS (
+    SELECT DISTINCT ON (i.ord) i.ord, i.now AS at, {", ".join("f." + c for c in _COLUMNS)}
+    FROM input i JOIN items f ON i.message_id IS NOT NULL AND f.workspace = i.workspace
+        AND f.caller = i.caller AND f.message_id = i.message_id
+    ORDER BY i.ord, (f.state IN ('queued', 'dispatching')) DESC, f.seq DESC),
+answering AS (
+    SELECT * FROM found
+    WHERE {LIVE} OR (state = 'delivered' AND at - finished_at <= %(window)s)),
+inserted AS (
+    INSERT INTO items ({_NEW}, enqueued_at, updated_at)
+    SELECT {", ".join("i." + c for c in _NEW.split(", "))}, i.now, i.now FROM input i
+    WHERE NOT EXISTS (SELECT 1 FROM answering a WHERE a.ord = i.ord)
+    ORDER BY i.ord
+    {_CONFLICT} DO NOTHING
+    RETURNING id, seq)
+SELECT ins.seq, {", ".join("a." + c for c in _COLUMNS)}
+FROM input i LEFT JOIN inserted ins ON ins.id = i.id LEFT JOIN answering a ON a.ord = i.ord
+ORDER BY i.ord"""
+
+
+class Enqueue:
+    """The op of one send; the writer runs a batch's Enqueue ops together (`many`)."""
+
+    __slots__ = ("new", "now", "window")
+
+    def __init__(self, new: NewItem, now: float, window: float) -> None:
+        self.new, self.now, self.window = new, now, window
+
+    def values(self) -> dict[str, Any]:
+        new = self.new
+        return {
+            "id": new.id,
+            "workspace": new.workspace,
+            "caller": new.caller,
+            "method": new.method,
+            "body": new.body,
+            "headers": json.dumps(new.headers),
+            "message_id": new.message_id,
+            "context_id": new.context_id,
+            "request_id": new.request_id,
+            "priority": new.priority,
+            "ttl_seconds": new.ttl_seconds,
+            "expires_at": new.expires_at,
+            "busy_answers": new.busy_answers,
+            "now": self.now,
+            "window": self.window,
+        }
+
+    def answer(self, row: Any) -> Counted[Enqueued] | None:
+        """What a row of either statement says: the new item, the one that answers
+        for its messageId, or None (a conflict: run again)."""
+        seq, found = row[0], row[1:]
+        if seq is not None:
+            new = self.new
+            move = Move(new.workspace, new.id, new.priority, None, "queued", self.now)
+            return Counted(Enqueued(Item.stored(new, seq, self.now), True), (move,), then=place)
+        if found[0] is not None:
+            return Counted(Enqueued(Item.from_row(found), created=False))
+        return None
+
+    async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> Counted[Enqueued]:
+        while True:
+            row = await (await conn.execute(ENQUEUE_ONE, self.values())).fetchone()
+            answer = self.answer(row)
+            if answer is not None:
+                return answer
+
+
+async def enqueue_many(
+    conn: psycopg.AsyncConnection[Any], ops: list[Enqueue]
+) -> list[Counted[Enqueued]]:
+    """Every send of a batch in one statement (the replay window is a setting: the
+    same for all of them)."""
+    columns: dict[str, list[Any]] = {c: [] for c in _MANY_NEW.split(", ")}
+    for op in ops:
+        for key, value in op.values().items():
+            if key in columns:
+                columns[key].append(value)
+    params = {**columns, "window": ops[0].window}
+    rows = await (await conn.execute(ENQUEUE_MANY, params)).fetchall()
+    answers = []
+    for op, row in zip(ops, rows, strict=True):
+        answer = op.answer(row)
+        answers.append(answer if answer is not None else await op(conn))
+    return answers
