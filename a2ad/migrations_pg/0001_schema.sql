@@ -32,9 +32,9 @@ CREATE TABLE items (
     finished_at      double precision
 );
 
--- Claims read the head of each priority level of a workspace; recounts read live rows.
-CREATE INDEX items_live ON items (workspace, priority, seq)
-    WHERE state IN ('queued', 'dispatching');
+-- Claims read the head of each priority level of a workspace: queued rows only, so
+-- a claimed or delivered row leaves the index a claim walks (recounts read it too).
+CREATE INDEX items_queued ON items (workspace, priority, seq) WHERE state = 'queued';
 -- Idempotency: at most one live item per (workspace, caller, messageId).
 CREATE UNIQUE INDEX items_live_message ON items (workspace, caller, message_id)
     WHERE message_id IS NOT NULL AND state IN ('queued', 'dispatching');

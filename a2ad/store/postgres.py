@@ -814,19 +814,23 @@ def _claim_order(now: float, promote_after: float) -> Callable[[Item], tuple[int
 
 
 async def live_snapshot(conn: Conn) -> Snapshot:
-    """Every workspace's live items, as one transaction sees them."""
+    """Every workspace's live items, as one transaction sees them: each state by its
+    own partial index (queued, and dispatching by the lease index), never a scan of
+    the final rows retention keeps."""
     queued: dict[str, dict[int, int]] = {}
     dispatching: dict[str, int] = {}
     waiting: dict[str, dict[str, float]] = {}
     counted = await conn.execute(
-        f"SELECT workspace, state, priority, COUNT(*) FROM items WHERE {LIVE}"
-        " GROUP BY state, workspace, priority"
+        "SELECT workspace, priority, COUNT(*) FROM items WHERE state = 'queued'"
+        " GROUP BY workspace, priority"
     )
-    for workspace, state, priority, n in await counted.fetchall():
-        if state == "queued":
-            queued.setdefault(workspace, {})[priority] = n
-        else:
-            dispatching[workspace] = dispatching.get(workspace, 0) + n
+    for workspace, priority, n in await counted.fetchall():
+        queued.setdefault(workspace, {})[priority] = n
+    running = await conn.execute(
+        "SELECT workspace, COUNT(*) FROM items WHERE state = 'dispatching' GROUP BY workspace"
+    )
+    for workspace, n in await running.fetchall():
+        dispatching[workspace] = n
     backoff = await conn.execute(
         "SELECT workspace, id, not_before FROM items WHERE state = 'queued' AND not_before > 0"
     )
