@@ -33,7 +33,7 @@ from .models import (
     Released,
     State,
 )
-from .pg_enqueue import LIVE, Enqueue
+from .pg_enqueue import Enqueue
 from .pg_writer import PgOp, PgWriter, is_store_failure
 from .schema import Migration, bundled_migrations
 from .sql import released
