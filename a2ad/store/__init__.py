@@ -5,7 +5,7 @@ sees them, `depth` the queue's counts that change in commit order. For
 SQLite, `writer` is the group commit, `sqlite` the store and its writes,
 `reads` its reads, `sql` its busiest statements, `schema` its connections and
 migrations, `lock` the single-owner lock; for PostgreSQL (the optional extra),
-`postgres` and `pg_writer`. Nothing outside this package writes SQL or imports
+`postgres`, `pg_writer`, `pg_reads` and `pg_sql`. Nothing outside this package writes SQL or imports
 a driver.
 """
 

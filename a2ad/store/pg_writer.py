@@ -27,7 +27,7 @@ import psycopg
 
 from ..errors import StoreUnavailable
 from .depth import Depths
-from .pg_enqueue import Enqueue, enqueue_many
+from .pg_sql import Enqueue, enqueue_many
 from .writer import BatchLoop, Pending, hand_out
 
 log = logging.getLogger("a2ad.store")

@@ -1,11 +1,7 @@
-"""The PostgreSQL store: the same operations as the SQLite store, on psycopg 3.
-
-One writer connection runs the group commit (pg_writer.py); reads come from a
-small pool; one more connection listens for other processes' commits and holds
-the owner's advisory lock. Tables live in a schema of a2ad's own
-(`store.schema`). Installed with `pip install 'a2ad[postgres]'`; nothing else in
-a2ad imports psycopg.
-"""
+"""The PostgreSQL store: the SQLite store's operations, on psycopg 3 (the extra
+`a2ad[postgres]`). One connection writes (group commit: pg_writer.py), a pool
+reads (pg_reads.py), one listens for other processes' commits, and one holds the
+owner's advisory lock. Tables live in a schema of a2ad's own (`store.schema`)."""
 
 from __future__ import annotations
 
@@ -14,7 +10,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 import psycopg
@@ -26,56 +22,28 @@ from .depth import Counted, Depths, Move, Snapshot
 from .lock import StoreLocked
 from .models import (
     FINAL_STATES,
-    ITEM_COLUMNS,
     Enqueued,
     Item,
     NewItem,
     Released,
     State,
 )
-from .pg_enqueue import Enqueue
-from .pg_writer import PgOp, PgWriter, is_store_failure
+from .pg_reads import Conn, PgReads, live_snapshot
+from .pg_sql import CLAIM, RELEASE_DISPATCHING, Enqueue, claim_order
+from .pg_writer import PgOp, PgWriter
 from .schema import Migration, bundled_migrations
 from .sql import released
 
 log = logging.getLogger("a2ad.store")
 
 T = TypeVar("T")
-Conn = psycopg.AsyncConnection[Any]
-
-# Promotion moves an item up one level per full promote_after_seconds waited.
-_HEAD = """h{p} AS (SELECT seq, enqueued_at, {level} AS level FROM items
-    WHERE workspace = %(workspace)s AND state = 'queued' AND priority = {p}
-      AND not_before <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
-    ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"""
-# Each priority's oldest `limit` due items (locked, skipping any another claimer
-# holds), ordered by the level they have risen to by waiting, then age.
-CLAIM = f"""WITH {", ".join(_HEAD.format(p=p, level=lv) for p, lv in ((100, 2), (50, 1), (10, 0)))},
-picked AS (
-    SELECT seq FROM (SELECT * FROM h100 UNION ALL SELECT * FROM h50 UNION ALL SELECT * FROM h10) h
-    ORDER BY LEAST(2, level + floor((%(now)s - enqueued_at) / %(promote)s)) DESC, seq
-    LIMIT %(limit)s)
-UPDATE items SET state = 'dispatching', claim_token = replace(gen_random_uuid()::text, '-', ''),
-    lease_until = %(lease)s, updated_at = %(now)s
-FROM picked WHERE items.seq = picked.seq
-RETURNING {", ".join("items." + c for c in ITEM_COLUMNS.split(", "))}"""
-
-RELEASE_DISPATCHING = """
-UPDATE items
-SET attempts = attempts + 1,
-    state = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'queued' END,
-    finished_at = CASE WHEN attempts + 1 >= %(max_attempts)s THEN %(now)s END,
-    last_error = %(reason)s, claim_token = NULL, lease_until = NULL, updated_at = %(now)s
-WHERE state = 'dispatching' {condition}
-RETURNING id, workspace, state, priority
-"""
 
 
 def _lock_key(purpose: str, schema: str) -> str:
     return f"a2ad:{purpose}:{schema}"
 
 
-class PostgresStore:
+class PostgresStore(PgReads):
     """The PostgreSQL store. `open()` it, `migrate()` it, use it, `close()` it."""
 
     def __init__(
@@ -242,25 +210,6 @@ class PostgresStore:
     async def _write(self, op: PgOp[Any], *, durable: bool = True) -> Any:
         return await self._submit(op, durable=durable)
 
-    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        pool = self._pool
-        assert pool is not None, "store is not open"
-        try:
-            async with pool.connection() as conn:
-                return await fn(conn)
-        except (psycopg.Error, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError) or is_store_failure(exc):
-                raise StoreUnavailable(
-                    f"the store cannot be read: {str(exc).strip()}", retry_after=1
-                ) from exc
-            raise
-
-    async def _rows(self, statement: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
-        async def read(conn: Conn) -> list[Any]:
-            return await (await conn.execute(statement, params)).fetchall()
-
-        return await self._read(read)
-
     async def probe_write(self, now: float) -> None:
         async def op(conn: Conn) -> None:
             await conn.execute(
@@ -271,40 +220,7 @@ class PostgresStore:
 
         await self._write(op)
 
-    async def server(self) -> tuple[str, bool]:
-        """The server's version, and whether this role can write a2ad's schema there
-        (not a standby, and allowed to create in the schema or the database)."""
-
-        async def read(conn: Conn) -> tuple[str, bool]:
-            row = await (
-                await conn.execute(
-                    "SELECT current_setting('server_version'), NOT pg_is_in_recovery() AND"
-                    " (CASE WHEN to_regnamespace(%s) IS NULL"
-                    "  THEN has_database_privilege(current_database(), 'CREATE')"
-                    "  ELSE has_schema_privilege(%s, 'CREATE') END)",
-                    (self.schema, self.schema),
-                )
-            ).fetchone()
-            assert row is not None
-            return str(row[0]), bool(row[1])
-
-        return await self._read(read)
-
     # -- migrations --------------------------------------------------------------
-
-    async def schema_version(self) -> int:
-        async def read(conn: Conn) -> int:
-            found = await (
-                await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
-            ).fetchone()
-            if not found or not found[0]:
-                return 0
-            row = await (
-                await conn.execute("SELECT MAX(version) FROM schema_migrations")
-            ).fetchone()
-            return int(row[0] or 0) if row else 0
-
-        return await self._read(read)
 
     async def migrate(self, migrations: Iterable[Migration] | None = None) -> list[Migration]:
         """Apply the migrations the database has not seen, each in its own
@@ -376,7 +292,7 @@ class PostgresStore:
         async def op(conn: Conn) -> Counted[list[Item]]:
             rows = await (await conn.execute(CLAIM, params)).fetchall()
             items = sorted(
-                (Item.from_row(row) for row in rows), key=_claim_order(now, promote_after)
+                (Item.from_row(row) for row in rows), key=claim_order(now, promote_after)
             )
             moves = [Move(workspace, i.id, i.priority, "queued", "dispatching", now) for i in items]
             return Counted(items, moves)
@@ -678,162 +594,6 @@ class PostgresStore:
 
         return await self._write(op)  # type: ignore[no-any-return]
 
-    async def load_workspaces(self) -> list[dict[str, Any]]:
-        rows = await self._rows("SELECT config FROM workspaces ORDER BY id")
-        return [json.loads(row[0]) for row in rows]
-
     async def data_version(self) -> int:
         """Changes when another process commits to the store (heard by LISTEN)."""
         return self._changes
-
-    # -- reads -----------------------------------------------------------------
-
-    async def get(self, item_id: str) -> Item | None:
-        rows = await self._rows(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = %s", (item_id,))
-        return Item.from_row(rows[0]) if rows else None
-
-    async def find_message(self, workspace: str, caller: str, message_id: str) -> Item | None:
-        rows = await self._rows(
-            f"SELECT {ITEM_COLUMNS} FROM items WHERE workspace = %s AND caller = %s"
-            " AND message_id = %s ORDER BY seq DESC LIMIT 1",
-            (workspace, caller, message_id),
-        )
-        return Item.from_row(rows[0]) if rows else None
-
-    async def last_delivered(self, workspaces: Iterable[str]) -> dict[str, float]:
-        names = list(workspaces)
-        rows = await self._rows(
-            "SELECT w, (SELECT MAX(finished_at) FROM items WHERE workspace = w"
-            " AND state = 'delivered') FROM unnest(%s::text[]) AS w",
-            (names,),
-        )
-        return {w: float(at) for w, at in rows if at is not None}
-
-    async def agent_context(self, context_id: str, caller: str, workspace: str) -> str | None:
-        rows = await self._rows(
-            "SELECT agent_context_id FROM items WHERE context_id = %s AND caller = %s"
-            " AND workspace = %s AND agent_context_id IS NOT NULL ORDER BY seq DESC LIMIT 1",
-            (context_id, caller, workspace),
-        )
-        return str(rows[0][0]) if rows else None
-
-    async def list_items(
-        self,
-        *,
-        workspace: str | None = None,
-        state: str | None = None,
-        limit: int = 100,
-        after: int = 0,
-        newest_first: bool = False,
-    ) -> list[Item]:
-        clauses, params = ["seq > %s"], [after]
-        if workspace is not None:
-            clauses.append("workspace = %s")
-            params.append(workspace)  # type: ignore[arg-type]
-        if state is not None:
-            clauses.append("state = %s")
-            params.append(state)  # type: ignore[arg-type]
-        order = "seq DESC" if newest_first else "seq"
-        rows = await self._rows(
-            f"SELECT {ITEM_COLUMNS} FROM items WHERE {' AND '.join(clauses)}"
-            f" ORDER BY {order} LIMIT %s",
-            (*params, limit),
-        )
-        return [Item.from_row(r) for r in rows]
-
-    async def caller_items(
-        self,
-        workspace: str,
-        caller: str,
-        *,
-        context_id: str | None = None,
-        states: Sequence[str] | None = None,
-        updated_from: float | None = None,
-        before: tuple[float, int] | None = None,
-        limit: int | None = None,
-    ) -> tuple[list[Item], int]:
-        clauses = ["workspace = %s", "caller = %s"]
-        params: list[Any] = [workspace, caller]
-        if context_id is not None:
-            clauses.append("COALESCE(context_id, agent_context_id) = %s")
-            params.append(context_id)
-        if states is not None:
-            clauses.append("state = ANY(%s)")
-            params.append(list(states))
-        if updated_from is not None:
-            clauses.append("updated_at >= %s")
-            params.append(updated_from)
-        where = " AND ".join(clauses)
-        page_where, page_params = where, list(params)
-        if before is not None:
-            page_where += " AND (updated_at, seq) < (%s, %s)"
-            page_params.extend(before)
-        page_params.append(limit)
-
-        async def read(conn: Conn) -> tuple[list[Item], int]:
-            rows = await (
-                await conn.execute(
-                    f"SELECT {ITEM_COLUMNS} FROM items WHERE {page_where}"
-                    " ORDER BY updated_at DESC, seq DESC LIMIT %s",
-                    page_params,
-                )
-            ).fetchall()
-            total = await (
-                await conn.execute(f"SELECT COUNT(*) FROM items WHERE {where}", params)
-            ).fetchone()
-            return [Item.from_row(r) for r in rows], int(total[0]) if total else 0
-
-        return await self._read(read)
-
-    async def counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for ws, state, n in await self._rows(
-            "SELECT workspace, state, COUNT(*) FROM items GROUP BY workspace, state"
-        ):
-            out.setdefault(ws, {})[state] = n
-        return out
-
-    async def next_due(self, workspace: str, *, now: float) -> float | None:
-        rows = await self._rows(
-            "SELECT MIN(not_before) FROM items"
-            " WHERE workspace = %s AND state = 'queued' AND not_before > %s",
-            (workspace, now),
-        )
-        return float(rows[0][0]) if rows and rows[0][0] is not None else None
-
-
-def _claim_order(now: float, promote_after: float) -> Callable[[Item], tuple[int, int]]:
-    """The claim's order, again in Python: RETURNING keeps none."""
-    levels = {100: 2, 50: 1, 10: 0}
-
-    def key(item: Item) -> tuple[int, int]:
-        level = min(2, levels[item.priority] + int((now - item.enqueued_at) // promote_after))
-        return (-level, item.seq)
-
-    return key
-
-
-async def live_snapshot(conn: Conn) -> Snapshot:
-    """Every workspace's live items, as one transaction sees them: each state by its
-    own partial index (queued, and dispatching by the lease index), never a scan of
-    the final rows retention keeps."""
-    queued: dict[str, dict[int, int]] = {}
-    dispatching: dict[str, int] = {}
-    waiting: dict[str, dict[str, float]] = {}
-    counted = await conn.execute(
-        "SELECT workspace, priority, COUNT(*) FROM items WHERE state = 'queued'"
-        " GROUP BY workspace, priority"
-    )
-    for workspace, priority, n in await counted.fetchall():
-        queued.setdefault(workspace, {})[priority] = n
-    running = await conn.execute(
-        "SELECT workspace, COUNT(*) FROM items WHERE state = 'dispatching' GROUP BY workspace"
-    )
-    for workspace, n in await running.fetchall():
-        dispatching[workspace] = n
-    backoff = await conn.execute(
-        "SELECT workspace, id, not_before FROM items WHERE state = 'queued' AND not_before > 0"
-    )
-    for workspace, item_id, not_before in await backoff.fetchall():
-        waiting.setdefault(workspace, {})[item_id] = not_before
-    return Snapshot(None, queued, dispatching, waiting)

@@ -1,5 +1,7 @@
-"""Enqueues on PostgreSQL: one send's in one statement, and all the sends of one
-batch in one statement, so a burst of 202s costs one round trip, not one each.
+"""The PostgreSQL store's busiest statements: claims, releases and enqueues.
+
+Enqueues: one send's in one statement, and all the sends of one batch in one
+statement, so a burst of 202s costs one round trip, not one each.
 
 Each answers a send with the item that already answers for its messageId (a live
 one, or one delivered within the replay window: models.answers_again), or else
@@ -11,6 +13,7 @@ is inserted for it, and that send's statement runs again on its own.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -21,6 +24,34 @@ from .sql import place
 
 LIVE = "state IN ('queued', 'dispatching')"
 _COLUMNS = ITEM_COLUMNS.split(", ")
+
+# Promotion moves an item up one level per full promote_after_seconds waited.
+_HEAD = """h{p} AS (SELECT seq, enqueued_at, {level} AS level FROM items
+    WHERE workspace = %(workspace)s AND state = 'queued' AND priority = {p}
+      AND not_before <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
+    ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"""
+# Each priority's oldest `limit` due items (locked, skipping any another claimer
+# holds), ordered by the level they have risen to by waiting, then age.
+CLAIM = f"""WITH {", ".join(_HEAD.format(p=p, level=lv) for p, lv in ((100, 2), (50, 1), (10, 0)))},
+picked AS (
+    SELECT seq FROM (SELECT * FROM h100 UNION ALL SELECT * FROM h50 UNION ALL SELECT * FROM h10) h
+    ORDER BY LEAST(2, level + floor((%(now)s - enqueued_at) / %(promote)s)) DESC, seq
+    LIMIT %(limit)s)
+UPDATE items SET state = 'dispatching', claim_token = replace(gen_random_uuid()::text, '-', ''),
+    lease_until = %(lease)s, updated_at = %(now)s
+FROM picked WHERE items.seq = picked.seq
+RETURNING {", ".join("items." + c for c in _COLUMNS)}"""
+
+RELEASE_DISPATCHING = """
+UPDATE items
+SET attempts = attempts + 1,
+    state = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN attempts + 1 >= %(max_attempts)s THEN %(now)s END,
+    last_error = %(reason)s, claim_token = NULL, lease_until = NULL, updated_at = %(now)s
+WHERE state = 'dispatching' {condition}
+RETURNING id, workspace, state, priority
+"""
+
 _NEW = (
     "id, workspace, caller, method, body, headers, message_id, context_id, request_id,"
     " priority, ttl_seconds, expires_at, busy_answers"
@@ -136,3 +167,14 @@ async def enqueue_many(
         answer = op.answer(row)
         answers.append(answer if answer is not None else await op(conn))
     return answers
+
+
+def claim_order(now: float, promote_after: float) -> Callable[[Item], tuple[int, int]]:
+    """The claim's order, again in Python: RETURNING keeps none."""
+    levels = {100: 2, 50: 1, 10: 0}
+
+    def key(item: Item) -> tuple[int, int]:
+        level = min(2, levels[item.priority] + int((now - item.enqueued_at) // promote_after))
+        return (-level, item.seq)
+
+    return key
