@@ -68,11 +68,12 @@ soak: install
 	A2AD_FUZZ_EXPLORE=$${A2AD_FUZZ_EXPLORE:-10} $(BIN)/python -m pytest -q -p no:cacheprovider \
 		tests/integration/test_fuzz.py tests/integration/test_admission_invariants.py
 
-## wheelhouse: a2ad and every runtime dependency as wheels in dist/wheelhouse/, for
-## machines without network: pip install --no-index --find-links dist/wheelhouse a2ad
+## wheelhouse: a2ad and every runtime dependency as wheels in dist/wheelhouse/ (the
+## PostgreSQL extra's too), for machines without network:
+## pip install --no-index --find-links dist/wheelhouse a2ad   (or 'a2ad[postgres]')
 wheelhouse: install
 	rm -rf dist/wheelhouse
-	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --wheel-dir dist/wheelhouse .
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --wheel-dir dist/wheelhouse '.[postgres]'
 
 lint: install
 	$(BIN)/ruff check a2ad tests bench

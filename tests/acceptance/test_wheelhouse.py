@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pgserver import PgServer
+
 if TYPE_CHECKING:
     from conftest import Launcher
 
@@ -59,13 +61,25 @@ def offline_env() -> dict[str, str]:
     return env
 
 
-def test_install_from_wheelhouse_without_an_index(tmp_path: Path, launcher: Launcher) -> None:
+def test_install_from_wheelhouse_without_an_index(
+    tmp_path: Path, launcher: Launcher, pg_server: PgServer
+) -> None:
     source = tmp_path / "src"
     shutil.copytree(REPO_ROOT, source, ignore=NOT_SOURCE)
     wheelhouse = tmp_path / "wheelhouse"
     # As `make wheelhouse` does, with this interpreter (the project's venv).
     run(
-        [sys.executable, "-m", "pip", "wheel", *QUIET, "--wheel-dir", str(wheelhouse), str(source)],
+        # With the PostgreSQL extra, as `make wheelhouse` builds it.
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            *QUIET,
+            "--wheel-dir",
+            str(wheelhouse),
+            f"{source}[postgres]",
+        ],
         env=dict(os.environ),
         cwd=tmp_path,
         timeout=PIP_TIMEOUT,
@@ -111,3 +125,27 @@ def test_install_from_wheelhouse_without_an_index(tmp_path: Path, launcher: Laun
     )
     # Exit 0 (run() asserts it) means the config, the store and the agent all passed.
     assert "schema" in checked and agent.url in checked, checked
+
+    # The PostgreSQL extra from the same wheelhouse, against a real server.
+    run(
+        [str(python), "-m", "pip", "install", *QUIET, *wheelhouse_only, "a2ad[postgres]"],
+        env=env,
+        cwd=tmp_path,
+        timeout=PIP_TIMEOUT,
+    )
+    pg_config = launcher.config(
+        name="pg.toml",
+        store={"url": pg_server.url, "schema": "wheelhouse"},
+        workspaces=[{"id": "demo", "url": agent.url, "heartbeat": False}],
+    )
+    migrated = run(
+        [*cli, "migrate", "--config", str(pg_config.path)],
+        env=env,
+        cwd=tmp_path,
+        timeout=RUN_TIMEOUT,
+    )
+    assert "applied 0001 schema" in migrated, migrated
+    checked = run(
+        [*cli, "check", "--config", str(pg_config.path)], env=env, cwd=tmp_path, timeout=RUN_TIMEOUT
+    )
+    assert "PostgreSQL" in checked and "writable" in checked, checked
