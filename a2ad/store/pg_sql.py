@@ -27,11 +27,16 @@ _COLUMNS = ITEM_COLUMNS.split(", ")
 
 # Promotion moves an item up one level per full promote_after_seconds waited.
 _HEAD = """h{p} AS (SELECT seq, enqueued_at, {level} AS level FROM items
-    WHERE workspace = %(workspace)s AND state = 'queued' AND priority = {p}
+    WHERE workspace = %(workspace)s AND state = 'queued' AND priority BETWEEN {p} AND {p}
       AND not_before <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
-    ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"""
+    ORDER BY priority, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"""
 # Each priority's oldest `limit` due items (locked, skipping any another claimer
-# holds), ordered by the level they have risen to by waiting, then age.
+# holds), ordered by the level they have risen to by waiting, then age. `priority
+# BETWEEN p AND p` and `ORDER BY priority, seq` keep each head on the index of
+# queued rows: with `priority = p` the planner may walk the primary key in seq
+# order instead and step over every row already claimed or delivered at its head
+# (while the table's statistics still say they are queued), a cost that grows
+# with the drain.
 CLAIM = f"""WITH {", ".join(_HEAD.format(p=p, level=lv) for p, lv in ((100, 2), (50, 1), (10, 0)))},
 picked AS (
     SELECT seq FROM (SELECT * FROM h100 UNION ALL SELECT * FROM h50 UNION ALL SELECT * FROM h10) h
