@@ -25,6 +25,8 @@ from starlette.applications import Starlette
 
 from a2ad.clock import ManualClock
 
+BOTH_STORES = True  # the same behaviour on SQLite and PostgreSQL
+
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
 V1 = {"A2A-Version": "1.0"}

@@ -16,6 +16,8 @@ from fakes import A2ad, FakeAgent
 
 from a2ad.clock import ManualClock
 
+BOTH_STORES = True  # the same behaviour on SQLite and PostgreSQL
+
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
 AUTH = {

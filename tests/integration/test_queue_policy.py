@@ -21,6 +21,8 @@ from fakes import A2ad, FakeAgent, jsonrpc_task
 
 from a2ad.clock import ManualClock
 
+BOTH_STORES = True  # the same behaviour on SQLite and PostgreSQL
+
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
 T = TypeVar("T")
@@ -917,6 +919,7 @@ def file_stats(path: Path) -> dict[str, int]:
     }
 
 
+@pytest.mark.sqlite_only  # measures the SQLite file itself
 async def test_retention_deletes_old_final_items_and_the_file_stays_bounded(
     agent_factory: AgentFactory, a2ad_factory: A2adFactory, tmp_path: Path
 ) -> None:

@@ -14,6 +14,8 @@ from fakes import A2ad, FakeAgent, jsonrpc_task, wait_until
 
 from a2ad.clock import ManualClock
 
+BOTH_STORES = True  # the same behaviour on SQLite and PostgreSQL
+
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
 V1 = {"A2A-Version": "1.0"}
