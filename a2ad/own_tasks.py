@@ -61,9 +61,9 @@ def held_answer(item: Item, rpc: a2a.RpcRequest, protocol: a2a.Protocol) -> web.
     the FAILED or CANCELED Task, also when the agent's answer was not an A2A
     result (an HTML error page), never a bare `null`."""
     if item.state == "delivered":
-        answer = a2a.read_answer(stored_result(item))
-        if answer.kind in ("message", "error"):
-            return replay(item, rpc)
+        stored = stored_result(item)
+        if a2a.read_answer(stored).kind in ("message", "error"):
+            return json_response({**stored, "id": rpc.id})  # under this request's id
     task = item_task(item, protocol)
     return json_response(a2a.rpc_result(rpc.id, a2a.send_result(task, protocol)))
 
@@ -140,14 +140,6 @@ async def final_event(daemon: Daemon, item: Item) -> dict[str, Any] | None:
     if task.get("metadata"):
         event["metadata"] = task["metadata"]
     return event
-
-
-def replay(item: Item, rpc: a2a.RpcRequest) -> web.Response:
-    """The stored answer of a delivered item (a JSON-RPC response), under the new
-    request's id."""
-    stored = stored_result(item)
-    assert isinstance(stored, dict)
-    return json_response({**stored, "id": rpc.id})
 
 
 async def find_item(daemon: Daemon, ws: Workspace, item_id: str, caller: str) -> Item | None:

@@ -55,6 +55,25 @@ class NewItem:
     busy_answers: int = 0  # the agent already said busy on the direct path
     id: str = field(default_factory=new_queue_id)
 
+    def row(self, now: float) -> dict[str, Any]:
+        """The values either store inserts for it (headers as JSON), by column name."""
+        return {
+            "id": self.id,
+            "workspace": self.workspace,
+            "caller": self.caller,
+            "method": self.method,
+            "body": self.body,
+            "headers": json.dumps(self.headers),
+            "message_id": self.message_id,
+            "context_id": self.context_id,
+            "request_id": self.request_id,
+            "priority": self.priority,
+            "ttl_seconds": self.ttl_seconds,
+            "expires_at": self.expires_at,
+            "busy_answers": self.busy_answers,
+            "now": now,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Item:

@@ -13,6 +13,7 @@ from ..errors import StoreUnavailable
 from .depth import Snapshot
 from .models import ITEM_COLUMNS, Item
 from .pg_writer import is_store_failure
+from .sql import caller_query
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
@@ -144,34 +145,26 @@ class PgReads:
         before: tuple[float, int] | None = None,
         limit: int | None = None,
     ) -> tuple[list[Item], int]:
-        clauses = ["workspace = %s", "caller = %s"]
-        params: list[Any] = [workspace, caller]
-        if context_id is not None:
-            clauses.append("COALESCE(context_id, agent_context_id) = %s")
-            params.append(context_id)
-        if states is not None:
-            clauses.append("state = ANY(%s)")
-            params.append(list(states))
-        if updated_from is not None:
-            clauses.append("updated_at >= %s")
-            params.append(updated_from)
-        where = " AND ".join(clauses)
-        page_where, page_params = where, list(params)
-        if before is not None:
-            page_where += " AND (updated_at, seq) < (%s, %s)"
-            page_params.extend(before)
-        page_params.append(limit)
+        q = caller_query(
+            "%s",
+            workspace,
+            caller,
+            context_id=context_id,
+            states=states,
+            updated_from=updated_from,
+            before=before,
+        )
 
         async def read(conn: Conn) -> tuple[list[Item], int]:
             rows = await (
                 await conn.execute(
-                    f"SELECT {ITEM_COLUMNS} FROM items WHERE {page_where}"
+                    f"SELECT {ITEM_COLUMNS} FROM items WHERE {q.page_where}"
                     " ORDER BY updated_at DESC, seq DESC LIMIT %s",
-                    page_params,
+                    [*q.page_params, limit],
                 )
             ).fetchall()
             total = await (
-                await conn.execute(f"SELECT COUNT(*) FROM items WHERE {where}", params)
+                await conn.execute(f"SELECT COUNT(*) FROM items WHERE {q.where}", q.params)
             ).fetchone()
             return [Item.from_row(r) for r in rows], int(total[0]) if total else 0
 

@@ -12,8 +12,6 @@ is inserted for it, and that send's statement runs again on its own.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -38,14 +36,18 @@ _HEAD = """h{p} AS (SELECT seq, enqueued_at, {level} AS level FROM items
 # (while the table's statistics still say they are queued), a cost that grows
 # with the drain.
 CLAIM = f"""WITH {", ".join(_HEAD.format(p=p, level=lv) for p, lv in ((100, 2), (50, 1), (10, 0)))},
-picked AS (
-    SELECT seq FROM (SELECT * FROM h100 UNION ALL SELECT * FROM h50 UNION ALL SELECT * FROM h10) h
-    ORDER BY LEAST(2, level + floor((%(now)s - enqueued_at) / %(promote)s)) DESC, seq
-    LIMIT %(limit)s)
-UPDATE items SET state = 'dispatching', claim_token = replace(gen_random_uuid()::text, '-', ''),
-    lease_until = %(lease)s, updated_at = %(now)s
-FROM picked WHERE items.seq = picked.seq
-RETURNING {", ".join("items." + c for c in _COLUMNS)}"""
+heads AS (
+    SELECT seq, row_number() OVER (
+        ORDER BY LEAST(2, level + floor((%(now)s - enqueued_at) / %(promote)s)) DESC, seq
+    ) AS place
+    FROM (SELECT * FROM h100 UNION ALL SELECT * FROM h50 UNION ALL SELECT * FROM h10) h),
+claimed AS (
+    UPDATE items SET state = 'dispatching',
+        claim_token = replace(gen_random_uuid()::text, '-', ''),
+        lease_until = %(lease)s, updated_at = %(now)s
+    FROM heads WHERE items.seq = heads.seq AND heads.place <= %(limit)s
+    RETURNING heads.place, {", ".join("items." + c for c in _COLUMNS)})
+SELECT {ITEM_COLUMNS} FROM claimed ORDER BY place"""
 
 RELEASE_DISPATCHING = """
 UPDATE items
@@ -116,24 +118,7 @@ class Enqueue:
         self.new, self.now, self.window = new, now, window
 
     def values(self) -> dict[str, Any]:
-        new = self.new
-        return {
-            "id": new.id,
-            "workspace": new.workspace,
-            "caller": new.caller,
-            "method": new.method,
-            "body": new.body,
-            "headers": json.dumps(new.headers),
-            "message_id": new.message_id,
-            "context_id": new.context_id,
-            "request_id": new.request_id,
-            "priority": new.priority,
-            "ttl_seconds": new.ttl_seconds,
-            "expires_at": new.expires_at,
-            "busy_answers": new.busy_answers,
-            "now": self.now,
-            "window": self.window,
-        }
+        return {**self.new.row(self.now), "window": self.window}
 
     def answer(self, row: Any) -> Counted[Enqueued] | None:
         """What a row of either statement says: the new item, the one that answers
@@ -172,14 +157,3 @@ async def enqueue_many(
         answer = op.answer(row)
         answers.append(answer if answer is not None else await op(conn))
     return answers
-
-
-def claim_order(now: float, promote_after: float) -> Callable[[Item], tuple[int, int]]:
-    """The claim's order, again in Python: RETURNING keeps none."""
-    levels = {100: 2, 50: 1, 10: 0}
-
-    def key(item: Item) -> tuple[int, int]:
-        level = min(2, levels[item.priority] + int((now - item.enqueued_at) // promote_after))
-        return (-level, item.seq)
-
-    return key

@@ -120,6 +120,9 @@ class PgWriter(BatchLoop):
         # of them stands in the batch (ops before it do not see them, ops after
         # it see them all, so the moves apply in order).
         sends = [] if savepoints else [i for i, p in enumerate(batch) if isinstance(p[0], Enqueue)]
+        last_send = sends[-1] if sends else -1
+        deferred = set(sends[:-1])
+        group: list[Enqueue] = [batch[i][0] for i in sends]  # type: ignore[misc]
         async with conn.transaction():
             if durable:
                 # A 202 waits for the flush; a delivery's steps need none (the
@@ -127,12 +130,11 @@ class PgWriter(BatchLoop):
                 # item is delivered again, never lose an acknowledged one.
                 await conn.execute("SET LOCAL synchronous_commit = on")
             for index, (op, _, _, _) in enumerate(batch):
-                if sends and index in sends[:-1]:
+                if index in deferred:
                     continue
                 try:
-                    if sends and index == sends[-1]:
-                        group = [batch[i][0] for i in sends]
-                        answers = await enqueue_many(conn, group)  # type: ignore[arg-type]
+                    if index == last_send:
+                        answers = await enqueue_many(conn, group)
                         for i, answer in zip(sends, answers, strict=True):
                             outcomes[i] = (True, answer)
                     elif savepoints:

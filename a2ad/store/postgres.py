@@ -29,7 +29,7 @@ from .models import (
     State,
 )
 from .pg_reads import Conn, PgReads, live_snapshot
-from .pg_sql import CLAIM, RELEASE_DISPATCHING, Enqueue, claim_order
+from .pg_sql import CLAIM, RELEASE_DISPATCHING, Enqueue
 from .pg_writer import PgOp, PgWriter
 from .schema import Migration, bundled_migrations
 from .sql import released
@@ -291,9 +291,7 @@ class PostgresStore(PgReads):
 
         async def op(conn: Conn) -> Counted[list[Item]]:
             rows = await (await conn.execute(CLAIM, params)).fetchall()
-            items = sorted(
-                (Item.from_row(row) for row in rows), key=claim_order(now, promote_after)
-            )
+            items = [Item.from_row(row) for row in rows]  # best first
             moves = [Move(workspace, i.id, i.priority, "queued", "dispatching", now) for i in items]
             return Counted(items, moves)
 

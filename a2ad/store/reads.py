@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiosqlite
 
 from ..errors import StoreUnavailable
 from .models import ITEM_COLUMNS, Item
+from .sql import caller_query
 from .writer import is_store_failure, on_thread
 
 T = TypeVar("T")
@@ -131,32 +132,24 @@ class Reads:
         item first among equals), those after the cursor `before` = (updated_at, seq)
         up to `limit`; and how many match leaving the cursor and limit aside. Read
         in the items_caller index: never a scan of other callers' or workspaces' items."""
-        clauses = ["workspace = ?", "caller = ?"]
-        params: list[Any] = [workspace, caller]
-        if context_id is not None:
-            # The context id the caller sees: its own, or the agent's when it gave none.
-            clauses.append("COALESCE(context_id, agent_context_id) = ?")
-            params.append(context_id)
-        if states is not None:
-            clauses.append(f"state IN ({', '.join('?' for _ in states)})")
-            params.extend(states)
-        if updated_from is not None:
-            clauses.append("updated_at >= ?")
-            params.append(updated_from)
-        where = " AND ".join(clauses)
-        page_where, page_params = where, list(params)
-        if before is not None:
-            page_where += " AND (updated_at, seq) < (?, ?)"
-            page_params.extend(before)
+        q = caller_query(
+            "?",
+            workspace,
+            caller,
+            context_id=context_id,
+            states=states,
+            updated_from=updated_from,
+            before=before,
+        )
         sql = (
-            f"SELECT {ITEM_COLUMNS} FROM items WHERE {page_where}"
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE {q.page_where}"
             " ORDER BY updated_at DESC, seq DESC LIMIT ?"
         )
-        page_params.append(-1 if limit is None else limit)
+        page_params = [*q.page_params, -1 if limit is None else limit]
 
         def read(conn: sqlite3.Connection) -> tuple[list[Item], int]:
             rows = conn.execute(sql, page_params).fetchall()
-            total = conn.execute(f"SELECT COUNT(*) FROM items WHERE {where}", params).fetchone()
+            total = conn.execute(f"SELECT COUNT(*) FROM items WHERE {q.where}", q.params).fetchone()
             return [Item.from_row(r) for r in rows], int(total[0])
 
         return await self._read(read)

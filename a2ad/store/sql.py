@@ -1,10 +1,12 @@
-"""The SQL of the SQLite store's busiest statements, and what their rows become."""
+"""The SQL of the SQLite store's busiest statements, and what their rows become;
+with the helpers both stores use (an item's place in line, released rows, the
+ListTasks query)."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .depth import Counted, Depths, Move, Snapshot
@@ -98,3 +100,45 @@ def live_snapshot(conn: sqlite3.Connection) -> Snapshot:
     ):
         waiting.setdefault(workspace, {})[item_id] = not_before
     return Snapshot(None, queued, dispatching, waiting)
+
+
+@dataclass(frozen=True, slots=True)
+class CallerQuery:
+    """One caller's items of a workspace for ListTasks: the filter (for the count)
+    and the page's filter (after the cursor), with their params, in the store's
+    placeholder."""
+
+    where: str
+    params: list[Any]
+    page_where: str
+    page_params: list[Any]
+
+
+def caller_query(
+    mark: str,
+    workspace: str,
+    caller: str,
+    *,
+    context_id: str | None,
+    states: Sequence[str] | None,
+    updated_from: float | None,
+    before: tuple[float, int] | None,
+) -> CallerQuery:
+    clauses = [f"workspace = {mark}", f"caller = {mark}"]
+    params: list[Any] = [workspace, caller]
+    if context_id is not None:
+        # The context id the caller sees: its own, or the agent's when it gave none.
+        clauses.append(f"COALESCE(context_id, agent_context_id) = {mark}")
+        params.append(context_id)
+    if states is not None:
+        clauses.append(f"state IN ({', '.join(mark for _ in states)})")
+        params.extend(states)
+    if updated_from is not None:
+        clauses.append(f"updated_at >= {mark}")
+        params.append(updated_from)
+    where = " AND ".join(clauses)
+    page_where, page_params = where, list(params)
+    if before is not None:
+        page_where += f" AND (updated_at, seq) < ({mark}, {mark})"
+        page_params.extend(before)
+    return CallerQuery(where, params, page_where, page_params)

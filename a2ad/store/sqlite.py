@@ -161,22 +161,7 @@ class Store(Reads):
                     row["state"], row["finished_at"], now=now, replay_window=replay_window
                 ):
                     return Counted(Enqueued(Item.from_row(row), created=False))
-            values = {
-                "id": new.id,
-                "workspace": new.workspace,
-                "caller": new.caller,
-                "method": new.method,
-                "body": new.body,
-                "headers": json.dumps(new.headers),
-                "message_id": new.message_id,
-                "context_id": new.context_id,
-                "request_id": new.request_id,
-                "priority": new.priority,
-                "ttl_seconds": new.ttl_seconds,
-                "expires_at": new.expires_at,
-                "busy_answers": new.busy_answers,
-                "now": now,
-            }
+            values = new.row(now)
             seq = conn.execute(sql.INSERT, values).lastrowid
             assert seq is not None
             move = Move(new.workspace, new.id, new.priority, None, "queued", now)
