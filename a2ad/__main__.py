@@ -149,6 +149,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         store = open_store(settings.store)
         await store.open()
         try:
+            # PostgreSQL: the owner's advisory lock, as serve holds it (SQLite's
+            # file lock is taken above).
+            await store.take_ownership()
             applied = await store.migrate()
         finally:
             await store.close()
@@ -156,6 +159,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     try:
         applied = asyncio.run(run())
+    except StoreLocked as exc:
+        raise CliError(f"cannot migrate (is a2ad serve running on this store?): {exc}") from None
     except StoreUnavailable as exc:
         raise CliError(f"cannot migrate: {exc.message}", code=1) from None
     finally:

@@ -61,6 +61,10 @@ def test_serve_on_postgres_after_migrate_queues_and_delivers_in_order(
     assert refused.returncode == 2, refused.stderr
     lines = refused.stderr.strip().splitlines()
     assert "held by another a2ad" in lines[-1], refused.stderr
+    # And migrate refuses while serve runs, as on SQLite.
+    refused = launcher.run("migrate", "--config", str(config.path), timeout=30)
+    assert refused.returncode == 2, refused.stderr
+    assert "is a2ad serve running" in refused.stderr.strip().splitlines()[-1], refused.stderr
 
     # The queue CLI reads the server while the daemon runs.
     listed = launcher.run("queue", "ls", "--config", str(config.path), "--json")
