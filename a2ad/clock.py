@@ -4,13 +4,17 @@ Two readings: `now()` is wall time, for what is stored and compared across
 restarts (enqueue, expiry, not-before, finished times); `monotonic()` is for
 deadlines that live only in this process (claim leases), which a step of the
 system clock must not move.
+
+On PostgreSQL the wall time is the database server's: the daemon measures how
+far the server's clock is from this host's and `follow()`s it, so stored times
+agree whichever host wrote them, even when a host's clock is off by minutes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 
@@ -21,8 +25,27 @@ class Cancellable(Protocol):
 class Clock:
     """Real time. Every part of a2ad asks this object, never `time` directly."""
 
+    server_offset = 0.0  # the store's clock minus this host's
+
     def now(self) -> float:
+        return self.host_now() + self.server_offset
+
+    def host_now(self) -> float:
+        """This host's wall clock, whatever the store's says."""
         return time.time()
+
+    async def follow(self, store_time: Callable[[], Awaitable[float | None]]) -> float:
+        """Keep wall time on the store's clock (`store_time()`: its reading, None
+        when the store has no clock but this host's); the offset found, in seconds.
+        The reading is taken to be halfway through its round trip, and a change
+        smaller than that round trip's noise is not followed."""
+        sent = self.host_now()
+        reading = await store_time()
+        back = self.host_now()
+        offset = 0.0 if reading is None else reading - (sent + back) / 2
+        if abs(offset - self.server_offset) > max(0.05, back - sent):
+            self.server_offset = offset
+        return self.server_offset
 
     def monotonic(self) -> float:
         return time.monotonic()

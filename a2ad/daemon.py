@@ -31,6 +31,7 @@ from .workspaces import Registry, Workspace
 log = logging.getLogger("a2ad")
 
 HOUSEKEEPING_SECONDS = 1.0
+CLOCK_CHECK_SECONDS = 60.0  # how often the store's clock is measured again
 # Not stored with a run-time workspace: a path, and agent credentials, which only
 # the config file gives (PUT /workspaces/{id} refuses them).
 RUNTIME_EXCLUDED = frozenset({"token_file", "agent_token", "agent_token_file", "agent_headers"})
@@ -79,6 +80,7 @@ class Daemon:
         self._loops: list[asyncio.Task[None]] = []
         self._owns_lock = False
         self._data_version: int | None = None
+        self._clock_checked = 0.0  # monotonic time of the last _follow_store_clock
         self.loops_running = False
 
     async def start(self) -> None:
@@ -96,6 +98,7 @@ class Daemon:
             else:
                 for migration in await self.store.migrate():
                     log.info("store migrated to version %d (%s)", migration.version, migration.name)
+            await self._follow_store_clock()
         except BaseException:
             await self.store.close()
             raise
@@ -232,7 +235,22 @@ class Daemon:
             except Exception:
                 log.exception("%s failed; continuing", job.__name__.strip("_"))
 
+    async def _follow_store_clock(self) -> None:
+        """Stored times are on the store's clock (PostgreSQL's: every host that
+        writes there agrees on it); say so when this host's is off by a second."""
+        before = self.clock.server_offset
+        offset = await self.clock.follow(self.store.server_time)
+        if abs(offset) >= 1.0 and abs(offset - before) >= 1.0:
+            log.warning(
+                "this host's clock is %.1f s %s the store's; stored times follow the store's",
+                abs(offset),
+                "behind" if offset > 0 else "ahead of",
+            )
+        self._clock_checked = self.clock.monotonic()
+
     async def _housekeeping(self) -> None:
+        if self.clock.monotonic() - self._clock_checked >= CLOCK_CHECK_SECONDS:
+            await self._follow_store_clock()
         now = self.clock.now()
         if self.store.last_write_error is not None:
             # An idle a2ad writes nothing, so it looks by itself whether the

@@ -9,11 +9,11 @@ import asyncio
 import json
 import os
 import re
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .a2a import timestamp
+from .clock import Clock
 from .results import item_view
 from .settings import Settings
 from .store import FINAL_STATES, STATES, Item, QueueStore, migrations_for, open_store
@@ -110,6 +110,13 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
+async def _now(store: QueueStore) -> float:
+    """Wall time on the store's clock, as the daemon keeps it (clock.py)."""
+    clock = Clock()
+    await clock.follow(store.server_time)
+    return clock.now()
+
+
 async def _ls(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
     items = await store.list_items(workspace=args.workspace, state=args.state, limit=args.limit)
     if args.json:
@@ -118,7 +125,7 @@ async def _ls(store: QueueStore, args: argparse.Namespace, settings: Settings) -
     if not items:
         print("no items")
         return 0
-    now = time.time()
+    now = await _now(store)
     rows = [
         (
             i.id,
@@ -158,7 +165,7 @@ async def _show(store: QueueStore, args: argparse.Namespace, settings: Settings)
 
 
 async def _retry(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
-    now, max_age = time.time(), settings.queue.max_age_seconds
+    now, max_age = await _now(store), settings.queue.max_age_seconds
     if args.failed:
         if not args.workspace:
             raise QueueCliError("--failed needs --workspace")
@@ -181,7 +188,7 @@ async def _retry(store: QueueStore, args: argparse.Namespace, settings: Settings
 
 
 async def _purge(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
-    before = time.time() - args.older_than
+    before = await _now(store) - args.older_than
     count = await store.purge(state=args.state, before=before, workspace=args.workspace)
     if args.json:
         _print_json({"state": args.state, "deleted": count})

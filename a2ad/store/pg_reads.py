@@ -28,15 +28,23 @@ class PgReads:
     async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         pool = self._pool
         assert pool is not None, "store is not open"
-        try:
-            async with pool.connection() as conn:
-                return await fn(conn)
-        except (psycopg.Error, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError) or is_store_failure(exc):
+        for attempt in (1, 2):
+            conn: Conn | None = None
+            try:
+                async with pool.connection() as conn:
+                    return await fn(conn)
+            except (psycopg.Error, TimeoutError) as exc:
+                if not (isinstance(exc, TimeoutError) or is_store_failure(exc)):
+                    raise
+                if attempt == 1 and conn is not None and conn.broken:
+                    # A connection left idle over a server restart: the pool drops
+                    # the others like it, and a read can simply run again.
+                    await pool.check()
+                    continue
                 raise StoreUnavailable(
                     f"the store cannot be read: {str(exc).strip()}", retry_after=1
                 ) from exc
-            raise
+        raise AssertionError("unreachable")
 
     async def _rows(self, statement: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         async def read(conn: Conn) -> list[Any]:
@@ -60,6 +68,17 @@ class PgReads:
             ).fetchone()
             assert row is not None
             return str(row[0]), bool(row[1])
+
+        return await self._read(read)
+
+    async def server_time(self) -> float | None:
+        """The server's wall clock (clock.py keeps stored times on it)."""
+
+        async def read(conn: Conn) -> float:
+            cursor = await conn.execute("SELECT extract(epoch FROM clock_timestamp())")
+            row = await cursor.fetchone()
+            assert row is not None
+            return float(row[0])
 
         return await self._read(read)
 

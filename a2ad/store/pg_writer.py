@@ -15,6 +15,12 @@ a batch holding a durable write (a new item, an operator's change) sets it on,
 for that transaction. A store that does not own the database (the queue CLI)
 also sends a NOTIFY with each batch, so the daemon listening there learns of its
 commits, as SQLite's `data_version` tells it.
+
+The owner's advisory lock lives on the writer connection itself: a connection
+that writes is one that holds it. When the connection is lost (a server
+restart) the lock goes with it, and the next connection takes it again before
+its first write; if another a2ad took it in between, this one writes nothing
+(StoreUnavailable, and /readyz says why) rather than deliver beside it.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ def is_store_failure(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
+class OwnerLost(StoreUnavailable):
+    """Another process holds the owner's lock this writer needs."""
+
+
 class _Retry(Exception):
     """An op failed without savepoints: the batch runs again with them."""
 
@@ -64,7 +74,9 @@ class PgWriter(BatchLoop):
         self.channel = channel
         self.instance = instance
         self.announce = True  # NOTIFY with each batch (off for the owning daemon)
+        self.owner_lock: tuple[str, str] | None = None  # (lock key, where) once it owns
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._holds_lock = False
 
     async def close(self) -> None:
         await super().close()
@@ -77,7 +89,21 @@ class PgWriter(BatchLoop):
             if self._conn is not None:
                 await self._conn.close()
             self._conn = None
+            self._holds_lock = False
             self._conn = await self._connect()
+        if self.owner_lock is not None and not self._holds_lock:
+            key, where = self.owner_lock
+            cursor = await self._conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
+            )
+            row = await cursor.fetchone()
+            if not (row and row[0]):
+                raise OwnerLost(
+                    f"{where} is held by another a2ad; stop it first, or give this one "
+                    "another store.schema",
+                    retry_after=5,
+                )
+            self._holds_lock = True
         return self._conn
 
     async def _commit(self, batch: list[Pending]) -> None:
@@ -90,13 +116,15 @@ class PgWriter(BatchLoop):
                 outcomes = await self._run_ops(conn, batch, durable, savepoints=True)
         except Exception as exc:
             error: BaseException = exc
+            cause = str(exc).strip()
             if is_store_failure(exc):
-                if self.last_error is None:
-                    log.error("the store cannot write: %s", str(exc).strip())
-                self.last_error = str(exc).strip()
-                error = StoreUnavailable(
-                    f"the store cannot write: {self.last_error}", retry_after=1
-                )
+                error = StoreUnavailable(f"the store cannot write: {cause}", retry_after=1)
+            if isinstance(exc, OwnerLost) and not self.commits:
+                pass  # refused at start-up: take_ownership's caller says so
+            elif isinstance(error, StoreUnavailable):
+                if self.last_error != cause:  # once per cause, not once per batch
+                    log.error("the store cannot write: %s", cause)
+                self.last_error = cause
             for _, future, _, _ in batch:
                 if not future.done():
                     future.set_exception(error)

@@ -30,7 +30,7 @@ from .models import (
 )
 from .pg_reads import Conn, PgReads, live_snapshot
 from .pg_sql import CLAIM, RELEASE_DISPATCHING, Enqueue
-from .pg_writer import PgOp, PgWriter
+from .pg_writer import OwnerLost, PgOp, PgWriter
 from .schema import Migration, bundled_migrations
 from .sql import released
 
@@ -67,7 +67,8 @@ class PostgresStore(PgReads):
         self._writer: PgWriter | None = None
         self._listener: Conn | None = None
         self._listening: asyncio.Task[None] | None = None
-        self._lock_conn: Conn | None = None  # holds the owner's advisory lock
+        self._listen_error: str | None = None  # the listening connection is lost
+        self._listen_lost_at = 0  # the writer's commits then
         self._changes = 0  # commits by other processes seen (LISTEN), for data_version
 
     # -- connections ---------------------------------------------------------
@@ -90,7 +91,16 @@ class PostgresStore(PgReads):
 
     @property
     def last_write_error(self) -> str | None:
-        return self._writer.last_error if self._writer is not None else None
+        """Why the store cannot write now, or None. An idle daemon's writer tries
+        nothing, so the listening connection's loss counts too: it is the first to
+        see a server go away."""
+        if self._writer is None:
+            return None
+        if self._writer.last_error is not None:
+            return self._writer.last_error
+        if self._listen_error is not None and self._writer.commits == self._listen_lost_at:
+            return self._listen_error  # and nothing committed since
+        return None
 
     @property
     def commits(self) -> int:
@@ -137,10 +147,9 @@ class PostgresStore(PgReads):
             self._listening.cancel()
             await asyncio.gather(self._listening, return_exceptions=True)
             self._listening = None
-        for conn in (self._listener, self._lock_conn):
-            if conn is not None:
-                await conn.close()  # ends the session: the owner's lock goes with it
-        self._listener = self._lock_conn = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -162,8 +171,9 @@ class PostgresStore(PgReads):
                 async for note in conn.notifies():
                     if note.payload != self.instance:
                         self._changes += 1
-            except (psycopg.Error, AssertionError):
-                pass
+            except (psycopg.Error, AssertionError) as exc:
+                self._listen_error = f"lost the connection to the server: {str(exc).strip()}"
+                self._listen_lost_at = self.commits
             self._changes += 1
             await asyncio.sleep(1.0)
             try:
@@ -171,29 +181,27 @@ class PostgresStore(PgReads):
                 await self._listener.execute(
                     pgsql.SQL("LISTEN {}").format(pgsql.Identifier(self.channel))
                 )
-            except (StoreUnavailable, psycopg.Error):
+            except (StoreUnavailable, psycopg.Error) as exc:
+                self._listen_error = str(exc).strip()
                 continue
+            self._listen_error = None
 
     async def take_ownership(self) -> None:
-        """Make this process the store's one owner: a session advisory lock, held by
-        a connection of its own for as long as the store is open; StoreLocked when
-        another a2ad holds it."""
-        conn = await self._connect()
-        row = await (
-            await conn.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                (_lock_key("owner", self.schema),),
-            )
-        ).fetchone()
-        if not (row and row[0]):
-            await conn.close()
-            raise StoreLocked(
-                f"{self.where} is held by another a2ad; stop it first, or give this one "
-                "another store.schema"
-            )
-        self._lock_conn = conn
-        if self._writer is not None:
-            self._writer.announce = False  # its own commits need no telling
+        """Make this process the store's one owner: a session advisory lock held by
+        the writer connection (taken again after a reconnect, pg_writer.py), so
+        nothing is written without it; StoreLocked when another a2ad holds it."""
+        assert self._writer is not None, "open() first"
+        self._writer.owner_lock = (_lock_key("owner", self.schema), self.where)
+
+        async def nothing(conn: Conn) -> None:
+            return None
+
+        try:
+            await self._write(nothing, durable=False)
+        except OwnerLost as exc:
+            self._writer.owner_lock = None
+            raise StoreLocked(str(exc)) from None
+        self._writer.announce = False  # its own commits need no telling
 
     @property
     def where(self) -> str:

@@ -89,6 +89,10 @@ class Store(Reads):
                 await conn.close()
         self._reader = self._conn = None
 
+    async def server_time(self) -> float | None:
+        """None: the store's clock is this host's."""
+        return None
+
     async def take_ownership(self) -> None:
         """Nothing more to take: the owner of a SQLite store is whoever holds its
         file lock (StoreLock), taken before the store opens."""

@@ -24,6 +24,7 @@ from a2ad.store import (
     Store,
     bundled_migrations,
 )
+from a2ad.store.lock import StoreLocked
 from a2ad.store.postgres import PostgresStore
 
 T0 = 1_800_000_000.0
@@ -1098,6 +1099,55 @@ async def test_postgres_lost_and_back_fails_writes_clearly_then_reconnects() -> 
                     await asyncio.sleep(0.1)
             assert got is not None and got.state == "queued"
             assert (await s.counts())[WS]["queued"] == 2
+
+
+async def test_postgres_owner_lock_is_taken_again_after_a_restart_or_refused() -> None:
+    """The owner's lock is a session lock, gone with its connection when the server
+    restarts. The owner takes it again before it writes again, so a second a2ad is
+    refused afterwards; and an owner that finds it taken in the meantime by another
+    writes nothing (StoreUnavailable that says why) instead of delivering beside it."""
+    with PgServer() as server:
+        async with PostgresStore(server.url, schema="own") as first:
+            await first.migrate()
+            await first.take_ownership()
+            await put(first, T0)
+            server.kill()
+            server.launch()
+            for _ in range(50):
+                try:
+                    await put(first, T0 + 1)
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(0.1)
+            async with PostgresStore(server.url, schema="own") as second:
+                with pytest.raises(StoreLocked, match="held by another a2ad"):
+                    await second.take_ownership()
+
+            server.kill()
+            server.launch()
+            async with PostgresStore(server.url, schema="own") as usurper:
+                for _ in range(50):
+                    try:
+                        await usurper.take_ownership()  # while the first is not writing
+                        break
+                    except StoreUnavailable:
+                        await asyncio.sleep(0.1)
+                refusal = None
+                for _ in range(3):  # the first write may only learn the connection broke
+                    try:
+                        await put(first, T0 + 2)
+                    except StoreUnavailable as exc:
+                        refusal = exc
+                        if "held by another a2ad" in str(exc):
+                            break
+                assert refusal is not None and "held by another a2ad" in str(refusal)
+                assert refusal.retry_after
+                assert "held by another a2ad" in (first.last_write_error or "")
+                await put(usurper, T0 + 3)
+            # The other one gone, the first takes its lock back and writes again.
+            await put(first, T0 + 4)
+            assert first.last_write_error is None
+            assert (await first.counts())[WS]["queued"] == 4
 
 
 async def test_postgres_owner_hears_other_processes_commits_not_its_own(
