@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 from dataclasses import dataclass
 
 import aiohttp
@@ -85,8 +84,6 @@ def _store_row(settings: Settings) -> Row:
         current = asyncio.run(version())
     except StoreUnavailable as exc:  # a broken or foreign file: what SQLite said
         return Row("store", FAIL, exc.message)
-    except sqlite3.Error as exc:
-        return Row("store", FAIL, f"{path}: {exc}")
     latest = bundled_migrations()[-1].version
     detail = f"{path}, schema {current} of {latest}"
     if current > latest:

@@ -127,7 +127,10 @@ class Store(Reads):
     # -- migrations --------------------------------------------------------
 
     async def schema_version(self) -> int:
-        return await self._read(read_schema_version)
+        try:
+            return await self._read(read_schema_version)
+        except sqlite3.Error as exc:  # not a2ad's file, or not a database at all
+            raise StoreUnavailable(f"{self.path}: {exc}") from None
 
     async def migrate(self, migrations: Iterable[Migration] | None = None) -> list[Migration]:
         """Apply the migrations the database has not seen, in order; return them."""
