@@ -130,7 +130,7 @@ class StoreSettings(_Section):
     schema_name: str = Field("a2ad", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     """PostgreSQL schema holding a2ad's tables (created by a2ad migrate or serve)."""
     pool_size: int = Field(4, ge=1, le=100)
-    """PostgreSQL connections for reads; one more writes, and one listens and holds the lock."""
+    """PostgreSQL connections for reads; one more writes (and holds the lock), one listens."""
     statement_timeout_seconds: float = Field(30.0, gt=0)
     """PostgreSQL statement_timeout of a2ad's connections."""
 
