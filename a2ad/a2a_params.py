@@ -45,6 +45,13 @@ def check_message(rpc: RpcRequest, protocol: Protocol) -> None:
     message_id = message.get("messageId")
     if not isinstance(message_id, str) or not message_id:
         raise InvalidParams("params.message.messageId is required: a non-empty string")
+    for key in ("messageId", "contextId", "taskId"):
+        value = message.get(key)
+        if isinstance(value, str) and "\x00" in value:
+            # Neither store could keep it the same (PostgreSQL text has no NUL), and
+            # an id that changes on its way is no id; on both paths, so the answer
+            # does not depend on a free slot.
+            raise InvalidParams(f"params.message.{key} must not contain NUL (U+0000)")
     role = message.get("role")
     versions = {protocol, _METHOD_PROTOCOL.get(rpc.method, protocol)}
     known = isinstance(role, (str, int)) and not isinstance(role, bool)

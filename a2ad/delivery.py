@@ -562,6 +562,14 @@ class Dispatcher:
         changes nothing."""
         now = self.clock.now()
         expired = await self.store.expire_due(now=now)
+        for released in expired:
+            log.info(
+                "item %s expired before delivery",
+                released.id,
+                extra=logs.context(item=released.id, workspace=released.workspace),
+            )
+            self.metrics.of(released.workspace).expired.inc()
+            self.watch.notify(released.id)
         mono = self.clock.monotonic()
         lapsed = {
             i: c.token for i, c in self._claims.items() if not c.running and c.lapses_at < mono
@@ -575,14 +583,15 @@ class Dispatcher:
                 claim = self._claims.get(item_id)
                 if claim is not None and claim.token == token:
                     del self._claims[item_id]
-        for released in expired:
-            log.info(
-                "item %s expired before delivery",
-                released.id,
-                extra=logs.context(item=released.id, workspace=released.workspace),
+        if self.store.is_server:
+            # A claim no delivery of this process holds: the server crashed and
+            # kept a claim but not its outcome, or a claim committed while its
+            # answer was lost. Its stored lease says when it is free again.
+            swept += await self.store.sweep_leases(
+                now=now,
+                max_attempts=self.queue_settings.max_attempts,
+                except_tokens=[c.token for c in self._claims.values()],
             )
-            self.metrics.of(released.workspace).expired.inc()
-            self.watch.notify(released.id)
         for released in swept:
             log.warning(
                 "item %s: lease expired; now %s",

@@ -5,7 +5,7 @@ named for what they do; none of them exposes SQL or a driver."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 from .depth import Depths
@@ -17,6 +17,10 @@ class QueueStore(Protocol):
     """A store: `open()` it, `migrate()` it, use it, `close()` it."""
 
     depths: Depths  # the queue's counts, changed in commit order
+    # A server that can lose a delivery's last steps while a2ad runs (it crashed
+    # and came back): a claim can outlive its outcome there, so the daemon
+    # sweeps lapsed leases that no delivery of its own holds.
+    is_server: bool
 
     @property
     def last_write_error(self) -> str | None: ...
@@ -84,7 +88,9 @@ class QueueStore(Protocol):
         last_error: str | None = None,
     ) -> bool: ...
     async def recover_dispatching(self, *, now: float, max_attempts: int) -> list[Released]: ...
-    async def sweep_leases(self, *, now: float, max_attempts: int) -> list[Released]: ...
+    async def sweep_leases(
+        self, *, now: float, max_attempts: int, except_tokens: Collection[str] = ()
+    ) -> list[Released]: ...
     async def release_claims(
         self, claims: dict[str, str], *, now: float, max_attempts: int
     ) -> list[Released]: ...

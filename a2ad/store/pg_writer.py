@@ -25,11 +25,14 @@ its first write; if another a2ad took it in between, this one writes nothing
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
+import psycopg.errors
 
 from ..errors import StoreUnavailable
 from .depth import Depths
@@ -42,10 +45,19 @@ T = TypeVar("T")
 PgOp = Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]
 
 
+# Conditions of the server that an operator mends, not bugs (a constraint
+# violation is a bug, or an op's own answer): gone, refusing, out of room, read-only
+# (a standby after a failover, a storage guard), or the role's rights taken away.
+STORE_FAILURES = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.InsufficientPrivilege,
+)
+
+
 def is_store_failure(exc: BaseException) -> bool:
-    """The server is gone, refuses, or is out of room: conditions of the store, not
-    bugs (a constraint violation is a bug, or an op's own answer)."""
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return isinstance(exc, STORE_FAILURES)
 
 
 def one_statement(op: PgOp[T]) -> PgOp[T]:
@@ -58,6 +70,9 @@ def one_statement(op: PgOp[T]) -> PgOp[T]:
 
 class OwnerLost(StoreUnavailable):
     """Another process holds the owner's lock this writer needs."""
+
+
+IDLE_CHECK_SECONDS = 1.0  # a connection idle longer is checked before a batch
 
 
 class _Retry(Exception):
@@ -85,6 +100,9 @@ class PgWriter(BatchLoop):
         self.owner_lock: tuple[str, str] | None = None  # (lock key, where) once it owns
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._holds_lock = False
+        self.recoveries = 0  # times it wrote again after failing
+        self._used = 0.0  # monotonic time the connection last ran a batch
+        self.suspect = False  # another connection saw the server go: check this one
 
     async def close(self) -> None:
         await super().close()
@@ -93,6 +111,13 @@ class PgWriter(BatchLoop):
             self._conn = None
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        idle = time.monotonic() - self._used > IDLE_CHECK_SECONDS
+        if self._conn is not None and (self.suspect or idle):
+            # The server may have restarted while it sat idle, and psycopg only
+            # learns that from a failed statement: a cheap one, not a send's.
+            self.suspect = False
+            with contextlib.suppress(psycopg.Error):  # broken now: connect again below
+                await self._conn.execute("SELECT 1")
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:
                 await self._conn.close()
@@ -112,6 +137,7 @@ class PgWriter(BatchLoop):
                     retry_after=5,
                 )
             self._holds_lock = True
+        self._used = time.monotonic()
         return self._conn
 
     async def _commit(self, batch: list[Pending]) -> None:
@@ -145,6 +171,7 @@ class PgWriter(BatchLoop):
         if self.last_error is not None:
             log.warning("the store writes again")
             self.last_error = None
+            self.recoveries += 1
         hand_out(batch, outcomes, self.depths)
 
     async def _run_alone(

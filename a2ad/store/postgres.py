@@ -10,7 +10,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 import psycopg
@@ -45,6 +45,8 @@ def _lock_key(purpose: str, schema: str) -> str:
 
 class PostgresStore(PgReads):
     """The PostgreSQL store. `open()` it, `migrate()` it, use it, `close()` it."""
+
+    is_server = True
 
     def __init__(
         self,
@@ -178,6 +180,8 @@ class PostgresStore(PgReads):
             except (psycopg.Error, AssertionError) as exc:
                 self._listen_error = f"lost the connection to the server: {str(exc).strip()}"
                 self._listen_lost_at = self.commits
+                if self._writer is not None:
+                    self._writer.suspect = True
             self._changes += 1
             await asyncio.sleep(1.0)
             try:
@@ -430,9 +434,18 @@ class PostgresStore(PgReads):
         reason = "a2ad stopped while delivering (recovered at start-up)"
         return await self._release("", {"now": now, "max_attempts": max_attempts, "reason": reason})
 
-    async def sweep_leases(self, *, now: float, max_attempts: int) -> list[Released]:
-        params = {"now": now, "max_attempts": max_attempts, "reason": "claim lease expired"}
-        return await self._release("AND lease_until < %(now)s", params)
+    async def sweep_leases(
+        self, *, now: float, max_attempts: int, except_tokens: Collection[str] = ()
+    ) -> list[Released]:
+        params = {
+            "now": now,
+            "max_attempts": max_attempts,
+            "reason": "claim lease expired",
+            "keep": list(except_tokens),
+        }
+        return await self._release(
+            "AND lease_until < %(now)s AND NOT claim_token = ANY(%(keep)s::text[])", params
+        )
 
     async def release_claims(
         self, claims: dict[str, str], *, now: float, max_attempts: int
@@ -608,5 +621,7 @@ class PostgresStore(PgReads):
         return await self._write(op)  # type: ignore[no-any-return]
 
     async def data_version(self) -> int:
-        """Changes when another process commits to the store (heard by LISTEN)."""
-        return self._changes
+        """Changes when another process commits to the store (heard by LISTEN), and
+        when the writer writes again after a failure: a commit whose answer was lost
+        may have happened, so the daemon counts again."""
+        return self._changes + (self._writer.recoveries if self._writer is not None else 0)

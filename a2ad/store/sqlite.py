@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Literal, TypeVar
 
 import aiosqlite
@@ -43,6 +43,8 @@ T = TypeVar("T")
 
 class Store(Reads):
     """The SQLite store. `open()` it, `migrate()` it, use it, `close()` it."""
+
+    is_server = False  # its writer is this process: it loses nothing while a2ad runs
 
     def __init__(self, path: str, *, synchronous: str = "full", busy_timeout: float = 5.0):
         self.path = path
@@ -347,11 +349,19 @@ class Store(Reads):
             },
         )
 
-    async def sweep_leases(self, *, now: float, max_attempts: int) -> list[Released]:
-        """Items whose stored lease ran out go back to `queued`, counting an attempt."""
+    async def sweep_leases(
+        self, *, now: float, max_attempts: int, except_tokens: Collection[str] = ()
+    ) -> list[Released]:
+        """Items whose stored lease ran out go back to `queued`, counting an attempt
+        (but not the claims `except_tokens`: those of deliveries still running)."""
         return await self._release(
-            "AND lease_until < :now",
-            {"now": now, "max_attempts": max_attempts, "reason": "claim lease expired"},
+            "AND lease_until < :now AND claim_token NOT IN (SELECT value FROM json_each(:keep))",
+            {
+                "now": now,
+                "max_attempts": max_attempts,
+                "reason": "claim lease expired",
+                "keep": json.dumps(list(except_tokens)),
+            },
         )
 
     async def release_claims(

@@ -43,8 +43,19 @@ async def agent_factory() -> AsyncIterator[Callable[..., Awaitable[FakeAgent]]]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     both = getattr(metafunc.module, "BOTH_STORES", False)
     sqlite_only = metafunc.definition.get_closest_marker("sqlite_only") is not None
-    if both and not sqlite_only and "a2ad_factory" in metafunc.fixturenames:
+    chosen = _parametrizes(metafunc, "store_kind")  # the test names its stores itself
+    if both and not sqlite_only and not chosen and "a2ad_factory" in metafunc.fixturenames:
         metafunc.parametrize("store_kind", ["sqlite", "postgres"])
+
+
+def _parametrizes(metafunc: pytest.Metafunc, name: str) -> bool:
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if name in names:
+            return True
+    return False
 
 
 @pytest.fixture

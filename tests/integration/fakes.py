@@ -7,16 +7,18 @@ import contextlib
 import json
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from psycopg import sql as pgsql
 
 from a2ad.daemon import Daemon
-from a2ad.settings import Settings
+from a2ad.settings import Settings, StoreSettings
 
 
 @dataclass
@@ -297,3 +299,40 @@ def write_lock(path: Path) -> Iterator[None]:
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+# -- either store, from outside a2ad -------------------------------------------------
+
+PG_TABLES = ("items", "workspaces", "write_probe")
+
+
+@contextlib.asynccontextmanager
+async def store_write_lock(store: StoreSettings) -> AsyncIterator[None]:
+    """Another process holds the store's write lock, on either store: on SQLite the
+    file's (write_lock), on PostgreSQL an EXCLUSIVE lock on a2ad's tables, taken on a
+    connection of its own: reads go on, every write waits (till its timeout)."""
+    if not store.is_postgres:
+        with write_lock(Path(store.path)):
+            yield
+        return
+    tables = pgsql.SQL(", ").join(pgsql.Identifier(store.schema_name, t) for t in PG_TABLES)
+    async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as conn:
+        await conn.execute("BEGIN")
+        await conn.execute(pgsql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(tables))
+        try:
+            yield
+        finally:
+            await conn.execute("ROLLBACK")
+
+
+def store_query(store: StoreSettings, statement: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Run one statement (`?` placeholders) on either store by a connection of its
+    own, as the queue CLI would, and commit; its rows. On PostgreSQL call it from a
+    thread when it writes: a row a2ad's writer holds would block the event loop."""
+    if not store.is_postgres:
+        with contextlib.closing(sqlite3.connect(store.path, timeout=5)) as conn, conn:
+            return conn.execute(statement, params).fetchall()
+    options = f"-c search_path={store.schema_name}"
+    with psycopg.connect(store.url, autocommit=True, options=options) as pg:
+        cursor = pg.execute(statement.replace("?", "%s").encode(), params)
+        return cursor.fetchall() if cursor.description else []

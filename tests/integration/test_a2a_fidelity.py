@@ -250,6 +250,22 @@ async def test_the_transport_keeps_its_statuses_and_other_endpoints_keep_400(
                 "configuration": {"historyLength": "abc", "blocking": False},
             },
         ),
+        # A NUL in an id: no store keeps it as it is (PostgreSQL text has none).
+        (
+            "SendMessage",
+            {"message": {"messageId": "a\u0000b", "role": "ROLE_USER", "parts": [{"text": "x"}]}},
+        ),
+        (
+            "message/send",
+            {
+                "message": {
+                    "messageId": "n1",
+                    "contextId": "\u0000",
+                    "role": "user",
+                    "parts": [{"kind": "text", "text": "x"}],
+                },
+            },
+        ),
     ],
 )
 async def test_a_missing_or_invalid_message_is_invalid_params(

@@ -5,7 +5,8 @@ messageId, some with a short TTL, some to an agent that refuses connections),
 answers from the agent (final, busy, failure), heartbeats with any load and
 capacity, clock moves, operator cancels and retries, writes by another process
 (the queue CLI) and the housekeeping that notices them. a2ad runs for real
-(aiohttp, a real SQLite file, a real agent on 127.0.0.1) on the manual clock.
+(aiohttp, a real store, a real agent on 127.0.0.1) on the manual clock: a SQLite
+file, and (fewer examples) a schema of its own on the throwaway PostgreSQL server.
 
 After every step:
 - no request of a2ad's started at the agent without a free slot (checked as
@@ -26,11 +27,13 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -38,15 +41,19 @@ from fakes import make_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
+from pgserver import PgServer
 
 from a2ad import create_app
 from a2ad.admission import Admission, Slot
 from a2ad.clock import ManualClock
 from a2ad.daemon import DAEMON, Daemon
+from a2ad.settings import StoreSettings
+from a2ad.store.postgres import PostgresStore
 from a2ad.workspaces import Workspace
 
 EXPLORE = int(os.environ.get("A2AD_FUZZ_EXPLORE", "0"))
 EXAMPLES = 50
+EXAMPLES_POSTGRES = 12  # each example migrates a fresh schema: fewer, to keep the time
 HEARTBEAT_TOKEN = "hb-token"
 ADMIN = {"Authorization": "Bearer admin"}
 
@@ -108,6 +115,53 @@ class CountingAgent:
             held.answer.set_result(outcome)
 
 
+# -- the store, as another process sees it --------------------------------------------
+
+
+class StoreView:
+    """A connection of the test's own to a2ad's store: reads at any moment (sync, in
+    the middle of admission's decision), and writes as `a2ad queue` makes them."""
+
+    def __init__(self, store: StoreSettings) -> None:
+        self.store = store
+        self._pg: psycopg.Connection[Any] | None = None
+        if store.is_postgres:
+            self._pg = psycopg.connect(store.url, autocommit=True, options=self._options)
+
+    @property
+    def _options(self) -> str:
+        return f"-c search_path={self.store.schema_name}"
+
+    def rows(self, statement: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """A read (`?` placeholders); PostgreSQL's never waits for a2ad's writer."""
+        if self._pg is None:
+            with contextlib.closing(sqlite3.connect(self.store.path)) as conn:
+                return conn.execute(statement, params).fetchall()
+        return self._pg.execute(statement.replace("?", "%s").encode(), params).fetchall()
+
+    async def cli_write(self, statement: str, params: tuple[Any, ...]) -> None:
+        """A write from another process, committed; one that would break the one-live-
+        item-per-messageId rule changes nothing (SQLite's UPDATE OR IGNORE)."""
+        if self._pg is None:
+            with contextlib.closing(sqlite3.connect(self.store.path, timeout=5)) as conn, conn:
+                conn.execute(statement.replace("UPDATE ", "UPDATE OR IGNORE ", 1), params)
+            return
+        # In a thread: the row may be a2ad's writer's until its commit, which needs
+        # the event loop. And, as the queue CLI does, tell the daemon by NOTIFY.
+        await asyncio.to_thread(self._pg_write, statement.replace("?", "%s"), params)
+
+    def _pg_write(self, statement: str, params: tuple[Any, ...]) -> None:
+        with psycopg.connect(self.store.url, options=self._options) as conn:
+            with contextlib.suppress(psycopg.errors.UniqueViolation), conn.transaction():
+                conn.execute(statement.encode(), params)
+            conn.execute("SELECT pg_notify(%s, 'cli')", (f"a2ad_changes_{self.store.schema_name}",))
+            conn.commit()
+
+    def close(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
+
+
 # -- the run -------------------------------------------------------------------------
 
 Step = tuple[Any, ...]
@@ -147,7 +201,7 @@ class Run:
         self.client = client
         self.agent = agent
         self.clock = agent.clock
-        self.path = daemon.settings.store.path
+        self.view = StoreView(daemon.settings.store)
         self.sends: list[asyncio.Task[None]] = []
         self.acknowledged: list[str] = []  # queue ids answered 202
         self.message_ids: list[str] = []
@@ -167,13 +221,12 @@ class Run:
                 return None
             if admission.free_slots(now) < 0:
                 self.violations.append(f"{ws.id}: a direct send took a slot that was not free")
-            with contextlib.closing(sqlite3.connect(self.path)) as conn:
-                (older,) = conn.execute(
-                    "SELECT COUNT(*) FROM items WHERE workspace = ? AND state = 'queued'"
-                    " AND updated_at < ? AND not_before <= ?"
-                    " AND (expires_at IS NULL OR expires_at > ?)",
-                    (ws.id, now, now, now),
-                ).fetchone()
+            ((older,),) = self.view.rows(
+                "SELECT COUNT(*) FROM items WHERE workspace = ? AND state = 'queued'"
+                " AND updated_at < ? AND not_before <= ?"
+                " AND (expires_at IS NULL OR expires_at > ?)",
+                (ws.id, now, now, now),
+            )
             if older and not admission.paused(now):
                 self.violations.append(f"{ws.id}: a send went direct past {older} queued items")
             return slot
@@ -237,7 +290,7 @@ class Run:
             resp = await self.client.post(f"/queue/{qid}/retry", headers=ADMIN)
             assert resp.status in (200, 404, 409), await resp.text()
         elif kind == "cli" and (qid := self._item(step[1])):
-            self._cli_write(qid, step[2])
+            await self._cli_write(qid, step[2])
             await self.daemon._housekeeping()  # a2ad notices within a second
         elif kind == "housekeeping":
             await self.daemon._housekeeping()
@@ -262,23 +315,28 @@ class Run:
         if ws.free_slots(now) > 0 and ws.queued_total > 0:
             ws.wakeup.set()
 
-    def _cli_write(self, qid: str, action: str) -> None:
+    async def _cli_write(self, qid: str, action: str) -> None:
         """What `a2ad queue` does beside a running daemon: its own connection."""
         now = self.clock.now()
-        with contextlib.closing(sqlite3.connect(self.path, timeout=5)) as conn, conn:
-            if action == "cancel":
-                conn.execute(
-                    "UPDATE items SET state = 'cancelled', finished_at = ?, updated_at = ?,"
-                    " last_error = 'cancelled by the CLI' WHERE id = ? AND state = 'queued'",
-                    (now, now, qid),
-                )
-            else:
-                conn.execute(  # as the CLI's retry: not past a newer live item
-                    "UPDATE OR IGNORE items SET state = 'queued', attempts = 0, not_before = 0,"
-                    " finished_at = NULL, updated_at = ?"
-                    " WHERE id = ? AND state IN ('failed', 'expired')",
-                    (now, qid),
-                )
+        before = await self.daemon.store.data_version()
+        if action == "cancel":
+            await self.view.cli_write(
+                "UPDATE items SET state = 'cancelled', finished_at = ?, updated_at = ?,"
+                " last_error = 'cancelled by the CLI' WHERE id = ? AND state = 'queued'",
+                (now, now, qid),
+            )
+        else:
+            await self.view.cli_write(  # as the CLI's retry: not past a newer live item
+                "UPDATE items SET state = 'queued', attempts = 0, not_before = 0,"
+                " finished_at = NULL, updated_at = ?"
+                " WHERE id = ? AND state IN ('failed', 'expired')",
+                (now, qid),
+            )
+        if self.view.store.is_postgres:  # heard by LISTEN, a moment later
+            for _ in range(500):
+                if await self.daemon.store.data_version() != before:
+                    break
+                await asyncio.sleep(0.002)
 
     async def _settle(self) -> None:
         """Let what the step set going run: sends reach the agent or the store."""
@@ -292,20 +350,20 @@ class Run:
     def check_counts(self) -> None:
         """The counts in memory equal the store's rows (read while no write is in
         the writer, so every commit's moves are applied)."""
-        if not self.daemon.store._writer or not self.daemon.store._writer.idle:
+        writer = getattr(self.daemon.store, "_writer", None)
+        if not writer or not writer.idle:
             return
         store_counts: dict[str, tuple[dict[int, int], int]] = {}
-        with contextlib.closing(sqlite3.connect(self.path)) as conn:
-            for workspace, state, priority, n in conn.execute(
-                "SELECT workspace, state, priority, COUNT(*) FROM items"
-                " WHERE state IN ('queued', 'dispatching') GROUP BY 1, 2, 3"
-            ):
-                queued, dispatching = store_counts.get(workspace, ({}, 0))
-                if state == "queued":
-                    queued[priority] = n
-                else:
-                    dispatching += n
-                store_counts[workspace] = (queued, dispatching)
+        for workspace, state, priority, n in self.view.rows(
+            "SELECT workspace, state, priority, COUNT(*) FROM items"
+            " WHERE state IN ('queued', 'dispatching') GROUP BY 1, 2, 3"
+        ):
+            queued, dispatching = store_counts.get(workspace, ({}, 0))
+            if state == "queued":
+                queued[priority] = n
+            else:
+                dispatching += n
+            store_counts[workspace] = (queued, dispatching)
         for ws in self.daemon.registry:
             seen = (dict(ws.depth.queued), ws.depth.dispatching)
             assert seen == store_counts.get(ws.id, ({}, 0)), (ws.id, seen, store_counts)
@@ -341,13 +399,20 @@ class Run:
         return out
 
 
-async def one_run(tmp_path: Path, capacity: int, steps: list[Step]) -> None:
+async def one_run(
+    tmp_path: Path, capacity: int, steps: list[Step], pg_url: str | None = None
+) -> None:
     clock = ManualClock()
     agent = CountingAgent(clock)
     agent_app = web.Application()
     agent_app.router.add_post("/", agent.handle)
     agent_server = TestServer(agent_app, host="127.0.0.1")
     await agent_server.start_server()
+    store: dict[str, Any] = {}
+    if pg_url is not None:
+        store = {"url": pg_url, "schema": f"t_{uuid.uuid4().hex[:12]}"}
+        async with PostgresStore(pg_url, schema=store["schema"]) as fresh:
+            await fresh.migrate()  # as `a2ad migrate` would, before serve
     settings = make_settings(
         tmp_path,
         [
@@ -370,10 +435,12 @@ async def one_run(tmp_path: Path, capacity: int, steps: list[Step]) -> None:
             "max_age_seconds": 600,
         },
         liveness={"heartbeat_timeout_seconds": 100_000, "probe_interval_seconds": 100_000},
+        store=store,
     )
     app = create_app(settings, clock=clock)
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
+    run: Run | None = None
     try:
         daemon = app[DAEMON]
         agent.ws = daemon.registry.get("w")
@@ -386,14 +453,24 @@ async def one_run(tmp_path: Path, capacity: int, steps: list[Step]) -> None:
         agent.answer(len(agent.held), "ok")
         await client.close()
         await agent_server.close()
+        if run is not None:
+            run.view.close()
 
 
-async def test_admission_and_queue_invariants_hold_under_interleavings(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])
+async def test_admission_and_queue_invariants_hold_under_interleavings(
+    tmp_path: Path, store_kind: str, request: pytest.FixtureRequest
+) -> None:
     loop = asyncio.get_running_loop()
     runs = iter(range(1_000_000))
+    pg_url: str | None = None
+    examples = EXAMPLES
+    if store_kind == "postgres":
+        server: PgServer = request.getfixturevalue("pg_server")
+        pg_url, examples = server.url, EXAMPLES_POSTGRES
 
     @settings(
-        max_examples=EXAMPLES * max(1, EXPLORE),
+        max_examples=examples * max(1, EXPLORE),
         deadline=None,
         database=None,
         derandomize=not EXPLORE,
@@ -403,7 +480,7 @@ async def test_admission_and_queue_invariants_hold_under_interleavings(tmp_path:
     def run(capacity: int, steps: list[Step]) -> None:
         path = tmp_path / f"run-{next(runs)}"
         path.mkdir()
-        future = asyncio.run_coroutine_threadsafe(one_run(path, capacity, steps), loop)
+        future = asyncio.run_coroutine_threadsafe(one_run(path, capacity, steps, pg_url), loop)
         future.result(timeout=120)
 
     await asyncio.to_thread(run)

@@ -11,21 +11,29 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fakes import A2ad, FakeAgent, wait_until, write_lock
+from fakes import A2ad, FakeAgent, store_query, store_write_lock, wait_until
 
 from a2ad.clock import ManualClock
+
+# On PostgreSQL "another process holds the write lock" is an EXCLUSIVE lock on a2ad's
+# tables, and statement_timeout_seconds stands for SQLite's busy_timeout_seconds.
+BOTH_STORES = True
 
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
 
 
-def row(path: Path, qid: str) -> tuple[Any, ...]:
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        found = conn.execute(
-            "SELECT state, attempts, workspace FROM items WHERE id = ?", (qid,)
-        ).fetchone()
-    assert found is not None
-    return tuple(found)
+def waits(seconds: float) -> dict[str, float]:
+    """How long a write waits for another process's lock, on either store."""
+    return {"busy_timeout_seconds": seconds, "statement_timeout_seconds": seconds}
+
+
+def row(a2ad: A2ad, qid: str) -> tuple[Any, ...]:
+    """The item's row as another process reads it (a2ad may be stopped)."""
+    statement = "SELECT state, attempts, workspace FROM items WHERE id = ?"
+    found = store_query(a2ad.daemon.settings.store, statement, (qid,))
+    assert found
+    return tuple(found[0])
 
 
 async def _runtime_workspace(a2ad: A2ad, url: str, **extra: Any) -> None:
@@ -37,7 +45,7 @@ async def _runtime_workspace(a2ad: A2ad, url: str, **extra: Any) -> None:
 
 
 async def test_delete_without_purge_during_an_enqueue_strands_an_acknowledged_item(
-    agent_factory: AgentFactory, a2ad_factory: A2adFactory, tmp_path: Path
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
 ) -> None:
     """DELETE checks `queued_total + dispatching` but not `admission.enqueuing`, and
     the workspace stays in the registry (taking sends) across the awaits of
@@ -45,12 +53,12 @@ async def test_delete_without_purge_during_an_enqueue_strands_an_acknowledged_it
     workspace is gone: its item stays `queued` with no pump, forever."""
     agent = await agent_factory(gate=asyncio.Event())
     assert agent.gate is not None
-    a2ad = await a2ad_factory([], clock=ManualClock(), store={"busy_timeout_seconds": 3})
+    a2ad = await a2ad_factory([], clock=ManualClock(), store=waits(3))
     await _runtime_workspace(a2ad, agent.url)
     blocker = asyncio.create_task(a2ad.send("rt", "direct", message_id="d"))
     await agent.wait_received(1)  # the one slot is taken: the next send is queued
     ws = a2ad.daemon.registry.get("rt")
-    with write_lock(tmp_path / "a2ad.db"):
+    async with store_write_lock(a2ad.daemon.settings.store):
         send = asyncio.create_task(a2ad.send("rt", "queued", message_id="q"))
         await wait_until(lambda: ws.admission.enqueuing == 1)
         delete = asyncio.create_task(a2ad.client.delete("/workspaces/rt"))
@@ -61,25 +69,25 @@ async def test_delete_without_purge_during_an_enqueue_strands_an_acknowledged_it
     await blocker
     assert status == 202, data
     qid = data["result"]["id"]
-    state = row(tmp_path / "a2ad.db", qid)
+    state = row(a2ad, qid)
     # A 202 must end delivered or final; DELETE must refuse while items wait.
     assert deleted.status == 409 or state[0] != "queued", (deleted.status, state)
     assert a2ad.daemon.registry.find("rt") is not None  # refused: it still serves
 
 
 async def test_a_send_during_a_purging_delete_is_acknowledged_and_never_delivered(
-    agent_factory: AgentFactory, a2ad_factory: A2adFactory, tmp_path: Path
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
 ) -> None:
     """With ?purge=true: the workspace still takes sends while the purge waits for
     the writer; an enqueue that commits after the purge's DELETE survives it, 202,
     for a workspace that no longer exists."""
     agent = await agent_factory(gate=asyncio.Event())
     assert agent.gate is not None
-    a2ad = await a2ad_factory([], clock=ManualClock(), store={"busy_timeout_seconds": 3})
+    a2ad = await a2ad_factory([], clock=ManualClock(), store=waits(3))
     await _runtime_workspace(a2ad, agent.url)
     blocker = asyncio.create_task(a2ad.send("rt", "direct", message_id="d"))
     await agent.wait_received(1)
-    with write_lock(tmp_path / "a2ad.db"):
+    async with store_write_lock(a2ad.daemon.settings.store):
         delete = asyncio.create_task(a2ad.client.delete("/workspaces/rt?purge=true"))
         await asyncio.sleep(0.1)  # unregister: the pump is gone, the purge waits
         send = asyncio.create_task(a2ad.send("rt", "queued", message_id="q"))
@@ -92,7 +100,7 @@ async def test_a_send_during_a_purging_delete_is_acknowledged_and_never_delivere
     assert a2ad.daemon.registry.find("rt") is None
     # Either the send was refused (unknown workspace) or its item is not left waiting.
     if status == 202:
-        state = row(tmp_path / "a2ad.db", data["result"]["id"])
+        state = row(a2ad, data["result"]["id"])
         assert state[0] != "queued", state
 
 
@@ -127,7 +135,7 @@ async def test_a_workspace_added_again_forgets_requests_still_running_at_its_age
 
 
 async def test_graceful_stop_leaves_an_unrecorded_claim_dispatching(
-    agent_factory: AgentFactory, a2ad_factory: A2adFactory, tmp_path: Path
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
 ) -> None:
     """A delivery whose outcome hit StoreUnavailable keeps its claim (running =
     False) until its lease lapses. `Dispatcher.stop` only looks at delivery
@@ -139,7 +147,7 @@ async def test_graceful_stop_leaves_an_unrecorded_claim_dispatching(
         [{"id": "w", "url": agent.url, "heartbeat": False}],
         clock=clock,
         queue={"lease_seconds": 30},
-        store={"busy_timeout_seconds": 0.2},
+        store=waits(0.2),
     )
     status, data = await a2ad.send("w", "m", message_id="m")  # busy: queued, paused 1 s
     assert status == 202, data
@@ -147,12 +155,12 @@ async def test_graceful_stop_leaves_an_unrecorded_claim_dispatching(
     agent.gate = asyncio.Event()
     await clock.advance(2)  # the pause ends: the pump claims and delivers
     await agent.wait_received(2)
-    with write_lock(tmp_path / "a2ad.db"):
+    async with store_write_lock(a2ad.daemon.settings.store):
         agent.gate.set()
         await asyncio.sleep(0.6)  # the outcome's write fails: the store is locked
-    assert row(tmp_path / "a2ad.db", qid)[0] == "dispatching"
+    assert row(a2ad, qid)[0] == "dispatching"
     await a2ad.client.close()  # a graceful stop, the store writable again
-    assert row(tmp_path / "a2ad.db", qid)[:2] != ("dispatching", 0), (
+    assert row(a2ad, qid)[:2] != ("dispatching", 0), (
         "a graceful stop left the claim dispatching (the next start charges an attempt)"
     )
 
@@ -177,7 +185,7 @@ class GatedAgent(FakeAgent):
 
 
 async def test_a_store_outage_longer_than_the_lease_sends_a_running_item_again(
-    a2ad_factory: AgentFactory, tmp_path: Path, agent_factory: AgentFactory
+    a2ad_factory: A2adFactory, agent_factory: AgentFactory
 ) -> None:
     """In one process a running delivery is alive by definition, yet the sweep
     releases its claim once renewals failed for a lease (the store locked for
@@ -189,7 +197,7 @@ async def test_a_store_outage_longer_than_the_lease_sends_a_running_item_again(
         [{"id": "w", "url": agent.url, "heartbeat": False, "max_concurrent": 2}],
         clock=clock,
         queue={"lease_seconds": 30},
-        store={"busy_timeout_seconds": 0.1},
+        store=waits(0.1),
     )
     status, data = await a2ad.send("w", "m", message_id="m")
     assert status == 202, data
@@ -197,14 +205,14 @@ async def test_a_store_outage_longer_than_the_lease_sends_a_running_item_again(
     agent.gate = asyncio.Event()
     await clock.advance(2)
     await agent.wait_received(2)
-    with write_lock(tmp_path / "a2ad.db"):
+    async with store_write_lock(a2ad.daemon.settings.store):
         for _ in range(4):
             await clock.advance(8)
             await asyncio.sleep(0.3)
     await a2ad.daemon._housekeeping()
     with contextlib.suppress(TimeoutError):
         await agent.wait_received(3, within=0.5)
-    copies, state = len(agent.received) - 1, row(tmp_path / "a2ad.db", qid)
+    copies, state = len(agent.received) - 1, row(a2ad, qid)
     agent.gate.set()
     assert (copies, state[:2]) == (1, ("dispatching", 0)), (copies, state)
 
@@ -265,7 +273,7 @@ async def test_a_cli_write_between_the_startup_recount_and_data_version_is_never
     await clock.advance(61)  # and the pump's idle re-check
     await asyncio.sleep(0.2)
     ws = daemon.registry.get("w")
-    state = row(path, qid)
+    state = row(A2ad(client, daemon), qid)
     await client.close()
     assert (ws.queued_total, state[0]) != (0, "queued"), (ws.queued_total, state)
 

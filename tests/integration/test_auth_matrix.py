@@ -24,6 +24,10 @@ from fakes import A2ad, jsonrpc_task
 
 from a2ad.clock import ManualClock
 
+# Both stores for what reaches the store: an allowed request, a caller's own items.
+# Refusals come before any store access: those run on SQLite only.
+BOTH_STORES = True
+
 A2adFactory = Callable[..., Awaitable[A2ad]]
 
 # Distinctive tokens, so a leak shows up as a plain substring anywhere.
@@ -475,9 +479,41 @@ def build_request(world: World, endpoint: Endpoint) -> tuple[str, bytes | None]:
     return endpoint.url(world), body
 
 
+def reaches_the_store(endpoint: Endpoint, credential: str) -> bool:
+    """An allowed request (once for an open endpoint), or an owner lookup by another
+    caller: what a refusal never gets to."""
+    if endpoint.kind == "open":
+        return credential == "none"
+    return credential in ALLOWED[endpoint.kind] or expected(endpoint, credential)[1] == (
+        "task_not_found"
+    )
+
+
+STORE_CASES = [(e, c) for e in ENDPOINTS for c in CREDENTIALS if reaches_the_store(e, c)]
+
+
+@pytest.mark.sqlite_only  # store-independent, mostly: the store's cases run on both below
 @pytest.mark.parametrize("credential", CREDENTIALS)
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.name)
 async def test_every_endpoint_with_every_credential(
+    world: World, endpoint: Endpoint, credential: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await check_endpoint(world, endpoint, credential, caplog)
+
+
+@pytest.mark.parametrize("store_kind", ["postgres"])
+@pytest.mark.parametrize(
+    ("endpoint", "credential"), STORE_CASES, ids=[f"{e.name}-{c}" for e, c in STORE_CASES]
+)
+async def test_every_endpoint_with_the_credentials_that_reach_the_store(
+    world: World, endpoint: Endpoint, credential: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The matrix's cases that read or write the store, on PostgreSQL (on SQLite the
+    matrix above has them)."""
+    await check_endpoint(world, endpoint, credential, caplog)
+
+
+async def check_endpoint(
     world: World, endpoint: Endpoint, credential: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -531,6 +567,7 @@ LOOKUPS = [
 ]
 
 
+@pytest.mark.sqlite_only  # store-independent: refusals come before lookups
 @pytest.mark.parametrize("credential", CREDENTIALS)
 @pytest.mark.parametrize("endpoint", LOOKUPS, ids=lambda e: e.name)
 async def test_unknown_ids_tell_nothing_to_a_refused_credential(
@@ -643,6 +680,7 @@ async def test_a_messageid_is_each_callers_own(world: World) -> None:
 # -- malformed Authorization headers --------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # store-independent: the header is refused before any store access
 @pytest.mark.parametrize(
     ("value", "status"),
     [
@@ -698,6 +736,7 @@ async def raw_http(a2ad: A2ad, data: bytes) -> tuple[int, bytes, bytes]:
     return int(head.split(b" ", 2)[1]), head, body
 
 
+@pytest.mark.sqlite_only  # store-independent: the header is refused before any store access
 @pytest.mark.parametrize(
     ("method", "path"), [("GET", "/workspaces"), ("GET", f"/queue/{UNKNOWN_QID}")]
 )
@@ -717,6 +756,7 @@ async def test_a_token_that_is_not_utf8_is_unauthorized(
 # -- open endpoints ---------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # store-independent: auth, before any store access
 @pytest.mark.parametrize("credential", ["none", "wrong", "admin", "heartbeat"])
 async def test_an_open_proxy_ignores_the_authorization_header(
     a2ad_factory: A2adFactory, agent: Agent, credential: str
@@ -742,6 +782,7 @@ async def test_an_open_proxy_ignores_the_authorization_header(
         assert_error(reply, 401, "unauthorized", rpc=False)
 
 
+@pytest.mark.sqlite_only  # store-independent: auth, before any store access
 @pytest.mark.parametrize("credential", ["none", "wrong", "planner", "heartbeat"])
 async def test_open_operator_endpoints_ignore_the_authorization_header(
     a2ad_factory: A2adFactory, agent: Agent, credential: str
@@ -772,6 +813,7 @@ async def test_open_operator_endpoints_ignore_the_authorization_header(
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
+@pytest.mark.sqlite_only  # store-independent: the status page's login
 @pytest.mark.parametrize("credential", CREDENTIALS)
 async def test_the_status_page_takes_no_bearer_token(world: World, credential: str) -> None:
     """/ui works with a login session, not with an Authorization header: every bearer
@@ -791,6 +833,7 @@ async def test_the_status_page_takes_no_bearer_token(world: World, credential: s
     assert await snapshot(world) == before
 
 
+@pytest.mark.sqlite_only  # store-independent: the status page's login
 @pytest.mark.parametrize("credential", CREDENTIALS)
 async def test_the_status_page_login_takes_only_the_admin_token(
     world: World, credential: str

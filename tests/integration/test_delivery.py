@@ -11,10 +11,12 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from fakes import A2ad, FakeAgent, jsonrpc_task, wait_until
 
 from a2ad.clock import ManualClock
 from a2ad.store import NewItem
+from a2ad.store.postgres import PostgresStore
 
 BOTH_STORES = True  # delivery behaves the same on SQLite and PostgreSQL
 
@@ -444,3 +446,39 @@ async def test_a_send_whose_caller_left_mid_write_is_still_delivered(
     item = await a2ad.final(new.id)
     assert item["state"] == "delivered"
     assert workspace.queued_total == 0
+
+
+async def test_a_claim_that_outlived_its_outcome_is_delivered_once_its_lease_lapses(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory, store_kind: str
+) -> None:
+    """On PostgreSQL a server crash can keep a claim and lose its outcome while a2ad
+    runs on: a `dispatching` row no delivery of this process holds. Once its stored
+    lease has run out it goes back to the queue and is delivered."""
+    if store_kind == "sqlite":
+        pytest.skip("SQLite's writer is this process: no claim outlives it while a2ad runs")
+    agent = await agent_factory(slots=1, gate=asyncio.Event())
+    assert agent.gate is not None
+    clock = ManualClock()
+    a2ad = await a2ad_factory([ws(agent)], clock=clock)
+    first = asyncio.create_task(a2ad.send("w", "m0"))
+    await agent.wait_received(1)
+    status, data = await a2ad.send("w", "m1")
+    assert status == 202
+    qid = jsonrpc_task(data)["id"]
+    settings = a2ad.daemon.settings.store
+    async with PostgresStore(settings.url, schema=settings.schema_name) as stranger:
+        [stray] = await stranger.claim("w", now=clock.now(), lease_seconds=10, promote_after=60)
+    assert stray.id == qid
+    await clock.advance(1)  # housekeeping hears of it and counts again
+    agent.gate.set()
+    assert (await first)[0] == 200
+    await settle_loop()
+    assert [r.text for r in agent.served] == ["m0"]  # its lease still runs
+    assert (await a2ad.item(qid))["state"] == "dispatching"
+    for _ in range(12):  # a housekeeping pass a second, each let finish its queries
+        await clock.advance(1)
+        await asyncio.sleep(0.05)
+    item = await asyncio.wait_for(a2ad.final(qid), 10)  # on real time: the clock stands
+    assert (item["state"], item["attempts"]) == ("delivered", 1)
+    assert [r.text for r in agent.served] == ["m0", "m1"]
+    assert agent.max_active == 1

@@ -33,6 +33,8 @@ from fakes import A2ad, FakeAgent
 
 from a2ad.clock import ManualClock
 
+BOTH_STORES = True  # liveness and run-time workspaces behave the same on either store
+
 A2adFactory = Callable[..., Awaitable[A2ad]]
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 
@@ -384,6 +386,7 @@ def has_restarted(n: int, view: dict[str, Any]) -> bool:
     return bool(view["restarts"] == n)
 
 
+@pytest.mark.sqlite_only  # store-independent: restart and probe timing of real agent processes
 async def test_restarts_back_off_doubling_and_the_budget_ends_in_failed(
     a2ad_factory: A2adFactory, agents: Callable[..., Agent], logs: pytest.LogCaptureFixture
 ) -> None:
@@ -443,6 +446,7 @@ async def test_restarts_back_off_doubling_and_the_budget_ends_in_failed(
     assert agent.restarts() == ["w"] * 3
 
 
+@pytest.mark.sqlite_only  # store-independent: restart and probe timing of real agent processes
 async def test_reset_leaves_failed_clears_the_budget_and_delivery_resumes(
     a2ad_factory: A2adFactory, agents: Callable[..., Agent], logs: pytest.LogCaptureFixture
 ) -> None:
@@ -492,6 +496,7 @@ async def test_reset_leaves_failed_clears_the_budget_and_delivery_resumes(
     assert (await view(a2ad))["restarts"] == 2
 
 
+@pytest.mark.sqlite_only  # store-independent: restart and probe timing of real agent processes
 async def test_not_running_while_booting_is_ignored_then_it_is_dead_again(
     a2ad_factory: A2adFactory, agents: Callable[..., Agent], logs: pytest.LogCaptureFixture
 ) -> None:
@@ -531,6 +536,7 @@ async def test_not_running_while_booting_is_ignored_then_it_is_dead_again(
 # -- found dead, or not --------------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # store-independent: restart and probe timing of real agent processes
 async def test_a_silent_death_with_queued_items_is_found_by_the_periodic_probe(
     a2ad_factory: A2adFactory, agents: Callable[..., Agent], logs: pytest.LogCaptureFixture
 ) -> None:
@@ -590,6 +596,7 @@ async def test_a_silent_death_with_queued_items_is_found_by_the_periodic_probe(
     assert (ws["state"], ws["restarts"]) == ("online", 1)
 
 
+@pytest.mark.sqlite_only  # store-independent: restart and probe timing of real agent processes
 async def test_one_missed_probe_right_after_an_answer_does_not_restart(
     a2ad_factory: A2adFactory, agents: Callable[..., Agent], logs: pytest.LogCaptureFixture
 ) -> None:

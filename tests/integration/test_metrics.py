@@ -15,10 +15,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from a2ad.clock import ManualClock
 
+BOTH_STORES = True  # the counters and depths come the same from either store
+
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
 HB = {"Authorization": "Bearer hb"}
-BUSY = (503, {"jsonrpc": "2.0", "id": 1, "error": {"code": -32000, "message": "busy"}}, {})
+BUSY: tuple[int, Any, dict[str, str]] = (
+    503,
+    {"jsonrpc": "2.0", "id": 1, "error": {"code": -32000, "message": "busy"}},
+    {},
+)
 
 
 class Scrape:

@@ -13,6 +13,8 @@ from fakes import A2ad, FakeAgent, jsonrpc_task, wait_until
 from a2ad.clock import ManualClock
 from a2ad.store import NewItem
 
+BOTH_STORES = True  # the page reads the queue the same from either store
+
 AgentFactory = Callable[..., Awaitable[FakeAgent]]
 A2adFactory = Callable[..., Awaitable[A2ad]]
 
@@ -25,7 +27,7 @@ HOSTILE_ERROR = "<script>alert('owned')</script> & \"quotes\""
 
 def csrf_of(html: str) -> str:
     """The CSRF token the page's forms carry (all forms of one page carry the same)."""
-    tokens = set(re.findall(r'name="csrf" value="([^"]*)"', html))
+    tokens: set[str] = set(re.findall(r'name="csrf" value="([^"]*)"', html))
     assert len(tokens) == 1, tokens
     return tokens.pop()
 

@@ -490,6 +490,21 @@ async def test_a_lease_is_swept_only_once_it_has_run_out(store: Store) -> None:
     ]
 
 
+async def test_a_sweep_spares_the_claims_it_is_told_are_running(store: Store) -> None:
+    """The daemon names the claims its deliveries hold; a lapsed lease of any other
+    (a claim that outlived its outcome in a server crash) goes back to the queue."""
+    mine, stray = await put(store, T0), await put(store, T0 + 1)
+    claimed = {i.id: i.claim_token for i in await claim(store, T0, limit=2, lease=10)}
+    token = claimed[mine.id]
+    assert token is not None
+    released = await store.sweep_leases(
+        now=T0 + 20, max_attempts=MAX_ATTEMPTS, except_tokens=[token]
+    )
+    assert released == [Released(stray.id, WS, "queued")]
+    assert await state_of(store, mine.id) == "dispatching"
+    assert await store.settle(mine.id, token, state="delivered", now=T0 + 21)
+
+
 async def test_a_lease_running_out_on_the_last_attempt_ends_failed(store: Store) -> None:
     item = await put(store, T0)
     now = T0
@@ -1077,6 +1092,7 @@ async def test_postgres_lost_and_back_fails_writes_clearly_then_reconnects() -> 
         async with PostgresStore(server.url, schema="lost") as s:
             await s.migrate()
             kept = await put(s, T0)
+            version = await s.data_version()
             server.kill()
             with pytest.raises(StoreUnavailable) as refused:
                 await put(s, T0 + 1)
@@ -1090,6 +1106,8 @@ async def test_postgres_lost_and_back_fails_writes_clearly_then_reconnects() -> 
                 except StoreUnavailable:
                     await asyncio.sleep(0.1)
             assert s.last_write_error is None
+            # A commit whose answer was lost may have happened: the daemon counts again.
+            assert await s.data_version() != version
             got = None
             for _ in range(50):  # the pool replaces its broken connections
                 try:
@@ -1098,6 +1116,29 @@ async def test_postgres_lost_and_back_fails_writes_clearly_then_reconnects() -> 
                 except StoreUnavailable:
                     await asyncio.sleep(0.1)
             assert got is not None and got.state == "queued"
+            assert (await s.counts())[WS]["queued"] == 2
+
+
+async def test_postgres_read_only_server_is_store_unavailable_not_a_crash() -> None:
+    """A server that turned read-only (a standby after a failover, a storage guard)
+    is a store that cannot write, with its reason, until it writes again."""
+    with PgServer() as server:
+        async with PostgresStore(server.url, schema="ro") as s:
+            await s.migrate()
+            await put(s, T0)
+            with psycopg.connect(server.url, autocommit=True) as admin:
+                admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+                admin.execute("SELECT pg_reload_conf()")
+                await asyncio.sleep(0.5)
+                with pytest.raises(StoreUnavailable, match="read-only") as refused:
+                    await put(s, T0 + 1)
+                assert refused.value.retry_after
+                assert "read-only" in (s.last_write_error or "")
+                admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
+                admin.execute("SELECT pg_reload_conf()")
+            await asyncio.sleep(0.5)
+            await put(s, T0 + 2)
+            assert s.last_write_error is None
             assert (await s.counts())[WS]["queued"] == 2
 
 
@@ -1144,8 +1185,14 @@ async def test_postgres_owner_lock_is_taken_again_after_a_restart_or_refused() -
                 assert refusal.retry_after
                 assert "held by another a2ad" in (first.last_write_error or "")
                 await put(usurper, T0 + 3)
-            # The other one gone, the first takes its lock back and writes again.
-            await put(first, T0 + 4)
+            # The other one gone (its session ends a moment after it closes), the
+            # first takes its lock back and writes again.
+            for _ in range(50):
+                try:
+                    await put(first, T0 + 4)
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(0.1)
             assert first.last_write_error is None
             assert (await first.counts())[WS]["queued"] == 4
 

@@ -40,8 +40,7 @@ async def test_stored_times_follow_the_database_clock_not_a_skewed_hosts(
         queue={"max_age_seconds": 600},
     )
     first = asyncio.create_task(a2ad.send("w", "holds the slot"))
-    while not agent.received:
-        await asyncio.sleep(0.01)
+    await agent.wait_received(1)
     status, data = await a2ad.send("w", "queued")
     assert status == 202
     item = await a2ad.item(jsonrpc_task(data)["id"])
