@@ -467,6 +467,7 @@ class PostgresStore(PgReads):
     async def _release(self, condition: str, params: dict[str, Any]) -> list[Released]:
         statement = RELEASE_DISPATCHING.format(condition=condition)
 
+        @one_statement
         async def op(conn: Conn) -> Counted[list[Released]]:
             rows = await (await conn.execute(statement, params)).fetchall()
             return released(rows, "dispatching", params["now"])
@@ -474,6 +475,7 @@ class PostgresStore(PgReads):
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
 
     async def expire_due(self, *, now: float) -> list[Released]:
+        @one_statement
         async def op(conn: Conn) -> Counted[list[Released]]:
             rows = await (
                 await conn.execute(
