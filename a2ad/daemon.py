@@ -261,6 +261,7 @@ class Daemon:
             if ws.check_heartbeat_timeout(self.clock.monotonic()):
                 self.liveness.signal(ws, "no heartbeat within heartbeat_timeout_seconds")
         await self.dispatcher.sweep()
+        await self.store.tend()
         # Another process (the queue CLI) wrote to the file: recount and look again.
         version = await self.store.data_version()
         if self._data_version is not None and version != self._data_version:

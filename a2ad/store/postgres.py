@@ -38,6 +38,10 @@ log = logging.getLogger("a2ad.store")
 
 T = TypeVar("T")
 
+# Analyze the items table once this many rows changed, plus this share of its rows.
+ANALYZE_ROWS = 1000
+ANALYZE_SHARE = 0.2
+
 
 def _lock_key(purpose: str, schema: str) -> str:
     return f"a2ad:{purpose}:{schema}"
@@ -621,6 +625,19 @@ class PostgresStore(PgReads):
             return Counted(n, snapshot=Snapshot(frozenset([workspace_id])))
 
         return await self._write(op)  # type: ignore[no-any-return]
+
+    async def tend(self) -> None:
+        """Keep the planner's statistics of the items table current. A queue table
+        grows and turns over fast, and autovacuum analyzes it at most once a minute:
+        until then the writer's plans take a fresh table for an empty one, and
+        looking up a batch's messageIds costs more with every row (measured: 4.5 ms
+        a batch of 50 at 30,000 rows when analyzed as it grows, 11 ms when not)."""
+        rows = await self._rows(
+            "SELECT n_mod_since_analyze, n_live_tup FROM pg_stat_user_tables"
+            " WHERE relid = 'items'::regclass"
+        )
+        if rows and rows[0][0] > ANALYZE_ROWS + ANALYZE_SHARE * rows[0][1]:
+            await self._read(lambda conn: conn.execute("ANALYZE items"))
 
     async def data_version(self) -> int:
         """Changes when another process commits to the store (heard by LISTEN), and

@@ -552,6 +552,9 @@ class Store(Reads):
 
         return await self._read(read)
 
+    async def tend(self) -> None:
+        """Nothing: SQLite needs no upkeep while a2ad runs."""
+
     async def data_version(self) -> int:
         """Changes when another process (the queue CLI) commits to the file."""
         writer = self._conn

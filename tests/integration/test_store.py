@@ -1119,6 +1119,38 @@ async def test_postgres_lost_and_back_fails_writes_clearly_then_reconnects() -> 
             assert (await s.counts())[WS]["queued"] == 2
 
 
+async def test_postgres_tend_analyzes_a_table_that_grew_and_leaves_a_quiet_one(
+    pg_server: PgServer,
+) -> None:
+    """Autovacuum analyzes at most once a minute; a queue table outgrows its
+    statistics faster than that, so the store analyzes it once enough changed."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    stats = (
+        "SELECT n_mod_since_analyze, last_analyze IS NOT NULL FROM pg_stat_user_tables"
+        " WHERE relid = 'items'::regclass"
+    )
+    async with PostgresStore(pg_server.url, schema=schema) as s:
+        await s.migrate()
+        options = f"-c search_path={schema}"
+        with psycopg.connect(pg_server.url, autocommit=True, options=options) as other:
+            await s.tend()
+            assert other.execute(stats).fetchone() == (0, False)  # nothing to do
+            other.execute(
+                "INSERT INTO items (id, workspace, method, body, enqueued_at, updated_at)"
+                " SELECT 'i' || g, 'w', 'message/send', '\\x7b7d', 0, 0"
+                " FROM generate_series(1, 1500) g"
+            )
+            other.execute("SELECT pg_stat_force_next_flush()")
+            other.execute("SELECT 1")  # the statistics of the insert reach the server
+            for _ in range(50):
+                await s.tend()
+                row = other.execute(stats).fetchone()
+                if row is not None and row[1]:
+                    break
+                await asyncio.sleep(0.1)
+            assert row == (0, True)
+
+
 async def test_postgres_read_only_server_is_store_unavailable_not_a_crash() -> None:
     """A server that turned read-only (a standby after a failover, a storage guard)
     is a store that cannot write, with its reason, until it writes again."""
