@@ -32,6 +32,7 @@ log = logging.getLogger("a2ad")
 
 HOUSEKEEPING_SECONDS = 1.0
 CLOCK_CHECK_SECONDS = 60.0  # how often the store's clock is measured again
+SLOW_RECOUNT_SECONDS = 60.0  # a server store is counted again at least this often
 # Not stored with a run-time workspace: a path, and agent credentials, which only
 # the config file gives (PUT /workspaces/{id} refuses them).
 RUNTIME_EXCLUDED = frozenset({"token_file", "agent_token", "agent_token_file", "agent_headers"})
@@ -81,6 +82,7 @@ class Daemon:
         self._owns_lock = False
         self._data_version: int | None = None
         self._clock_checked = 0.0  # monotonic time of the last _follow_store_clock
+        self._recounted = 0.0  # monotonic time of the last recount in housekeeping
         self.loops_running = False
 
     async def start(self) -> None:
@@ -115,6 +117,7 @@ class Daemon:
         # From here on, a commit by another process (the queue CLI) means a recount
         # (read before the start-up recount, so a commit between the two is seen).
         self._data_version = await self.store.data_version()
+        self._recounted = self.clock.monotonic()
         await self.dispatcher.start()
         self._loops = [
             asyncio.create_task(
@@ -262,10 +265,15 @@ class Daemon:
                 self.liveness.signal(ws, "no heartbeat within heartbeat_timeout_seconds")
         await self.dispatcher.sweep()
         await self.store.tend()
-        # Another process (the queue CLI) wrote to the file: recount and look again.
+        # Another process (the queue CLI) wrote to the store: recount and look again.
+        # On a server, also now and then without being told (a slow poll behind
+        # LISTEN/NOTIFY, for whatever a notification cannot carry).
         version = await self.store.data_version()
-        if self._data_version is not None and version != self._data_version:
+        mono = self.clock.monotonic()
+        told = self._data_version is not None and version != self._data_version
+        if told or (self.store.is_server and mono - self._recounted >= SLOW_RECOUNT_SECONDS):
             await self.dispatcher.recount()
+            self._recounted = mono
         self._data_version = version
 
     async def _retention(self) -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from fakes import A2ad, FakeAgent, jsonrpc_task, wait_until
+from fakes import A2ad, FakeAgent, jsonrpc_task, store_query, wait_until
 
 from a2ad.clock import ManualClock
 from a2ad.store import NewItem
@@ -482,3 +483,37 @@ async def test_a_claim_that_outlived_its_outcome_is_delivered_once_its_lease_lap
     assert (item["state"], item["attempts"]) == ("delivered", 1)
     assert [r.text for r in agent.served] == ["m0", "m1"]
     assert agent.max_active == 1
+
+
+async def test_a_change_no_notification_told_of_is_found_by_the_slow_poll(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory, store_kind: str
+) -> None:
+    """On PostgreSQL the daemon hears other processes' commits by LISTEN; one that
+    sent no NOTIFY (a tool of the operator's own) is found by the slow recount."""
+    if store_kind == "sqlite":
+        pytest.skip("SQLite's data_version sees every other writer's commit at once")
+    agent = await agent_factory()
+    clock = ManualClock()
+    a2ad = await a2ad_factory([ws(agent)], clock=clock)
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "message/send",
+        "params": {"message": {"messageId": "m-x", "role": "user", "parts": [{"text": "x"}]}},
+    }
+    await asyncio.to_thread(
+        store_query,
+        a2ad.daemon.settings.store,
+        "INSERT INTO items (id, workspace, method, body, message_id, enqueued_at, updated_at)"
+        " VALUES ('q-outside', 'w', 'message/send', ?, 'm-x', ?, ?)",
+        (json.dumps(body).encode(), clock.now(), clock.now()),
+    )
+    await clock.advance(1)
+    await asyncio.sleep(0.1)
+    assert agent.received == []  # not told, not counted yet
+    for _ in range(61):
+        await clock.advance(1)
+        await asyncio.sleep(0.01)
+    item = await asyncio.wait_for(a2ad.final("q-outside"), 10)
+    assert item["state"] == "delivered"
+    assert [r.text for r in agent.served] == ["x"]
