@@ -32,7 +32,7 @@ log = logging.getLogger("a2ad")
 
 HOUSEKEEPING_SECONDS = 1.0
 CLOCK_CHECK_SECONDS = 60.0  # how often the store's clock is measured again
-SLOW_RECOUNT_SECONDS = 60.0  # a server store is counted again at least this often
+SLOW_RECOUNT_SECONDS = 60.0  # how often a server store is counted again, untold
 # Not stored with a run-time workspace: a path, and agent credentials, which only
 # the config file gives (PUT /workspaces/{id} refuses them).
 RUNTIME_EXCLUDED = frozenset({"token_file", "agent_token", "agent_token_file", "agent_headers"})
@@ -81,8 +81,6 @@ class Daemon:
         self._loops: list[asyncio.Task[None]] = []
         self._owns_lock = False
         self._data_version: int | None = None
-        self._clock_checked = 0.0  # monotonic time of the last _follow_store_clock
-        self._recounted = 0.0  # monotonic time of the last recount in housekeeping
         self.loops_running = False
 
     async def start(self) -> None:
@@ -117,7 +115,6 @@ class Daemon:
         # From here on, a commit by another process (the queue CLI) means a recount
         # (read before the start-up recount, so a commit between the two is seen).
         self._data_version = await self.store.data_version()
-        self._recounted = self.clock.monotonic()
         await self.dispatcher.start()
         self._loops = [
             asyncio.create_task(
@@ -131,6 +128,17 @@ class Daemon:
                 name="a2ad-probes",
             ),
         ]
+        if self.store.is_server:
+            self._loops += [
+                asyncio.create_task(
+                    self._every(CLOCK_CHECK_SECONDS, self._follow_store_clock), name="a2ad-clock"
+                ),
+                # The slow poll behind LISTEN/NOTIFY, for a change no notification told of.
+                asyncio.create_task(
+                    self._every(SLOW_RECOUNT_SECONDS, self.dispatcher.recount),
+                    name="a2ad-recount",
+                ),
+            ]
         self.loops_running = True
         log.info("a2ad started: %d workspaces", len(self.registry))
 
@@ -249,11 +257,8 @@ class Daemon:
                 abs(offset),
                 "behind" if offset > 0 else "ahead of",
             )
-        self._clock_checked = self.clock.monotonic()
 
     async def _housekeeping(self) -> None:
-        if self.clock.monotonic() - self._clock_checked >= CLOCK_CHECK_SECONDS:
-            await self._follow_store_clock()
         now = self.clock.now()
         if self.store.last_write_error is not None:
             # An idle a2ad writes nothing, so it looks by itself whether the
@@ -266,14 +271,9 @@ class Daemon:
         await self.dispatcher.sweep()
         await self.store.tend()
         # Another process (the queue CLI) wrote to the store: recount and look again.
-        # On a server, also now and then without being told (a slow poll behind
-        # LISTEN/NOTIFY, for whatever a notification cannot carry).
         version = await self.store.data_version()
-        mono = self.clock.monotonic()
-        told = self._data_version is not None and version != self._data_version
-        if told or (self.store.is_server and mono - self._recounted >= SLOW_RECOUNT_SECONDS):
+        if self._data_version is not None and version != self._data_version:
             await self.dispatcher.recount()
-            self._recounted = mono
         self._data_version = version
 
     async def _retention(self) -> None:

@@ -185,9 +185,13 @@ class PgWriter(BatchLoop):
             if is_store_failure(exc):
                 raise
             return (False, exc)
+        await self._announce(conn)
+        return outcome
+
+    async def _announce(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Tell the daemon listening there of this commit (a store it does not own)."""
         if self.announce:
             await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self.instance))
-        return outcome
 
     async def _run_ops(
         self,
@@ -230,6 +234,5 @@ class PgWriter(BatchLoop):
                     if not savepoints:
                         raise _Retry from exc
                     outcomes[index] = (False, exc)
-            if self.announce:
-                await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self.instance))
+            await self._announce(conn)
         return outcomes

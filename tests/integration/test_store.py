@@ -6,8 +6,9 @@ import asyncio
 import sqlite3
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 import pytest
@@ -27,6 +28,7 @@ from a2ad.store import (
 from a2ad.store.lock import StoreLocked
 from a2ad.store.postgres import PostgresStore
 
+T = TypeVar("T")
 T0 = 1_800_000_000.0
 WS = "ws"
 LEASE = 60.0
@@ -50,6 +52,17 @@ async def put(store: Store, now: float = T0, workspace: str = WS, **fields: obje
     result = await store.enqueue(new(workspace, **fields), now=now, replay_window=REPLAY)
     assert result.created
     return result.item
+
+
+async def when_back(attempt: Callable[[], Awaitable[T]]) -> T:
+    """`attempt()` once the server takes it: StoreUnavailable meanwhile, for up to
+    about 5 s (the last attempt's error is the test's)."""
+    for _ in range(50):
+        try:
+            return await attempt()
+        except StoreUnavailable:
+            await asyncio.sleep(0.1)
+    return await attempt()
 
 
 async def claim(
@@ -1099,22 +1112,11 @@ async def test_postgres_lost_and_back_fails_writes_clearly_then_reconnects() -> 
             assert refused.value.retry_after is not None
             assert s.last_write_error is not None
             server.launch()
-            for _ in range(50):
-                try:
-                    await put(s, T0 + 2)
-                    break
-                except StoreUnavailable:
-                    await asyncio.sleep(0.1)
+            await when_back(lambda: put(s, T0 + 2))
             assert s.last_write_error is None
             # A commit whose answer was lost may have happened: the daemon counts again.
             assert await s.data_version() != version
-            got = None
-            for _ in range(50):  # the pool replaces its broken connections
-                try:
-                    got = await s.get(kept.id)
-                    break
-                except StoreUnavailable:
-                    await asyncio.sleep(0.1)
+            got = await when_back(lambda: s.get(kept.id))
             assert got is not None and got.state == "queued"
             assert (await s.counts())[WS]["queued"] == 2
 
@@ -1186,12 +1188,7 @@ async def test_postgres_owner_lock_is_taken_again_after_a_restart_or_refused() -
             await put(first, T0)
             server.kill()
             server.launch()
-            for _ in range(50):
-                try:
-                    await put(first, T0 + 1)
-                    break
-                except StoreUnavailable:
-                    await asyncio.sleep(0.1)
+            await when_back(lambda: put(first, T0 + 1))
             async with PostgresStore(server.url, schema="own") as second:
                 with pytest.raises(StoreLocked, match="held by another a2ad"):
                     await second.take_ownership()
@@ -1199,12 +1196,7 @@ async def test_postgres_owner_lock_is_taken_again_after_a_restart_or_refused() -
             server.kill()
             server.launch()
             async with PostgresStore(server.url, schema="own") as usurper:
-                for _ in range(50):
-                    try:
-                        await usurper.take_ownership()  # while the first is not writing
-                        break
-                    except StoreUnavailable:
-                        await asyncio.sleep(0.1)
+                await when_back(usurper.take_ownership)  # while the first is not writing
                 refusal = None
                 for _ in range(3):  # the first write may only learn the connection broke
                     try:
@@ -1219,12 +1211,7 @@ async def test_postgres_owner_lock_is_taken_again_after_a_restart_or_refused() -
                 await put(usurper, T0 + 3)
             # The other one gone (its session ends a moment after it closes), the
             # first takes its lock back and writes again.
-            for _ in range(50):
-                try:
-                    await put(first, T0 + 4)
-                    break
-                except StoreUnavailable:
-                    await asyncio.sleep(0.1)
+            await when_back(lambda: put(first, T0 + 4))
             assert first.last_write_error is None
             assert (await first.counts())[WS]["queued"] == 4
 
