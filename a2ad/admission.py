@@ -42,15 +42,19 @@ class Enqueuing:
 class Slot:
     """One of a2ad's requests at an agent. `release()` returns it, once."""
 
-    __slots__ = ("_admission",)
+    __slots__ = ("_admission", "also")
 
     def __init__(self, admission: Admission) -> None:
         self._admission: Admission | None = admission
+        # Run as it is returned: a direct send's lease on a slot replicas share.
+        self.also: Callable[[], None] | None = None
 
     def release(self) -> None:
         admission, self._admission = self._admission, None
         if admission is not None:
             admission._slot_returned()
+            if self.also is not None:
+                self.also()
 
     def __enter__(self) -> Slot:
         return self
@@ -92,6 +96,9 @@ class Admission:
         self.paused_until = 0.0  # monotonic
         self.busy_streak = 0
         self.busy_since: float | None = None  # when the current busy spell began (monotonic)
+        # Another replica changed this workspace's queue (its NOTIFY): there may be
+        # items due that this one has not counted yet, so its next claim looks.
+        self.told = False
 
     def bind(
         self,
@@ -121,6 +128,11 @@ class Admission:
             await self._written.wait()
 
     # -- what is free --------------------------------------------------------
+
+    def shared_capacity(self, now: float) -> int:
+        """What a2ad may run at the agent, over every replica: its capacity less
+        its other load (as this replica knows them)."""
+        return self._capacity(now) - self._external_load(now)
 
     def free_slots(self, now: float) -> int:
         """Capacity less a2ad's requests, reservations and the agent's other load;
@@ -162,6 +174,8 @@ class Admission:
         """Slots for the pump's next claim, held until `claimed`: as many as are
         free and items are due, 0 when nothing may be delivered now."""
         due = self.depth.deliverable(self._clock.now())
+        if self.told:
+            due = max(due, self.free_slots(now))
         if due <= 0 or not self.can_deliver(now):
             return 0
         n = min(self.free_slots(now), due)
@@ -172,6 +186,8 @@ class Admission:
         """The claim took `n` items: each gets one of the `reserved` slots; the
         rest are free again."""
         assert 0 <= n <= reserved <= self.reserved
+        if n < reserved:
+            self.told = False  # the store had no more, or no more slots
         self.reserved -= reserved
         self.in_flight += n
         return [Slot(self) for _ in range(n)]

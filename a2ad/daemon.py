@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -16,14 +16,16 @@ from .agent_ids import AgentIds
 from .agent_urls import AgentResolver, refused_literal
 from .auth import Auth
 from .cards import Cards
-from .clock import Clock
+from .clock import Cancellable, Clock
 from .delivery import Dispatcher
 from .direct import DirectPath
 from .errors import StoreUnavailable
 from .liveness import Liveness
 from .metrics import Metrics
 from .settings import Settings, WorkspaceSettings
+from .shared_slots import SharedSlots
 from .store import QueueStore, StoreLock, migrations_for, open_store
+from .store.base import SharedSlotStore
 from .upstream import Upstream
 from .watch import ResultWatch
 from .workspaces import Registry, Workspace
@@ -31,6 +33,10 @@ from .workspaces import Registry, Workspace
 log = logging.getLogger("a2ad")
 
 HOUSEKEEPING_SECONDS = 1.0
+# Another replica's commits are counted again this long after the first that told
+# of them: soon enough that this replica's queue counts are near the store's (a
+# send it would queue for items long delivered), seldom enough under load.
+TOLD_RECOUNT_SECONDS = 0.1
 CLOCK_CHECK_SECONDS = 60.0  # how often the store's clock is measured again
 SLOW_RECOUNT_SECONDS = 60.0  # how often a server store is counted again, untold
 # Not stored with a run-time workspace: a path, and agent credentials, which only
@@ -49,7 +55,11 @@ class Daemon:
         self.clock = clock or Clock()
         self.lock = lock
         self.store: QueueStore = open_store(settings.store)
-        self.registry = Registry(settings.liveness, self.clock, self.store.depths)
+        # Replicas serve a server store (PostgreSQL); each has its name there.
+        self.replica = settings.store.replica_id if self.store.is_server else None
+        self.registry = Registry(
+            settings.liveness, self.clock, self.store.depths, replica=self.replica
+        )
         for ws in settings.workspaces:
             self.registry.add(ws)
         self.auth = Auth(settings)
@@ -65,6 +75,13 @@ class Daemon:
         self.watch = ResultWatch(self.store, self.clock, max_held=settings.queue.max_held)
         self.agent_ids = AgentIds(self.store)
         self.direct = DirectPath(settings, self.store, self.upstream, self.clock, self.metrics)
+        self.shared_slots: SharedSlots | None = None
+        if self.store.is_server:
+            shared_store = cast(SharedSlotStore, self.store)
+            shared_store.on_change = self._told
+            self.shared_slots = SharedSlots(
+                shared_store, self.clock, lease_seconds=settings.queue.lease_seconds
+            )
         self.dispatcher = Dispatcher(
             settings,
             self.store,
@@ -81,6 +98,8 @@ class Daemon:
         self._loops: list[asyncio.Task[None]] = []
         self._owns_lock = False
         self._data_version: int | None = None
+        self._told_recount: Cancellable | None = None
+        self._recounting: asyncio.Future[None] | None = None
         self.loops_running = False
 
     async def start(self) -> None:
@@ -92,7 +111,7 @@ class Daemon:
             self._owns_lock = True
         await self.store.open()
         try:
-            await self.store.take_ownership()  # PostgreSQL: its advisory lock
+            await self.store.take_ownership(self.replica)  # PostgreSQL: advisory locks
             if postgres:
                 await self._refuse_other_schema()
             else:
@@ -102,7 +121,8 @@ class Daemon:
         except BaseException:
             await self.store.close()
             raise
-        # Under the owner's lock, every dispatching row belongs to a dead process.
+        # Under the file's lock, every dispatching row belongs to a dead process; on
+        # PostgreSQL, those this replica's earlier run held.
         recovered = await self.store.recover_dispatching(
             now=self.clock.now(), max_attempts=self.settings.queue.max_attempts
         )
@@ -128,8 +148,9 @@ class Daemon:
                 name="a2ad-probes",
             ),
         ]
-        if self.store.is_server:
+        if self.shared_slots is not None:
             self._loops += [
+                asyncio.create_task(self.shared_slots.keep(), name="a2ad-slot-leases"),
                 asyncio.create_task(
                     self._every(CLOCK_CHECK_SECONDS, self._follow_store_clock), name="a2ad-clock"
                 ),
@@ -152,11 +173,16 @@ class Daemon:
         """Stop claiming, let deliveries finish within the grace period, close the store."""
         self.loops_running = False
         systemd.notify("STOPPING=1")
-        for task in self._loops:
+        if self._told_recount is not None:
+            self._told_recount.cancel()
+        jobs = [*self._loops, *([self._recounting] if self._recounting else [])]
+        for task in jobs:
             task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*jobs, return_exceptions=True)
         await self.liveness.stop()
         await self.dispatcher.stop(self.settings.server.shutdown_grace_seconds)
+        if self.shared_slots is not None:
+            await self.shared_slots.close()
         await self.upstream.close()
         await self.store.close()
         if self._owns_lock and self.lock is not None:
@@ -217,6 +243,26 @@ class Daemon:
         self.cards.forget(ws.id)
         return deleted
 
+    def _told(self, workspaces: list[str]) -> None:
+        """Another replica (or the queue CLI) committed a change to these
+        workspaces' queues or freed their slots: their pumps look at once."""
+        for workspace_id in workspaces:
+            ws = self.registry.find(workspace_id)
+            if ws is not None:
+                ws.admission.told = True
+                ws.wakeup.set()
+        if self._told_recount is None and self.loops_running:
+            self._told_recount = self.clock.call_later(TOLD_RECOUNT_SECONDS, self._recount_told)
+
+    def _recount_told(self) -> None:
+        self._told_recount = None  # what tells of later commits schedules another
+        if self._recounting is None or self._recounting.done():
+            self._recounting = asyncio.ensure_future(self._run(self._count_again))
+
+    async def _count_again(self) -> None:
+        self._data_version = await self.store.data_version()
+        await self.dispatcher.recount()
+
     async def _refuse_other_schema(self) -> None:
         """A PostgreSQL schema is brought forward by `a2ad migrate`, not by serve:
         a database others use changes only when its operator says so."""
@@ -234,17 +280,21 @@ class Daemon:
             )
 
     async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
-        # Background loops never die silently: they log and go on.
         while True:
             await self.clock.sleep(seconds)
-            try:
-                await job()
-            except asyncio.CancelledError:
-                raise
-            except StoreUnavailable as exc:
-                log.warning("%s: %s", job.__name__.strip("_"), exc.message)
-            except Exception:
-                log.exception("%s failed; continuing", job.__name__.strip("_"))
+            await self._run(job)
+
+    @staticmethod
+    async def _run(job: Callable[[], Awaitable[None]]) -> None:
+        # Background jobs never die silently: they log, and their loop goes on.
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except StoreUnavailable as exc:
+            log.warning("%s: %s", job.__name__.strip("_"), exc.message)
+        except Exception:
+            log.exception("%s failed; continuing", job.__name__.strip("_"))
 
     async def _follow_store_clock(self) -> None:
         """Stored times are on the store's clock (PostgreSQL's: every host that

@@ -268,6 +268,8 @@ class Dispatcher:
                 lease_seconds=self.queue_settings.lease_seconds,
                 promote_after=self.queue_settings.promote_after_seconds,
                 limit=reserved,
+                # A store replicas share counts the agent's slots over all of them.
+                cap=admission.shared_capacity(self.clock.monotonic()),
                 # Awaited as it is (a shield would cost the hot path a loop turn): if
                 # this pump is cancelled, the claim commits all the same, and what it
                 # took is handed back.

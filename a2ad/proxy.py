@@ -123,7 +123,10 @@ async def _send_message(
     if slot is not None:
         with slot:
             direct = daemon.direct
-            if not (direct.may_replay(ws) and await direct.seen_before(ws, caller, rpc.message_id)):
+            shared = daemon.shared_slots  # replicas: the store counts slots over all
+            if not (
+                direct.may_replay(ws) and await direct.seen_before(ws, caller, rpc.message_id)
+            ) and (shared is None or await shared.take(ws, slot, arrived=now)):
                 headers = forwarded_headers(request.headers, request_id)
                 outgoing = raw
                 if a2a.may_name_a2ad_ids(raw):

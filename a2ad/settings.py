@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -133,6 +134,8 @@ class StoreSettings(_Section):
     """PostgreSQL connections for reads; one more writes (and holds the lock), one listens."""
     statement_timeout_seconds: float = Field(30.0, gt=0)
     """PostgreSQL statement_timeout of a2ad's connections."""
+    replica_id: str = Field("", max_length=200, pattern=r"^[^\s\x00]*$")
+    """PostgreSQL replicas: this one's name, unique among them (default host:port)."""
 
     @model_validator(mode="after")
     def _url_from_file(self) -> StoreSettings:
@@ -280,6 +283,8 @@ class WorkspaceSettings(_Section):
     """argv (no shell, A2AD_WORKSPACE set) that restarts a dead agent; []: none."""
     status_command: list[str] = Field(default_factory=list)
     """argv: exit 0 running, 1 not running; []: probe with a GET of the agent card."""
+    replicas: list[str] = Field(default_factory=list)
+    """PostgreSQL replicas that may deliver to it (their store.replica_id); []: all."""
 
     @model_validator(mode="after")
     def _token(self) -> WorkspaceSettings:
@@ -393,6 +398,9 @@ class Settings(BaseSettings):
         tokens += [w.token for w in self.workspaces if w.token]
         if len(tokens) != len(set(tokens)):
             raise ValueError("every token (admin, callers, workspaces) must be different")
+        if not self.store.replica_id:
+            replica = f"{socket.gethostname()}:{self.server.port}"
+            object.__setattr__(self.store, "replica_id", replica)
         return self
 
     @property

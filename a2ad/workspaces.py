@@ -55,8 +55,10 @@ class Workspace:
         from_config: bool = True,
         depths: Depths | None = None,
         enqueuing: Enqueuing | None = None,
+        replica: str | None = None,
     ):
         self.config = config
+        self.replica = replica  # this a2ad's store.replica_id, when replicas share a store
         self.from_config = from_config  # a2ad.toml's workspaces are read-only at run time
         self._liveness = liveness
         self._clock = clock
@@ -84,8 +86,15 @@ class Workspace:
         return self.config.id
 
     def admits(self) -> bool:
-        """Its state lets a message go to the agent (if a slot is free)."""
-        return self.state in DELIVERABLE
+        """Its state lets a message go to the agent (if a slot is free), from here."""
+        return self.state in DELIVERABLE and self.delivers_here
+
+    @property
+    def delivers_here(self) -> bool:
+        """This replica may deliver to the agent (`replicas` names it, or is empty:
+        an agent on a loopback URL is reached only from its own host)."""
+        replicas = self.config.replicas
+        return not replicas or self.replica is None or self.replica in replicas
 
     # Read-only views for the status page, metrics and tests.
     @property
@@ -176,8 +185,16 @@ class Workspace:
 class Registry:
     """Every workspace a2ad fronts, by id."""
 
-    def __init__(self, liveness: LivenessSettings, clock: Clock, depths: Depths | None = None):
+    def __init__(
+        self,
+        liveness: LivenessSettings,
+        clock: Clock,
+        depths: Depths | None = None,
+        *,
+        replica: str | None = None,
+    ):
         self._liveness = liveness
+        self.replica = replica
         self._clock = clock
         self._by_id: dict[str, Workspace] = {}
         self.depths = depths or Depths()
@@ -194,6 +211,7 @@ class Registry:
             from_config=from_config,
             depths=self.depths,
             enqueuing=self.enqueuing,
+            replica=self.replica,
         )
         retired = self._retired.pop(config.id, None)
         if retired is not None:

@@ -60,6 +60,7 @@ def open_store(settings: StoreSettings) -> QueueStore:
         synchronous=settings.synchronous,
         pool_size=settings.pool_size,
         statement_timeout=settings.statement_timeout_seconds,
+        replica=settings.replica_id,
     )
 
 

@@ -34,7 +34,7 @@ class QueueStore(Protocol):
     async def migrate(self, migrations: Iterable[Migration] | None = None) -> list[Migration]: ...
     async def data_version(self) -> int: ...
     async def tend(self) -> None: ...
-    async def take_ownership(self) -> None: ...
+    async def take_ownership(self, replica: str | None = None) -> None: ...
     async def server_time(self) -> float | None: ...
 
     # -- the queue
@@ -50,6 +50,7 @@ class QueueStore(Protocol):
         lease_seconds: float,
         promote_after: float,
         limit: int = 1,
+        cap: int | None = None,
         if_cancelled: Callable[[list[Item]], None] | None = None,
     ) -> asyncio.Future[list[Item]]: ...
     async def claim(
@@ -60,6 +61,7 @@ class QueueStore(Protocol):
         lease_seconds: float,
         promote_after: float,
         limit: int = 1,
+        cap: int | None = None,
     ) -> list[Item]: ...
     async def renew(
         self, claims: dict[str, str], *, lease_until: float, now: float
@@ -140,3 +142,25 @@ class QueueStore(Protocol):
     ) -> tuple[list[Item], int]: ...
     async def counts(self) -> dict[str, dict[str, int]]: ...
     async def next_due(self, workspace: str, *, now: float) -> float | None: ...
+
+
+class SharedSlotStore(QueueStore, Protocol):
+    """A store several replicas serve (PostgreSQL): an agent's slots are counted
+    there over all of them. A claim takes its items' slots itself (`cap`: the
+    agent's capacity less its other load); settling or handing back the item
+    returns them. A direct send takes and returns its own."""
+
+    on_change: Callable[[list[str]], None]
+
+    async def take_slot(
+        self,
+        workspace: str,
+        *,
+        token: str,
+        cap: int,
+        arrived: float,
+        now: float,
+        lease_until: float,
+    ) -> bool: ...
+    def submit_free_slots(self, tokens: list[str]) -> asyncio.Future[None]: ...
+    async def renew_slots(self, tokens: list[str], *, lease_until: float) -> set[str]: ...

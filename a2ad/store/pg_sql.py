@@ -23,6 +23,19 @@ from .sql import place
 LIVE = "state IN ('queued', 'dispatching')"
 _COLUMNS = ITEM_COLUMNS.split(", ")
 
+# Slots for up to {n} requests at a workspace's agent, taken from its count over
+# every replica: as many as `cap` (its capacity less its other load, as this
+# replica knows it) leaves free. One row per workspace, updated in place: a taker
+# that waited for another's row lock reads the count that one left (PostgreSQL
+# evaluates SET and WHERE again on the newest row), so two never share a slot.
+_GRANT = """UPDATE slots
+    SET granted = LEAST({n}, %(cap)s - slots.in_use),
+        in_use = slots.in_use + LEAST({n}, %(cap)s - slots.in_use)
+    FROM {source}
+    WHERE slots.workspace = %(workspace)s AND slots.in_use < %(cap)s AND {n} > 0{extra}
+    RETURNING slots.granted"""
+ENSURE_SLOTS = "INSERT INTO slots (workspace) VALUES (%s) ON CONFLICT (workspace) DO NOTHING"
+
 # Promotion moves an item up one level per full promote_after_seconds waited.
 _HEAD = """h{p} AS (SELECT seq, enqueued_at, {level} AS level FROM items
     WHERE workspace = %(workspace)s AND state = 'queued' AND priority BETWEEN {p} AND {p}
@@ -41,13 +54,52 @@ heads AS (
         ORDER BY LEAST(2, level + floor((%(now)s - enqueued_at) / %(promote)s)) DESC, seq
     ) AS place
     FROM (SELECT * FROM h100 UNION ALL SELECT * FROM h50 UNION ALL SELECT * FROM h10) h),
+wanted AS (SELECT count(*) AS n FROM heads WHERE place <= %(limit)s),
+granted AS ({_GRANT.format(n="wanted.n", source="wanted", extra="")}),
 claimed AS (
     UPDATE items SET state = 'dispatching',
         claim_token = replace(gen_random_uuid()::text, '-', ''),
         lease_until = %(lease)s, updated_at = %(now)s
-    FROM heads WHERE items.seq = heads.seq AND heads.place <= %(limit)s
-    RETURNING heads.place, {", ".join("items." + c for c in _COLUMNS)})
+    FROM heads WHERE items.seq = heads.seq AND heads.place <= (SELECT granted FROM granted)
+    RETURNING heads.place, {", ".join("items." + c for c in _COLUMNS)}),
+leased AS (
+    INSERT INTO slot_leases (token, workspace, replica, lease_until)
+    SELECT claim_token, workspace, %(replica)s, %(lease)s FROM claimed)
 SELECT {ITEM_COLUMNS} FROM claimed ORDER BY place"""
+
+# A direct send's slot: taken only while no item of the workspace is due that was
+# queued before the send arrived (a send never passes the queue, whichever replica
+# holds its items; later sends stand behind it).
+_NONE_DUE = """
+    AND NOT EXISTS (SELECT 1 FROM items
+        WHERE workspace = %(workspace)s AND state = 'queued' AND priority IN (10, 50, 100)
+          AND enqueued_at < %(arrived)s
+          AND not_before <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s))"""
+_TAKE_ONE = _GRANT.format(n="1", source="(SELECT 1) AS one", extra=_NONE_DUE)
+TAKE_SLOT = f"""WITH granted AS ({_TAKE_ONE})
+INSERT INTO slot_leases (token, workspace, replica, lease_until)
+SELECT %(token)s, %(workspace)s, %(replica)s, %(lease)s FROM granted WHERE granted = 1
+RETURNING token"""
+
+# Slot leases returned (`gone`: a DELETE … RETURNING workspace), and each one's
+# workspace's count lowered in the same statement.
+FREE_SLOTS = """gone AS ({gone}),
+freed AS (
+    UPDATE slots SET in_use = slots.in_use - g.n
+    FROM (SELECT workspace, count(*) AS n FROM gone GROUP BY workspace) g
+    WHERE slots.workspace = g.workspace
+    RETURNING slots.workspace)"""
+FREE_TOKENS = FREE_SLOTS.format(
+    gone="DELETE FROM slot_leases WHERE token = ANY(%(tokens)s::text[]) RETURNING workspace"
+)
+SWEEP_SLOTS = (
+    "WITH "
+    + FREE_SLOTS.format(
+        gone="DELETE FROM slot_leases WHERE lease_until < %(now)s"
+        " AND NOT token = ANY(%(keep)s::text[]) RETURNING workspace"
+    )
+    + " SELECT workspace FROM freed"
+)
 
 RELEASE_DISPATCHING = """
 UPDATE items

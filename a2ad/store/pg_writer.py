@@ -29,13 +29,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
 
 from ..errors import StoreUnavailable
-from .depth import Depths
+from .depth import Counted, Depths
 from .pg_sql import Enqueue, enqueue_many
 from .writer import BatchLoop, Pending, hand_out
 
@@ -69,10 +70,20 @@ def one_statement(op: PgOp[T]) -> PgOp[T]:
 
 
 class OwnerLost(StoreUnavailable):
-    """Another process holds the owner's lock this writer needs."""
+    """Another process holds a lock this writer needs."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdvisoryLock:
+    """A session advisory lock the writer connection holds while it writes."""
+
+    key: str
+    shared: bool
+    refusal: str  # what to say when another process holds it
 
 
 IDLE_CHECK_SECONDS = 1.0  # a connection idle longer is checked before a batch
+MAX_PAYLOAD = 7000  # NOTIFY's payload is under 8000 bytes
 
 
 class _Retry(Exception):
@@ -96,8 +107,11 @@ class PgWriter(BatchLoop):
         self.synchronous = synchronous
         self.channel = channel
         self.instance = instance
-        self.announce = True  # NOTIFY with each batch (off for the owning daemon)
-        self.owner_lock: tuple[str, str] | None = None  # (lock key, where) once it owns
+        self.announce = True  # NOTIFY with each batch (off for a sole owner)
+        # Advisory locks the connection must hold before it writes: (key, shared,
+        # what to say when another process holds it).
+        self.locks: list[AdvisoryLock] = []
+        self.touched: set[str] = set()  # workspaces whose slots a batch freed (NOTIFY)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._holds_lock = False
         self.recoveries = 0  # times it wrote again after failing
@@ -124,18 +138,18 @@ class PgWriter(BatchLoop):
             self._conn = None
             self._holds_lock = False
             self._conn = await self._connect()
-        if self.owner_lock is not None and not self._holds_lock:
-            key, where = self.owner_lock
-            cursor = await self._conn.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
-            )
-            row = await cursor.fetchone()
-            if not (row and row[0]):
-                raise OwnerLost(
-                    f"{where} is held by another a2ad; stop it first, or give this one "
-                    "another store.schema",
-                    retry_after=5,
+        if self.locks and not self._holds_lock:
+            for lock in self.locks:
+                take = "pg_try_advisory_lock_shared" if lock.shared else "pg_try_advisory_lock"
+                cursor = await self._conn.execute(
+                    f"SELECT {take}(hashtextextended(%s, 0))", (lock.key,)
                 )
+                row = await cursor.fetchone()
+                if not (row and row[0]):
+                    # Those taken already go with the connection.
+                    await self._conn.close()
+                    self._conn = None
+                    raise OwnerLost(lock.refusal, retry_after=5)
             self._holds_lock = True
         self._used = time.monotonic()
         return self._conn
@@ -180,18 +194,31 @@ class PgWriter(BatchLoop):
         """A one-statement op on its own, committed by PostgreSQL as it runs (the
         connection is in autocommit; its default synchronous_commit is off)."""
         try:
-            outcome = (True, await op(conn))
+            outcome: tuple[bool, Any] = (True, await op(conn))
         except Exception as exc:
             if is_store_failure(exc):
                 raise
             return (False, exc)
-        await self._announce(conn)
+        await self._announce(conn, [outcome])
         return outcome
 
-    async def _announce(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Tell the daemon listening there of this commit (a store it does not own)."""
-        if self.announce:
-            await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, self.instance))
+    async def _announce(
+        self, conn: psycopg.AsyncConnection[Any], outcomes: list[tuple[bool, Any]]
+    ) -> None:
+        """Tell the processes listening there of this commit: the queue CLI's to
+        the daemon, a replica's to the others, naming the workspaces it changed
+        (new items, outcomes, freed slots), so theirs wake at once."""
+        if not self.announce:
+            return
+        touched = self.touched
+        self.touched = set()
+        for ok, value in outcomes:
+            if ok and isinstance(value, Counted):
+                touched.update(move.workspace for move in value.moves)
+        payload = " ".join([self.instance, *sorted(touched)])
+        if len(payload) > MAX_PAYLOAD:
+            payload = self.instance  # too many to name: the listeners count again
+        await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
 
     async def _run_ops(
         self,
@@ -234,5 +261,5 @@ class PgWriter(BatchLoop):
                     if not savepoints:
                         raise _Retry from exc
                     outcomes[index] = (False, exc)
-            await self._announce(conn)
+            await self._announce(conn, [])
         return outcomes

@@ -29,14 +29,25 @@ from .models import (
     State,
 )
 from .pg_reads import Conn, PgReads, live_snapshot
-from .pg_sql import CLAIM, RELEASE_DISPATCHING, Enqueue
-from .pg_writer import OwnerLost, PgOp, PgWriter, one_statement
+from .pg_sql import (
+    CLAIM,
+    ENSURE_SLOTS,
+    FREE_SLOTS,
+    FREE_TOKENS,
+    RELEASE_DISPATCHING,
+    SWEEP_SLOTS,
+    TAKE_SLOT,
+    Enqueue,
+)
+from .pg_writer import AdvisoryLock, OwnerLost, PgOp, PgWriter, one_statement
 from .schema import Migration, bundled_migrations
 from .sql import released
 
 log = logging.getLogger("a2ad.store")
 
 T = TypeVar("T")
+
+NO_CAP = 2**31 - 1  # a claim without a slot limit (the store's own tests)
 
 # Analyze the items table once this many rows changed, plus this share of its rows.
 ANALYZE_ROWS = 1000
@@ -60,8 +71,10 @@ class PostgresStore(PgReads):
         synchronous: str = "full",
         pool_size: int = 4,
         statement_timeout: float = 30.0,
+        replica: str = "",
     ) -> None:
         self.url = url
+        self.replica = replica  # store.replica_id: whose slot leases are whose
         self.schema = schema
         self.synchronous = synchronous
         self.pool_size = pool_size
@@ -76,6 +89,10 @@ class PostgresStore(PgReads):
         self._listen_error: str | None = None  # the listening connection is lost
         self._listen_lost_at = 0  # the writer's commits then
         self._changes = 0  # commits by other processes seen (LISTEN), for data_version
+        # Told of the workspaces another process's commit changed (its NOTIFY).
+        self.on_change: Callable[[list[str]], None] = lambda workspaces: None
+        self._slot_rows: set[str] = set()  # workspaces whose slots row exists
+        self._sole = False  # the one owner (migrate), not one of the replicas
 
     # -- connections ---------------------------------------------------------
 
@@ -179,8 +196,10 @@ class PostgresStore(PgReads):
             try:
                 assert conn is not None
                 async for note in conn.notifies():
-                    if note.payload != self.instance:
+                    sender, *workspaces = note.payload.split(" ")
+                    if sender != self.instance:
                         self._changes += 1
+                        self.on_change(workspaces)
             except (psycopg.Error, AssertionError) as exc:
                 self._listen_error = f"lost the connection to the server: {str(exc).strip()}"
                 self._listen_lost_at = self.commits
@@ -198,12 +217,29 @@ class PostgresStore(PgReads):
                 continue
             self._listen_error = None
 
-    async def take_ownership(self) -> None:
-        """Make this process the store's one owner: a session advisory lock held by
-        the writer connection (taken again after a reconnect, pg_writer.py), so
-        nothing is written without it; StoreLocked when another a2ad holds it."""
+    async def take_ownership(self, replica: str | None = None) -> None:
+        """Take the store: as its one owner (`a2ad migrate`), or as one of the
+        replicas that serve it (`replica`: this one's store.replica_id). Session
+        advisory locks held by the writer connection (taken again after a
+        reconnect, pg_writer.py), so nothing is written without them: the owner's
+        lock excludes every replica, a replica's shares it with the others and
+        holds its own name alone. StoreLocked when another process holds them."""
         assert self._writer is not None, "open() first"
-        self._writer.owner_lock = (_lock_key("owner", self.schema), self.where)
+        owner = _lock_key("owner", self.schema)
+        if replica is None:
+            refusal = f"{self.where} is held by another a2ad; stop it first"
+            locks = [AdvisoryLock(owner, False, refusal)]
+        else:
+            locks = [
+                AdvisoryLock(owner, True, f"{self.where} is held by a2ad migrate; try again"),
+                AdvisoryLock(
+                    _lock_key(f"replica:{replica}", self.schema),
+                    False,
+                    f"{self.where} is served by a running replica named {replica!r};"
+                    " stop it first, or give this one another store.replica_id",
+                ),
+            ]
+        self._writer.locks = locks
 
         async def nothing(conn: Conn) -> None:
             return None
@@ -211,9 +247,11 @@ class PostgresStore(PgReads):
         try:
             await self._write(nothing, durable=False)
         except OwnerLost as exc:
-            self._writer.owner_lock = None
+            self._writer.locks = []
             raise StoreLocked(str(exc)) from None
-        self._writer.announce = False  # its own commits need no telling
+        self._sole = replica is None
+        # A sole owner's commits need no telling; a replica's tell the others.
+        self._writer.announce = not self._sole
 
     @property
     def where(self) -> str:
@@ -299,6 +337,7 @@ class PostgresStore(PgReads):
         lease_seconds: float,
         promote_after: float,
         limit: int = 1,
+        cap: int | None = None,
         if_cancelled: Callable[[list[Item]], None] | None = None,
     ) -> asyncio.Future[list[Item]]:
         params = {
@@ -307,10 +346,13 @@ class PostgresStore(PgReads):
             "limit": limit,
             "promote": promote_after,
             "lease": now + lease_seconds,
+            "cap": NO_CAP if cap is None else cap,
+            "replica": self.replica,
         }
 
         @one_statement
         async def op(conn: Conn) -> Counted[list[Item]]:
+            await self._ensure_slots(conn, workspace)
             rows = await (await conn.execute(CLAIM, params)).fetchall()
             items = [Item.from_row(row) for row in rows]  # best first
             moves = [Move(workspace, i.id, i.priority, "queued", "dispatching", now) for i in items]
@@ -328,6 +370,7 @@ class PostgresStore(PgReads):
         lease_seconds: float,
         promote_after: float,
         limit: int = 1,
+        cap: int | None = None,
     ) -> list[Item]:
         return await self.submit_claim(
             workspace,
@@ -335,17 +378,94 @@ class PostgresStore(PgReads):
             lease_seconds=lease_seconds,
             promote_after=promote_after,
             limit=limit,
+            cap=cap,
         )
 
-    async def renew(self, claims: dict[str, str], *, lease_until: float, now: float) -> set[str]:
+    async def _ensure_slots(self, conn: Conn, workspace: str) -> None:
+        """The workspace's row of shared slots, made once (a statement of its own
+        the first time only, so a claim stays one statement)."""
+        if workspace not in self._slot_rows:
+            await conn.execute(ENSURE_SLOTS, (workspace,))
+            self._slot_rows.add(workspace)
+
+    # -- slots shared by the replicas -------------------------------------------
+
+    async def take_slot(
+        self,
+        workspace: str,
+        *,
+        token: str,
+        cap: int,
+        arrived: float,
+        now: float,
+        lease_until: float,
+    ) -> bool:
+        """A direct send's slot, counted with every replica's: True when taken
+        (a lease under `token`), False when none is free or an item queued
+        before the send `arrived` is due."""
+        params = {
+            "workspace": workspace,
+            "token": token,
+            "cap": cap,
+            "arrived": arrived,
+            "now": now,
+            "lease": lease_until,
+            "replica": self.replica,
+        }
+
+        @one_statement
+        async def op(conn: Conn) -> bool:
+            await self._ensure_slots(conn, workspace)
+            return await (await conn.execute(TAKE_SLOT, params)).fetchone() is not None
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
+
+    def submit_free_slots(self, tokens: list[str]) -> asyncio.Future[None]:
+        """Return direct sends' slots (the other replicas are told, to use them)."""
+
+        @one_statement
+        async def op(conn: Conn) -> None:
+            rows = await (
+                await conn.execute(
+                    f"WITH {FREE_TOKENS} SELECT workspace FROM freed", {"tokens": tokens}
+                )
+            ).fetchall()
+            self._touched(rows)
+
+        return self._submit(op, durable=False)
+
+    async def renew_slots(self, tokens: list[str], *, lease_until: float) -> set[str]:
+        """Renew direct sends' slot leases; the tokens whose lease was gone."""
+
         @one_statement
         async def op(conn: Conn) -> set[str]:
             rows = await (
                 await conn.execute(
-                    "UPDATE items SET lease_until = %s, updated_at = %s"
+                    "UPDATE slot_leases SET lease_until = %s WHERE token = ANY(%s) RETURNING token",
+                    (lease_until, tokens),
+                )
+            ).fetchall()
+            return set(tokens) - {token for (token,) in rows}
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
+
+    def _touched(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Workspaces whose slots a write freed: the commit's NOTIFY names them."""
+        if self._writer is not None:
+            self._writer.touched.update(row[0] for row in rows)
+
+    async def renew(self, claims: dict[str, str], *, lease_until: float, now: float) -> set[str]:
+        @one_statement
+        async def op(conn: Conn) -> set[str]:
+            tokens = list(claims.values())
+            rows = await (
+                await conn.execute(
+                    "WITH slots_renewed AS (UPDATE slot_leases SET lease_until = %s"
+                    " WHERE token = ANY(%s))"
+                    " UPDATE items SET lease_until = %s, updated_at = %s"
                     " WHERE id = ANY(%s) AND claim_token = ANY(%s) AND state = 'dispatching'"
                     " RETURNING id, claim_token",
-                    (lease_until, now, list(claims), list(claims.values())),
+                    (lease_until, tokens, lease_until, now, list(claims), tokens),
                 )
             ).fetchall()
             kept = {item_id for item_id, token in rows if claims.get(item_id) == token}
@@ -368,24 +488,20 @@ class PostgresStore(PgReads):
     ) -> bool:
         assert state in FINAL_STATES
         return await self._move_claimed(
-            "UPDATE items SET state = %s, result = %s, last_error = %s, agent_task_id = %s,"
-            " agent_context_id = %s, attempts = attempts + %s, finished_at = %s,"
-            " updated_at = %s, claim_token = NULL, lease_until = NULL"
-            " WHERE id = %s AND claim_token = %s AND state = 'dispatching'"
-            " RETURNING workspace, priority",
-            (
-                state,
-                result,
-                last_error,
-                agent_task_id,
-                agent_context_id,
-                int(attempt_used),
-                now,
-                now,
-                item_id,
-                token,
-            ),
+            "UPDATE items SET state = %(state)s, result = %(result)s,"
+            " last_error = %(error)s, agent_task_id = %(task)s, agent_context_id = %(context)s,"
+            " attempts = attempts + %(used)s, finished_at = %(now)s, updated_at = %(now)s,"
+            " claim_token = NULL, lease_until = NULL",
+            {
+                "state": state,
+                "result": result,
+                "error": last_error,
+                "task": agent_task_id,
+                "context": agent_context_id,
+                "used": int(attempt_used),
+            },
             item_id,
+            token,
             state,
             now,
         )
@@ -402,13 +518,18 @@ class PostgresStore(PgReads):
         last_error: str | None = None,
     ) -> bool:
         return await self._move_claimed(
-            "UPDATE items SET state = 'queued', attempts = attempts + %s,"
-            " busy_answers = busy_answers + %s, not_before = %s,"
-            " last_error = COALESCE(%s, last_error), claim_token = NULL, lease_until = NULL,"
-            " updated_at = %s WHERE id = %s AND claim_token = %s AND state = 'dispatching'"
-            " RETURNING workspace, priority",
-            (int(attempt_used), int(busy), not_before, last_error, now, item_id, token),
+            "UPDATE items SET state = 'queued', attempts = attempts + %(used)s,"
+            " busy_answers = busy_answers + %(busy)s, not_before = %(not_before)s,"
+            " last_error = COALESCE(%(error)s, last_error), claim_token = NULL,"
+            " lease_until = NULL, updated_at = %(now)s",
+            {
+                "used": int(attempt_used),
+                "busy": int(busy),
+                "not_before": not_before,
+                "error": last_error,
+            },
             item_id,
+            token,
             "queued",
             now,
             not_before,
@@ -416,13 +537,22 @@ class PostgresStore(PgReads):
 
     async def _move_claimed(
         self,
-        statement: str,
-        params: tuple[Any, ...],
+        update: str,
+        params: dict[str, Any],
         item_id: str,
+        token: str,
         new: State,
         now: float,
         not_before: float = 0.0,
     ) -> bool:
+        """Move a claimed item on, and return its slot, in one statement."""
+        statement = (
+            f"WITH {FREE_TOKENS}, moved AS ({update}"
+            " WHERE id = %(id)s AND claim_token = %(token)s AND state = 'dispatching'"
+            " RETURNING workspace, priority) SELECT workspace, priority FROM moved"
+        )
+        params = {**params, "id": item_id, "token": token, "tokens": [token], "now": now}
+
         @one_statement
         async def op(conn: Conn) -> Counted[bool]:
             row = await (await conn.execute(statement, params)).fetchone()
@@ -435,21 +565,60 @@ class PostgresStore(PgReads):
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
 
     async def recover_dispatching(self, *, now: float, max_attempts: int) -> list[Released]:
+        """At start-up: the items this process's earlier run was delivering (its
+        store.replica_id's slot leases), back to the queue with an attempt
+        counted; a sole owner takes back every one. Another replica's claims come
+        back only when their leases lapse (sweep_leases)."""
         reason = "a2ad stopped while delivering (recovered at start-up)"
-        return await self._release("", {"now": now, "max_attempts": max_attempts, "reason": reason})
+        params: dict[str, Any] = {
+            "now": now,
+            "max_attempts": max_attempts,
+            "reason": reason,
+            "replica": self.replica,
+        }
+        mine = FREE_SLOTS.format(
+            gone="DELETE FROM slot_leases WHERE replica = %(replica)s RETURNING token, workspace"
+        )
+
+        async def op(conn: Conn) -> Counted[list[Released]]:
+            if self._sole:
+                await conn.execute("DELETE FROM slot_leases")
+                await conn.execute("UPDATE slots SET in_use = 0 WHERE in_use <> 0")
+                condition = ""
+            else:
+                rows = await (
+                    await conn.execute(f"WITH {mine} SELECT token FROM gone", params)
+                ).fetchall()
+                params["tokens"] = [token for (token,) in rows]
+                condition = "AND claim_token = ANY(%(tokens)s::text[])"
+            statement = RELEASE_DISPATCHING.format(condition=condition)
+            rows = await (await conn.execute(statement, params)).fetchall()
+            return released(rows, "dispatching", now)
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
 
     async def sweep_leases(
         self, *, now: float, max_attempts: int, except_tokens: Collection[str] = ()
     ) -> list[Released]:
+        """Claims and slots whose lease lapsed (a replica that died, or a server
+        that lost a claim's outcome), but for `except_tokens`: back to the queue,
+        and free again."""
         params = {
             "now": now,
             "max_attempts": max_attempts,
             "reason": "claim lease expired",
             "keep": list(except_tokens),
         }
-        return await self._release(
-            "AND lease_until < %(now)s AND NOT claim_token = ANY(%(keep)s::text[])", params
+        statement = RELEASE_DISPATCHING.format(
+            condition="AND lease_until < %(now)s AND NOT claim_token = ANY(%(keep)s::text[])"
         )
+
+        async def op(conn: Conn) -> Counted[list[Released]]:
+            rows = await (await conn.execute(statement, params)).fetchall()
+            self._touched(await (await conn.execute(SWEEP_SLOTS, params)).fetchall())
+            return released(rows, "dispatching", now)
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
 
     async def release_claims(
         self, claims: dict[str, str], *, now: float, max_attempts: int
@@ -458,23 +627,15 @@ class PostgresStore(PgReads):
             condition="AND id = %(id)s AND claim_token = %(token)s"
         )
         params = {"now": now, "max_attempts": max_attempts, "reason": "claim lease expired"}
+        free = f"WITH {FREE_TOKENS} SELECT workspace FROM freed"
 
         async def op(conn: Conn) -> Counted[list[Released]]:
             rows: list[Any] = []
             for item_id, token in claims.items():
                 cur = await conn.execute(statement, {**params, "id": item_id, "token": token})
                 rows += await cur.fetchall()
+            await conn.execute(free, {"tokens": list(claims.values())})
             return released(rows, "dispatching", now)
-
-        return await self._write(op, durable=False)  # type: ignore[no-any-return]
-
-    async def _release(self, condition: str, params: dict[str, Any]) -> list[Released]:
-        statement = RELEASE_DISPATCHING.format(condition=condition)
-
-        @one_statement
-        async def op(conn: Conn) -> Counted[list[Released]]:
-            rows = await (await conn.execute(statement, params)).fetchall()
-            return released(rows, "dispatching", params["now"])
 
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
 

@@ -95,9 +95,9 @@ class Store(Reads):
         """None: the store's clock is this host's."""
         return None
 
-    async def take_ownership(self) -> None:
+    async def take_ownership(self, replica: str | None = None) -> None:
         """Nothing more to take: the owner of a SQLite store is whoever holds its
-        file lock (StoreLock), taken before the store opens."""
+        file lock (StoreLock), taken before the store opens; it has no replicas."""
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -186,11 +186,14 @@ class Store(Reads):
         lease_seconds: float,
         promote_after: float,
         limit: int = 1,
+        cap: int | None = None,
         if_cancelled: Callable[[list[Item]], None] | None = None,
     ) -> asyncio.Future[list[Item]]:
         """Claim up to `limit` due items of one workspace, best first, each with its
         own token; a future. A claimer cancelled while it waits is not told what the
-        claim took: `if_cancelled` is, once it committed, so it can be handed back."""
+        claim took: `if_cancelled` is, once it committed, so it can be handed back.
+        (`cap` is for a store replicas share: the one process that holds this file
+        counts its slots in memory.)"""
 
         def op(conn: sqlite3.Connection) -> Counted[list[Item]]:
             where = {"workspace": workspace, "now": now, "promote_after": promote_after}
@@ -216,6 +219,7 @@ class Store(Reads):
         lease_seconds: float,
         promote_after: float,
         limit: int = 1,
+        cap: int | None = None,
     ) -> list[Item]:
         """Claim up to `limit` due items of one workspace, best first, each with its own token."""
         return await self.submit_claim(

@@ -1,5 +1,5 @@
 """The real `a2ad` process on a real PostgreSQL server: migrate, check, serve, queue
-and deliver, one owner per schema, the queue CLI against the server."""
+and deliver, one replica per name, the queue CLI against the server."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 def pg_config(launcher: Launcher, pg: PgServer, agent_url: str, schema: str) -> A2adConfig:
     workspace = {"id": "w", "url": agent_url + "/", "max_concurrent": 1, "heartbeat": False}
-    return launcher.config(store={"url": pg.url, "schema": schema}, workspaces=[workspace])
+    store = {"url": pg.url, "schema": schema, "replica_id": "first"}
+    return launcher.config(store=store, workspaces=[workspace])
 
 
 def test_serve_on_postgres_after_migrate_queues_and_delivers_in_order(
@@ -34,9 +35,10 @@ def test_serve_on_postgres_after_migrate_queues_and_delivers_in_order(
     migrated = launcher.run("migrate", "--config", str(config.path))
     assert migrated.returncode == 0, migrated.stderr
     assert "applied 0001 schema" in migrated.stdout
+    assert "applied 0002 shared_slots" in migrated.stdout
     checked = launcher.run("check", "--config", str(config.path))
     store_line = next(line for line in checked.stdout.splitlines() if line.startswith("store"))
-    assert "PostgreSQL" in store_line and "schema 1 of 1, writable" in store_line, checked.stdout
+    assert "PostgreSQL" in store_line and "schema 2 of 2, writable" in store_line, checked.stdout
     assert "a2ad@" not in checked.stdout  # no credentials printed
 
     a2ad = launcher.a2ad(config)
@@ -55,12 +57,16 @@ def test_serve_on_postgres_after_migrate_queues_and_delivers_in_order(
         view = item(base, qid, wait=20)
         assert view["state"] == "delivered", view
 
-    # One owner per schema: a second serve exits 2 with one line.
-    second = launcher.config(name="second.toml", store={"url": pg_server.url, "schema": schema})
+    # Replicas share a schema, each under its own name: a second serve that takes
+    # the name of a running one exits 2 with one line.
+    second = launcher.config(
+        name="second.toml",
+        store={"url": pg_server.url, "schema": schema, "replica_id": "first"},
+    )
     refused = launcher.run("serve", "--config", str(second.path), timeout=30)
     assert refused.returncode == 2, refused.stderr
     lines = refused.stderr.strip().splitlines()
-    assert "held by another a2ad" in lines[-1], refused.stderr
+    assert "served by a running replica named 'first'" in lines[-1], refused.stderr
     # And migrate refuses while serve runs, as on SQLite.
     refused = launcher.run("migrate", "--config", str(config.path), timeout=30)
     assert refused.returncode == 2, refused.stderr
