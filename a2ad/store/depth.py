@@ -132,6 +132,10 @@ class Depths:
     def __init__(self) -> None:
         self._by_workspace: dict[str, Depth] = {}
         self.live_total = 0
+        # Other replicas commit to the store too: these counts are this one's view,
+        # set right by the recount that follows their NOTIFY, and a move of an item
+        # it has not counted yet (queued by another) stops at zero.
+        self.shared = False
 
     def of(self, workspace: str) -> Depth:
         depth = self._by_workspace.get(workspace)
@@ -146,7 +150,10 @@ class Depths:
             depth._add(move.new, move, 1)
             if move.new == "delivered" or (move.old is None and move.new == "queued"):
                 depth.last_replayable = move.at
-            if depth.queued_total < 0 or depth.dispatching < 0:
+            if self.shared and (depth.dispatching < 0 or min(depth.queued.values(), default=0) < 0):
+                queued = {p: max(0, n) for p, n in depth.queued.items()}
+                depth._set(queued, max(0, depth.dispatching), depth.waiting_out)
+            elif depth.queued_total < 0 or depth.dispatching < 0:
                 log.error(
                     "queue counts of %s went negative (queued %d, dispatching %d) after %s",
                     move.workspace,

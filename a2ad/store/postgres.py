@@ -250,6 +250,7 @@ class PostgresStore(PgReads):
             self._writer.locks = []
             raise StoreLocked(str(exc)) from None
         self._sole = replica is None
+        self.depths.shared = not self._sole
         # A sole owner's commits need no telling; a replica's tell the others.
         self._writer.announce = not self._sole
 

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from a2ad_http import http_json, send_body
 from pgserver import PgServer
 
@@ -37,7 +38,12 @@ def stats(agent: Process) -> dict[str, Any]:
 
 
 def replicas(
-    launcher: Launcher, pg: PgServer, schema: str, agents: dict[str, tuple[Process, int]]
+    launcher: Launcher,
+    pg: PgServer,
+    schema: str,
+    agents: dict[str, tuple[Process, int]],
+    *,
+    lease: float = 6.0,
 ) -> list[A2adConfig]:
     workspaces = [
         {"id": ws, "url": agent.url + "/", "max_concurrent": slots, "heartbeat": False}
@@ -47,7 +53,7 @@ def replicas(
         launcher.config(
             name=f"{replica}.toml",
             store={"url": pg.url, "schema": schema, "replica_id": replica},
-            queue={"lease_seconds": 6},
+            queue={"lease_seconds": lease},
             workspaces=workspaces,
         )
         for replica in REPLICAS
@@ -128,3 +134,70 @@ def test_three_replicas_share_an_agents_slots_and_deliver_every_202(
     seen = stats(one)
     assert seen["texts"][before:] == ["hold", *texts]
     assert seen["max_active"] == 1
+
+
+def test_replicas_killed_under_load_lose_nothing_and_leak_no_slot(
+    launcher: Launcher, pg_server: PgServer
+) -> None:
+    """kill -9 one replica, then another, while callers send through all three,
+    and bring them back: every 202 is delivered (a dead replica's claims by the
+    others once their lease lapses), the 2-slot agent never holds more than 2, and
+    once the load is gone no slot is left taken."""
+    agent = counting_agent(launcher, delay=0.05)  # takes 40 a second
+    schema = f"c_{uuid.uuid4().hex[:10]}"
+    configs = replicas(launcher, pg_server, schema, {"two": (agent, 2)}, lease=3.0)
+    assert launcher.run("migrate", "--config", str(configs[0].path)).returncode == 0
+    running = {config.url: launcher.a2ad(config) for config in configs}
+    down: set[str] = set()
+    acked: list[tuple[str, str]] = []  # (queue id or '', text) of 200s and 202s
+    stop = time.monotonic() + 9.0
+
+    def caller(n: int) -> None:
+        for i in itertools.count():
+            if time.monotonic() > stop:
+                return
+            text = f"c{n}-{i}"
+            live = [url for url in running if url not in down]
+            base = live[i % len(live)]
+            try:
+                status, data = http_json("POST", f"{base}/workspaces/two/a2a", send_body(text))
+            except OSError:
+                continue  # the replica died under it: not acknowledged
+            if status == 202:
+                acked.append((data["result"]["id"], text))
+            elif status == 200:
+                acked.append(("", text))
+            time.sleep(0.1)
+
+    with ThreadPoolExecutor(3) as pool:  # some 25 sends a second
+        callers = [pool.submit(caller, n) for n in range(3)]
+        for victim, at in ((configs[0], 2.0), (configs[1], 4.0)):
+            time.sleep(at - (9.0 - (stop - time.monotonic())))
+            down.add(victim.url)
+            running[victim.url].kill()
+        time.sleep(1.0)
+        for config in configs[:2]:
+            running[config.url] = launcher.a2ad(config)
+            down.discard(config.url)
+        for done in callers:
+            done.result()
+
+    queued = [qid for qid, _ in acked if qid]
+    assert len(queued) >= 10, "too little went through the queue to prove anything"
+    wait_delivered([config.url for config in configs], queued)
+    seen = stats(agent)
+    assert seen["max_active"] <= 2
+    assert {text for _, text in acked} <= set(seen["texts"])
+
+    # Nothing left holding a slot once the leases of the killed runs lapsed.
+    end = time.monotonic() + 20.0
+    while True:
+        with psycopg.connect(pg_server.url) as conn:
+            row = conn.execute(
+                f"SELECT in_use, (SELECT count(*) FROM {schema}.slot_leases)"
+                f" FROM {schema}.slots WHERE workspace = 'two'"
+            ).fetchone()
+        if row == (0, 0):
+            break
+        assert time.monotonic() < end, f"slots still taken: {row}"
+        time.sleep(0.5)

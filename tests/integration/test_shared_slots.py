@@ -9,6 +9,7 @@ an item queued before it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -190,3 +191,23 @@ async def test_a_direct_send_does_not_pass_an_item_queued_before_it(
     assert items[0].claim_token is not None
     await a.hand_back(items[0].id, items[0].claim_token, now=T0, not_before=T0 + 100)
     assert await take(b, cap=4, now=T0 + 2, arrived=T0 + 2)
+
+
+async def test_a_replicas_counts_stop_at_zero_for_items_another_queued(
+    replicas: list[PostgresStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    """b delivers what a queued, which b never counted: b's counts stay at zero
+    (its recount sets them right), and nothing is logged as an error."""
+    a, b, _ = replicas
+    await a.enqueue(new(), now=T0, replay_window=0)
+    await a.enqueue(
+        NewItem(workspace=WS, method="m", body=b"{}", priority=10), now=T0, replay_window=0
+    )
+    depth = b.depths.of(WS)
+    items = await b.claim(WS, now=T0, lease_seconds=LEASE, promote_after=120.0, limit=2)
+    assert (depth.queued_total, depth.dispatching, depth.queued) == (0, 2, {})
+    for item in items:
+        assert item.claim_token is not None
+        await b.settle(item.id, item.claim_token, state="delivered", now=T0)
+    assert (depth.queued_total, depth.dispatching, b.depths.live_total) == (0, 0, 0)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
