@@ -69,13 +69,14 @@ async def list_workspaces(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     daemon.auth.admin(request)
     counts = await daemon.store.counts()
-    return json_response(
-        {
-            "workspaces": [
-                workspace_view(daemon, ws, counts.get(ws.id, {})) for ws in daemon.registry
-            ]
-        }
-    )
+    answer: dict[str, Any] = {
+        "workspaces": [workspace_view(daemon, ws, counts.get(ws.id, {})) for ws in daemon.registry]
+    }
+    if daemon.replicas is not None:
+        # Replicas share one store: which serve it, and the duty each holds.
+        answer["replica"] = daemon.replica_id
+        answer["replicas"] = await daemon.replicas.view()
+    return json_response(answer)
 
 
 async def get_workspace(request: web.Request) -> web.Response:
@@ -200,6 +201,8 @@ async def reset_workspace(request: web.Request) -> web.Response:
     daemon.auth.admin(request)
     ws = daemon.registry.get(request.match_info["workspace"])
     daemon.liveness.reset(ws)
+    if daemon.replicas is not None:
+        await daemon.replicas.reset(ws)
     counts = await daemon.store.counts()
     return json_response(workspace_view(daemon, ws, counts.get(ws.id, {})))
 

@@ -61,8 +61,8 @@ async def handle_heartbeat(request: web.Request) -> web.Response:
     ws = daemon.registry.get(workspace_id)
     raw = await read_body(request)
     active, capacity = _heartbeat_fields(a2a.parse_json(raw))
+    await daemon.heartbeat(ws, active, capacity)
     now = daemon.clock.monotonic()
-    ws.record_heartbeat(active, capacity, now)
     if ws.free_slots(now) > 0 and ws.queued_total > 0:
         ws.wakeup.set()  # fill every free slot now, not at the next timer
     return json_response({"queue_depth": ws.queued_total})

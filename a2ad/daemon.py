@@ -22,10 +22,11 @@ from .direct import DirectPath
 from .errors import StoreUnavailable
 from .liveness import Liveness
 from .metrics import Metrics
+from .replicas import Replicas
 from .settings import Settings, WorkspaceSettings
 from .shared_slots import SharedSlots
 from .store import QueueStore, StoreLock, migrations_for, open_store
-from .store.base import SharedSlotStore
+from .store.base import ReplicaStore
 from .upstream import Upstream
 from .watch import ResultWatch
 from .workspaces import Registry, Workspace
@@ -56,9 +57,9 @@ class Daemon:
         self.lock = lock
         self.store: QueueStore = open_store(settings.store)
         # Replicas serve a server store (PostgreSQL); each has its name there.
-        self.replica = settings.store.replica_id if self.store.is_server else None
+        self.replica_id = settings.store.replica_id if self.store.is_server else None
         self.registry = Registry(
-            settings.liveness, self.clock, self.store.depths, replica=self.replica
+            settings.liveness, self.clock, self.store.depths, replica=self.replica_id
         )
         for ws in settings.workspaces:
             self.registry.add(ws)
@@ -77,10 +78,11 @@ class Daemon:
         self.direct = DirectPath(settings, self.store, self.upstream, self.clock, self.metrics)
         self.shared_slots: SharedSlots | None = None
         if self.store.is_server:
-            shared_store = cast(SharedSlotStore, self.store)
-            shared_store.on_change = self._told
+            cast(ReplicaStore, self.store).on_change = self._told
             self.shared_slots = SharedSlots(
-                shared_store, self.clock, lease_seconds=settings.queue.lease_seconds
+                cast(ReplicaStore, self.store),
+                self.clock,
+                lease_seconds=settings.queue.lease_seconds,
             )
         self.dispatcher = Dispatcher(
             settings,
@@ -95,6 +97,19 @@ class Daemon:
         )
         self.liveness = Liveness(settings.liveness, self.registry, self.clock)
         self.direct.on_failure_signal = self.liveness.signal
+        self.replicas: Replicas | None = None
+        if self.store.is_server:
+            self.replicas = Replicas(
+                cast(ReplicaStore, self.store),
+                self.registry,
+                self.clock,
+                self.liveness,
+                self.watch,
+                heartbeat_timeout=settings.liveness.heartbeat_timeout_seconds,
+                workspace_changed=self._runtime_changed,
+            )
+            replicas = self.replicas
+            self.dispatcher.sweeps_here = lambda: replicas.sweeps
         self._loops: list[asyncio.Task[None]] = []
         self._owns_lock = False
         self._data_version: int | None = None
@@ -111,7 +126,7 @@ class Daemon:
             self._owns_lock = True
         await self.store.open()
         try:
-            await self.store.take_ownership(self.replica)  # PostgreSQL: advisory locks
+            await self.store.take_ownership(self.replica_id)  # PostgreSQL: advisory locks
             if postgres:
                 await self._refuse_other_schema()
             else:
@@ -130,6 +145,9 @@ class Daemon:
             log.warning("recovered %d items a previous a2ad was delivering", len(recovered))
         for saved in await self.store.load_workspaces():
             self._add_runtime(saved)
+        if self.replicas is not None:
+            await self.replicas.renew()  # its duties, before its loops act on them
+            await self.replicas.load_heartbeats()
         await self.upstream.start()
         await self.liveness.start(self.upstream)
         # From here on, a commit by another process (the queue CLI) means a recount
@@ -148,15 +166,18 @@ class Daemon:
                 name="a2ad-probes",
             ),
         ]
-        if self.shared_slots is not None:
+        if self.shared_slots is not None and self.replicas is not None:
             self._loops += [
                 asyncio.create_task(self.shared_slots.keep(), name="a2ad-slot-leases"),
+                asyncio.create_task(
+                    self._every(HOUSEKEEPING_SECONDS, self.replicas.renew), name="a2ad-duties"
+                ),
                 asyncio.create_task(
                     self._every(CLOCK_CHECK_SECONDS, self._follow_store_clock), name="a2ad-clock"
                 ),
                 # The slow poll behind LISTEN/NOTIFY, for a change no notification told of.
                 asyncio.create_task(
-                    self._every(SLOW_RECOUNT_SECONDS, self.dispatcher.recount),
+                    self._every(SLOW_RECOUNT_SECONDS, self._slow_recount),
                     name="a2ad-recount",
                 ),
             ]
@@ -183,6 +204,8 @@ class Daemon:
         await self.dispatcher.stop(self.settings.server.shutdown_grace_seconds)
         if self.shared_slots is not None:
             await self.shared_slots.close()
+        if self.replicas is not None:
+            await self.replicas.stop()
         await self.upstream.close()
         await self.store.close()
         if self._owns_lock and self.lock is not None:
@@ -191,15 +214,15 @@ class Daemon:
 
     # -- run-time workspaces ------------------------------------------------
 
-    def _add_runtime(self, saved: dict[str, Any]) -> None:
+    def _add_runtime(self, saved: dict[str, Any]) -> Workspace | None:
         try:
             config = WorkspaceSettings(**saved)
         except ValidationError as exc:
             log.error("stored workspace %s is not valid any more: %s", saved.get("id"), exc)
-            return
+            return None
         if self.registry.find(config.id) is not None:
             log.warning("stored workspace %s is now in the config file; the file wins", config.id)
-            return
+            return None
         why = refused_literal(config.url)
         if why and not self.settings.auth.allow_link_local_agents:
             # Registered while the operator allowed it, refused now: not served.
@@ -212,9 +235,10 @@ class Daemon:
                 why,
                 config.id,
             )
-            return
-        self.registry.add(config, from_config=False)
+            return None
+        ws = self.registry.add(config, from_config=False)
         self.auth.add_workspace_token(config.id, config.token)
+        return ws
 
     async def register(self, config: WorkspaceSettings) -> bool:
         """Add or update a run-time workspace (persisted); True when it is new."""
@@ -227,25 +251,36 @@ class Daemon:
         if existing is not None:
             existing.config = config
             existing.wakeup.set()
-            return False
-        ws = self.registry.add(config, from_config=False)
-        await self.dispatcher.load_history([ws])
-        self.dispatcher.add_workspace(ws)
-        return True
+        else:
+            ws = self.registry.add(config, from_config=False)
+            await self.dispatcher.load_history([ws])
+            self.dispatcher.add_workspace(ws)
+        if self.replicas is not None:
+            await self.replicas.workspace_changed(config.id)
+        return existing is None
 
     async def unregister(self, ws: Workspace, *, purge: bool) -> int:
         """Remove a run-time workspace; with `purge`, its items too (their count)."""
         await self.dispatcher.remove_workspace(ws)
         deleted = await self.store.remove_workspace(ws.id, purge=purge)
+        await self._forget(ws)
+        if self.replicas is not None:
+            await self.replicas.workspace_changed(ws.id)
+        return deleted
+
+    async def _forget(self, ws: Workspace) -> None:
+        await self.dispatcher.remove_workspace(ws)
         self.registry.remove(ws.id)
         self.liveness.forget(ws.id)
         self.auth.add_workspace_token(ws.id, "")
         self.cards.forget(ws.id)
-        return deleted
 
-    def _told(self, workspaces: list[str]) -> None:
+    def _told(self, workspaces: list[str], finished: list[str]) -> None:
         """Another replica (or the queue CLI) committed a change to these
-        workspaces' queues or freed their slots: their pumps look at once."""
+        workspaces' queues or freed their slots: their pumps look at once; and
+        finished these items: whoever waits for one here is answered."""
+        for item_id in finished:
+            self.watch.notify(item_id)
         for workspace_id in workspaces:
             ws = self.registry.find(workspace_id)
             if ws is not None:
@@ -262,6 +297,48 @@ class Daemon:
     async def _count_again(self) -> None:
         self._data_version = await self.store.data_version()
         await self.dispatcher.recount()
+
+    async def _slow_recount(self) -> None:
+        await self.dispatcher.recount()
+        if self.replicas is not None:
+            await self.replicas.load_heartbeats()
+
+    async def heartbeat(self, ws: Workspace, active: int, capacity: int | None) -> None:
+        """An agent's heartbeat; with replicas, every one of them learns it."""
+        ws.record_heartbeat(active, capacity, self.clock.monotonic())
+        if self.replicas is not None:
+            try:
+                await self.replicas.share_heartbeat(ws, active, capacity)
+            except StoreUnavailable as exc:
+                log.warning("workspace %s: cannot share its heartbeat: %s", ws.id, exc.message)
+
+    async def _runtime_changed(self, workspace_id: str) -> None:
+        """Another replica added, changed or removed a run-time workspace: the same here."""
+        saved = next(
+            (w for w in await self.store.load_workspaces() if w.get("id") == workspace_id), None
+        )
+        existing = self.registry.find(workspace_id)
+        if existing is not None and existing.from_config:
+            return  # the config file wins
+        if saved is None:
+            if existing is not None:
+                await self._forget(existing)
+            return
+        if existing is None:
+            ws = self._add_runtime(saved)
+            if ws is not None:
+                await self.dispatcher.load_history([ws])
+                self.dispatcher.add_workspace(ws)
+            return
+        try:
+            config = WorkspaceSettings(**saved)
+        except ValidationError as exc:
+            log.error("stored workspace %s is not valid any more: %s", workspace_id, exc)
+            return
+        existing.config = config
+        self.auth.add_workspace_token(config.id, config.token)
+        self.cards.forget(config.id)
+        existing.wakeup.set()
 
     async def _refuse_other_schema(self) -> None:
         """A PostgreSQL schema is brought forward by `a2ad migrate`, not by serve:
@@ -319,7 +396,8 @@ class Daemon:
             if ws.check_heartbeat_timeout(self.clock.monotonic()):
                 self.liveness.signal(ws, "no heartbeat within heartbeat_timeout_seconds")
         await self.dispatcher.sweep()
-        await self.store.tend()
+        if self.replicas is None or self.replicas.sweeps:
+            await self.store.tend()
         # Another process (the queue CLI) wrote to the store: recount and look again.
         version = await self.store.data_version()
         if self._data_version is not None and version != self._data_version:
@@ -327,6 +405,8 @@ class Daemon:
         self._data_version = version
 
     async def _retention(self) -> None:
+        if self.replicas is not None and not self.replicas.sweeps:
+            return  # another replica holds the duty
         cutoff = self.clock.now() - self.settings.queue.retention_seconds
         deleted = await self.store.delete_finished(before=cutoff)
         if deleted:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import a2a, logs
@@ -107,6 +108,9 @@ class Dispatcher:
         self._claims: dict[str, _Claim] = {}  # item id → the claim this process holds
         self._lease_keeper: asyncio.Task[None] | None = None
         self._stopping = False
+        # Replicas: whether this one holds the duty of the store's sweeps (expiry,
+        # lapsed leases); a claim of its own whose delivery ended it sweeps itself.
+        self.sweeps_here: Callable[[], bool] = lambda: True
 
     # -- life --------------------------------------------------------------
 
@@ -563,7 +567,8 @@ class Dispatcher:
         an outcome lapse; on the monotonic clock, so a step of the wall clock
         changes nothing."""
         now = self.clock.now()
-        expired = await self.store.expire_due(now=now)
+        sweeps = self.sweeps_here()
+        expired = await self.store.expire_due(now=now) if sweeps else []
         for released in expired:
             log.info(
                 "item %s expired before delivery",
@@ -585,7 +590,7 @@ class Dispatcher:
                 claim = self._claims.get(item_id)
                 if claim is not None and claim.token == token:
                     del self._claims[item_id]
-        if self.store.is_server:
+        if self.store.is_server and sweeps:
             # A claim no delivery of this process holds: the server crashed and
             # kept a claim but not its outcome, or a claim committed while its
             # answer was lost. Its stored lease says when it is free again.

@@ -5,6 +5,10 @@ than the debounce window, going offline) asks for a probe. At most one probe
 runs per workspace; signals meanwhile share its result. A not-running result
 goes through the debounce, and a workspace declared dead is restarted: one
 restart at a time, with a doubling backoff and an hourly budget.
+
+With replicas, one of them acts for each agent (a duty it holds in the store):
+it alone probes and restarts it, counting every replica's restarts; the others
+hand it their failure signals and follow its decisions.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import contextlib
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import aiohttp
 
@@ -79,6 +84,13 @@ class Debounce:
         return len(self._first)
 
 
+class RestartHistory(Protocol):
+    """Restarts as the replicas share them, as monotonic times of this process."""
+
+    async def load(self, workspace_id: str) -> list[float]: ...
+    async def add(self, workspace_id: str) -> None: ...
+
+
 class Liveness:
     """Probes and restarts for every workspace."""
 
@@ -94,6 +106,12 @@ class Liveness:
         self._restarts: dict[str, asyncio.Task[None]] = {}
         self._history: dict[str, deque[float]] = {}  # restart times within the last hour
         self._booting_until: dict[str, float] = {}
+        # Replicas: whether this one acts for an agent; where the others' signals
+        # go; who is told of a decision (a state it set); the shared history.
+        self.acts_for: Callable[[Workspace], bool] = lambda ws: True
+        self.hand_over: Callable[[Workspace, str], None] = lambda ws, reason: None
+        self.decided: Callable[[Workspace], None] = lambda ws: None
+        self.shared_history: RestartHistory | None = None
 
     async def start(self, upstream: Upstream) -> None:
         self._upstream = upstream
@@ -107,7 +125,11 @@ class Liveness:
     # -- signals and probes ----------------------------------------------------
 
     def signal(self, ws: Workspace, reason: str) -> None:
-        """A failure signal: probe the workspace, unless a probe or restart runs."""
+        """A failure signal: probe the workspace, unless a probe or restart runs
+        (or another replica acts for it: it is handed over)."""
+        if not self.acts_for(ws):
+            self.hand_over(ws, reason)
+            return
         if ws.state is State.FAILED or ws.id in self._restarts:
             return
         if ws.id in self._probes:
@@ -125,7 +147,8 @@ class Liveness:
                 State.DEAD,
                 State.RESTARTING,
             )
-            if ws.queued_total > 0 and quiet and ws.state is not State.FAILED:
+            acts = self.acts_for(ws)
+            if acts and ws.queued_total > 0 and quiet and ws.state is not State.FAILED:
                 self.signal(ws, f"{ws.queued_total} items wait ({ws.state.value})")
 
     async def _probe_and_judge(self, ws: Workspace) -> Observation:
@@ -137,8 +160,11 @@ class Liveness:
         """Act on a probe's result."""
         now = self.clock.monotonic()
         if seen is Observation.RUNNING:
+            was = ws.state
             ws.sign_of_life(now)
             self.debounce.forget(ws.id)
+            if ws.state is not was:
+                self.decided(ws)
             return
         if seen is Observation.NOT_RUNNING and now < self._booting_until.get(ws.id, 0.0):
             log.info("workspace %s: not running yet; still booting after its restart", ws.id)
@@ -185,6 +211,7 @@ class Liveness:
             return
         log.warning("workspace %s is dead", ws.id)
         ws.state = State.DEAD
+        self.decided(ws)
         self.debounce.forget(ws.id)
         if ws.config.restart_command:
             task = asyncio.create_task(self._restart(ws), name=f"a2ad-restart-{ws.id}")
@@ -205,8 +232,11 @@ class Liveness:
         return float(min(MAX_RESTART_BACKOFF_SECONDS, base * 2 ** (count - 1)))
 
     async def _restart(self, ws: Workspace) -> None:
+        if self.shared_history is not None:
+            self._history[ws.id] = deque(await self.shared_history.load(ws.id))
         if self.restarts_last_hour(ws.id) >= self.settings.restart_budget_per_hour:
             ws.state = State.FAILED
+            self.decided(ws)
             log.error(
                 "workspace %s failed: %d restarts in the last hour (restart_budget_per_hour);"
                 " POST /workspaces/%s/reset once it is fixed",
@@ -219,11 +249,14 @@ class Liveness:
         if wait:
             log.info("workspace %s: restarting in %.0f s (backoff)", ws.id, wait)
             await self.clock.sleep(wait)
-            if ws.state is not State.DEAD:
-                return  # it came back by itself meanwhile
+            if ws.state is not State.DEAD or not self.acts_for(ws):
+                return  # it came back by itself meanwhile, or another acts for it now
         self._history.setdefault(ws.id, deque()).append(self.clock.monotonic())
+        if self.shared_history is not None:
+            await self.shared_history.add(ws.id)
         ws.restarts += 1
         ws.state = State.RESTARTING
+        self.decided(ws)
         timeout = self.settings.restart_timeout_seconds
         log.warning("workspace %s: running its restart_command (restart %d)", ws.id, ws.restarts)
         code, output = await run_command(ws.config.restart_command, ws.id, timeout)
@@ -239,7 +272,8 @@ class Liveness:
         self._booting_until[ws.id] = self.clock.monotonic() + timeout
 
     def reset(self, ws: Workspace) -> None:
-        """Leave failed: the budget, the debounce and the backoff start over."""
+        """Leave failed: the budget, the debounce and the backoff start over (an
+        operator's reset; with replicas, the one it reached tells the others)."""
         self._history.pop(ws.id, None)
         self._booting_until.pop(ws.id, None)
         self.debounce.forget(ws.id)

@@ -139,10 +139,20 @@ class Workspace:
         hb = self._fresh_heartbeat(now)
         return hb.external if hb is not None else 0
 
-    def record_heartbeat(self, active_tasks: int, max_concurrent: int | None, now: float) -> None:
-        # Only requests that have started count: slots reserved for a claim in
-        # progress are not at the agent yet, so its active_tasks cannot hold them.
-        external = max(0, active_tasks - self.admission.in_flight)
+    def record_heartbeat(
+        self,
+        active_tasks: int,
+        max_concurrent: int | None,
+        now: float,
+        *,
+        external: int | None = None,
+    ) -> None:
+        """A heartbeat at `now`. `external`: its load that is not a2ad's, as the
+        store counted it over the replicas; else this process's requests are a2ad's
+        (only those that have started: slots reserved for a claim in progress are
+        not at the agent yet, so its active_tasks cannot hold them)."""
+        if external is None:
+            external = max(0, active_tasks - self.admission.in_flight)
         self.heartbeat = Heartbeat(active_tasks, max_concurrent, now, external)
         self.sign_of_life(now)
 

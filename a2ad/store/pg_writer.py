@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ import psycopg.errors
 
 from ..errors import StoreUnavailable
 from .depth import Counted, Depths
+from .models import FINAL_STATES
 from .pg_sql import Enqueue, enqueue_many
 from .writer import BatchLoop, Pending, hand_out
 
@@ -84,6 +85,19 @@ class AdvisoryLock:
 
 IDLE_CHECK_SECONDS = 1.0  # a connection idle longer is checked before a batch
 MAX_PAYLOAD = 7000  # NOTIFY's payload is under 8000 bytes
+FINISHED = "="  # marks an item id in a note (a workspace id cannot start with it)
+
+
+def change_note(instance: str, workspaces: Iterable[str], finished: list[str]) -> str:
+    """The payload of a commit's NOTIFY: its sender, the workspaces it changed,
+    the items it finished; what does not fit is left out (a listener that is told
+    nothing counts again, and a waiter reads again within a second)."""
+    payload = " ".join([instance, *sorted(workspaces), *finished])
+    if len(payload) > MAX_PAYLOAD:
+        payload = " ".join([instance, *sorted(workspaces)])
+    if len(payload) > MAX_PAYLOAD:
+        payload = instance
+    return payload
 
 
 class _Retry(Exception):
@@ -207,17 +221,20 @@ class PgWriter(BatchLoop):
     ) -> None:
         """Tell the processes listening there of this commit: the queue CLI's to
         the daemon, a replica's to the others, naming the workspaces it changed
-        (new items, outcomes, freed slots), so theirs wake at once."""
+        (new items, outcomes, freed slots), so theirs wake at once, and the items
+        it finished, so whoever waits for one there answers at once."""
         if not self.announce:
             return
         touched = self.touched
         self.touched = set()
+        finished = []
         for ok, value in outcomes:
             if ok and isinstance(value, Counted):
-                touched.update(move.workspace for move in value.moves)
-        payload = " ".join([self.instance, *sorted(touched)])
-        if len(payload) > MAX_PAYLOAD:
-            payload = self.instance  # too many to name: the listeners count again
+                for move in value.moves:
+                    touched.add(move.workspace)
+                    if move.new in FINAL_STATES:
+                        finished.append(FINISHED + move.item_id)
+        payload = change_note(self.instance, touched, finished)
         await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
 
     async def _run_ops(

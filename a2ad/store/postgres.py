@@ -39,7 +39,7 @@ from .pg_sql import (
     TAKE_SLOT,
     Enqueue,
 )
-from .pg_writer import AdvisoryLock, OwnerLost, PgOp, PgWriter, one_statement
+from .pg_writer import FINISHED, MAX_PAYLOAD, AdvisoryLock, OwnerLost, PgOp, PgWriter, one_statement
 from .schema import Migration, bundled_migrations
 from .sql import released
 
@@ -47,6 +47,7 @@ log = logging.getLogger("a2ad.store")
 
 T = TypeVar("T")
 
+NOTE = "!"  # a note between replicas, not a commit: "<sender> !<kind> <fields…>"
 NO_CAP = 2**31 - 1  # a claim without a slot limit (the store's own tests)
 
 # Analyze the items table once this many rows changed, plus this share of its rows.
@@ -89,8 +90,10 @@ class PostgresStore(PgReads):
         self._listen_error: str | None = None  # the listening connection is lost
         self._listen_lost_at = 0  # the writer's commits then
         self._changes = 0  # commits by other processes seen (LISTEN), for data_version
-        # Told of the workspaces another process's commit changed (its NOTIFY).
-        self.on_change: Callable[[list[str]], None] = lambda workspaces: None
+        # Told of another process's commit (its NOTIFY): the workspaces it changed
+        # and the items it finished; and of replicas' other notes (kind, fields).
+        self.on_change: Callable[[list[str], list[str]], None] = lambda changed, done: None
+        self.on_note: Callable[[str, list[str]], None] = lambda kind, fields: None
         self._slot_rows: set[str] = set()  # workspaces whose slots row exists
         self._sole = False  # the one owner (migrate), not one of the replicas
 
@@ -196,10 +199,15 @@ class PostgresStore(PgReads):
             try:
                 assert conn is not None
                 async for note in conn.notifies():
-                    sender, *workspaces = note.payload.split(" ")
-                    if sender != self.instance:
-                        self._changes += 1
-                        self.on_change(workspaces)
+                    sender, *fields = note.payload.split(" ")
+                    if sender == self.instance:
+                        continue
+                    if fields and fields[0].startswith(NOTE):
+                        self.on_note(fields[0][1:], fields[1:])
+                        continue
+                    self._changes += 1
+                    done = [f[1:] for f in fields if f.startswith(FINISHED)]
+                    self.on_change([f for f in fields if not f.startswith(FINISHED)], done)
             except (psycopg.Error, AssertionError) as exc:
                 self._listen_error = f"lost the connection to the server: {str(exc).strip()}"
                 self._listen_lost_at = self.commits
@@ -449,6 +457,132 @@ class PostgresStore(PgReads):
             return set(tokens) - {token for (token,) in rows}
 
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
+
+    # -- what replicas share besides slots ------------------------------------------
+
+    async def share_heartbeat(
+        self, workspace: str, *, active: int, capacity: int | None, at: float
+    ) -> int:
+        """Store an agent's heartbeat for every replica and tell them; its load
+        that is not a2ad's (its active tasks less the slots a2ad holds there)."""
+        prefix = f"{self.instance} {NOTE}hb {workspace} {active} {capacity or '-'} "
+        params = {"ws": workspace, "active": active, "cap": capacity, "at": at}
+
+        async def op(conn: Conn) -> int:
+            row = await (
+                await conn.execute(
+                    "WITH hb AS (INSERT INTO heartbeats AS h"
+                    " (workspace, active, capacity, external, at)"
+                    " VALUES (%(ws)s, %(active)s, %(cap)s, GREATEST(0, %(active)s - COALESCE("
+                    "  (SELECT in_use FROM slots WHERE workspace = %(ws)s), 0)), %(at)s)"
+                    " ON CONFLICT (workspace) DO UPDATE SET active = EXCLUDED.active,"
+                    " capacity = EXCLUDED.capacity, external = EXCLUDED.external, at = EXCLUDED.at"
+                    " RETURNING external)"
+                    " SELECT external, pg_notify(%(channel)s,"
+                    "  %(prefix)s || external::text || ' ' || %(at)s::text) FROM hb",
+                    {**params, "channel": self.channel, "prefix": prefix},
+                )
+            ).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
+
+    async def load_heartbeats(self) -> list[tuple[str, int, int | None, int, float]]:
+        """Every agent's last heartbeat: (workspace, active, capacity, external, at)."""
+        return await self._rows("SELECT workspace, active, capacity, external, at FROM heartbeats")
+
+    async def take_duties(
+        self, wanted: dict[str, bool], *, now: float, lease_seconds: float, started_at: float
+    ) -> set[str]:
+        """Take or keep the duties this replica wants (duty → whether it can
+        restart that agent) and say it is alive; the duties it holds now. A duty
+        is taken when free, lapsed, or held by one that cannot restart the agent
+        when this one can."""
+        duties = list(wanted)
+        can = [wanted[d] for d in duties]
+
+        async def op(conn: Conn) -> set[str]:
+            await conn.execute(
+                "INSERT INTO replicas (replica, started_at, seen_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (replica) DO UPDATE SET seen_at = EXCLUDED.seen_at,"
+                " started_at = EXCLUDED.started_at",
+                (self.replica, started_at, now),
+            )
+            await conn.execute(
+                "DELETE FROM duties WHERE replica = %s AND NOT duty = ANY(%s)",
+                (self.replica, duties),
+            )
+            rows = await (
+                await conn.execute(
+                    "INSERT INTO duties AS d (duty, replica, can_restart, lease_until)"
+                    " SELECT duty, %(replica)s, can, %(until)s"
+                    " FROM unnest(%(duties)s::text[], %(can)s::bool[]) AS w(duty, can)"
+                    " ON CONFLICT (duty) DO UPDATE SET replica = EXCLUDED.replica,"
+                    " can_restart = EXCLUDED.can_restart, lease_until = EXCLUDED.lease_until"
+                    " WHERE d.replica = EXCLUDED.replica OR d.lease_until < %(now)s"
+                    " OR (EXCLUDED.can_restart AND NOT d.can_restart)"
+                    " RETURNING duty",
+                    {
+                        "replica": self.replica,
+                        "until": now + lease_seconds,
+                        "duties": duties,
+                        "can": can,
+                        "now": now,
+                    },
+                )
+            ).fetchall()
+            return {duty for (duty,) in rows}
+
+        return await self._write(op, durable=False)  # type: ignore[no-any-return]
+
+    async def drop_duties(self) -> None:
+        """Stopping: another replica takes this one's duties at once."""
+
+        async def op(conn: Conn) -> None:
+            await conn.execute("DELETE FROM duties WHERE replica = %s", (self.replica,))
+
+        await self._write(op, durable=False)
+
+    async def replicas_seen(self) -> list[tuple[str, float, float, list[str]]]:
+        """Each replica: (name, started_at, seen_at, the duties it holds)."""
+        return await self._rows(
+            "SELECT r.replica, r.started_at, r.seen_at,"
+            " COALESCE(array_agg(d.duty ORDER BY d.duty) FILTER (WHERE d.duty IS NOT NULL), '{}')"
+            " FROM replicas r LEFT JOIN duties d ON d.replica = r.replica"
+            " GROUP BY r.replica, r.started_at, r.seen_at ORDER BY r.replica"
+        )
+
+    async def record_restart(self, workspace: str, *, at: float) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute("DELETE FROM restarts WHERE at < %s - 3600", (at,))
+            await conn.execute(
+                "INSERT INTO restarts (workspace, at, replica) VALUES (%s, %s, %s)",
+                (workspace, at, self.replica),
+            )
+
+        await self._write(op)
+
+    async def clear_restarts(self, workspace: str) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute("DELETE FROM restarts WHERE workspace = %s", (workspace,))
+
+        await self._write(op)
+
+    async def restarts_since(self, workspace: str, since: float) -> list[float]:
+        rows = await self._rows(
+            "SELECT at FROM restarts WHERE workspace = %s AND at >= %s ORDER BY at",
+            (workspace, since),
+        )
+        return [at for (at,) in rows]
+
+    async def tell(self, kind: str, *fields: str) -> None:
+        """A note to the other replicas (on_note there): a failure signal, a
+        decision of the one that acts for an agent, a run-time workspace changed."""
+        payload = " ".join([self.instance, NOTE + kind, *fields])[:MAX_PAYLOAD]
+        await self._read(
+            lambda conn: conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+        )
 
     def _touched(self, rows: Iterable[Sequence[Any]]) -> None:
         """Workspaces whose slots a write freed: the commit's NOTIFY names them."""

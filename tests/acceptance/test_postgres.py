@@ -35,7 +35,7 @@ def test_serve_on_postgres_after_migrate_queues_and_delivers_in_order(
     migrated = launcher.run("migrate", "--config", str(config.path))
     assert migrated.returncode == 0, migrated.stderr
     assert "applied 0001 schema" in migrated.stdout
-    assert "applied 0002 shared_slots" in migrated.stdout
+    assert "applied 0002 replicas" in migrated.stdout
     checked = launcher.run("check", "--config", str(config.path))
     store_line = next(line for line in checked.stdout.splitlines() if line.startswith("store"))
     assert "PostgreSQL" in store_line and "schema 2 of 2, writable" in store_line, checked.stdout

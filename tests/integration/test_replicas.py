@@ -1,0 +1,171 @@
+"""Replicas of one PostgreSQL store, side by side in one process (each its own
+daemon, connections and name): a heartbeat any of them takes counts for all, one
+acts for each agent, run-time workspaces and finished items reach every one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes import A2ad, FakeAgent
+from test_liveness import Agent, eventually
+
+from a2ad.workspaces import State
+
+pytestmark = pytest.mark.parametrize("store_kind", ["postgres"])
+
+AgentFactory = Callable[..., Awaitable[FakeAgent]]
+A2adFactory = Callable[..., Awaitable[A2ad]]
+HB_TOKEN = "hb-secret"
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+async def replicas(
+    a2ad_factory: A2adFactory, workspaces: list[dict[str, Any]], n: int = 2, **sections: Any
+) -> list[A2ad]:
+    made = []
+    for name in "abc"[:n]:
+        store = {"replica_id": name, **sections.pop("store", {})}
+        made.append(await a2ad_factory(workspaces, store=store, **sections))
+    return made
+
+
+async def heartbeat(a2ad: A2ad, active: int) -> None:
+    resp = await a2ad.client.post(
+        "/workspaces/w/heartbeat",
+        json={"active_tasks": active},
+        headers={"Authorization": f"Bearer {HB_TOKEN}"},
+    )
+    assert resp.status == 200, await resp.text()
+
+
+async def test_a_heartbeat_to_one_replica_frees_the_slot_another_uses(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    agent = await agent_factory()
+    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "token": HB_TOKEN}
+    a, b = await replicas(a2ad_factory, [workspace])
+    w_on_b = b.daemon.registry.get("w")
+
+    await heartbeat(a, active=1)  # someone else's request holds the agent's one slot
+    await eventually(
+        lambda: _async(w_on_b.heartbeat is not None and w_on_b.heartbeat.external == 1),
+        "b learns the heartbeat a took",
+    )
+    status, data = await b.send("w", "waits for the slot")
+    assert status == 202, data
+    await asyncio.sleep(0.2)
+    assert agent.received == []
+    await heartbeat(a, active=0)  # it is free: b's item goes at once
+    await agent.wait_received(1, within=2.0)
+    assert agent.received[0].text == "waits for the slot"
+
+
+async def test_a_send_waiting_on_one_replica_for_an_item_another_delivered_is_answered(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """b holds a long poll for an item a delivers: a's commit names it, and b
+    answers at once (its fallback, a read each second, is not what answers)."""
+    agent = await agent_factory(gate=asyncio.Event())
+    assert agent.gate is not None
+    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "heartbeat": False}
+    a, b = await replicas(a2ad_factory, [workspace])
+    held = asyncio.create_task(a.send("w", "holds the slot"))
+    await agent.wait_received(1)
+    status, data = await a.send("w", "queued on a")
+    assert status == 202, data
+    qid = data["result"]["id"]
+    told: list[str] = []
+    notify = b.daemon.watch.notify
+    b.daemon.watch.notify = lambda item_id: (told.append(item_id), notify(item_id))[1]  # type: ignore[method-assign]
+    poll = asyncio.create_task(b.item(qid, wait=30))
+    await asyncio.sleep(0.2)
+    agent.gate.set()
+    view = await asyncio.wait_for(poll, 10)
+    assert view["state"] == "delivered"
+    assert qid in told
+    assert (await held)[0] == 200
+
+
+async def test_a_runtime_workspace_put_on_one_replica_is_served_by_all(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    agent = await agent_factory()
+    a, b = await replicas(a2ad_factory, [], auth={"admin_token": "admin-secret"})
+    config = {"url": agent.url, "max_concurrent": 2, "heartbeat": False}
+    resp = await a.client.put("/workspaces/late", json=config, headers=ADMIN)
+    assert resp.status in (200, 201), await resp.text()
+    await eventually(
+        lambda: _async(b.daemon.registry.find("late") is not None), "b serves the workspace"
+    )
+    status, data = await b.send("late", "through b")
+    assert status == 200, data
+    resp = await b.client.delete("/workspaces/late", headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    await eventually(
+        lambda: _async(a.daemon.registry.find("late") is None), "a drops the workspace"
+    )
+
+
+async def test_one_replica_holds_each_duty_and_the_other_takes_it_over_when_it_stops(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    agent = await agent_factory()
+    workspace = {"id": "w", "url": agent.url, "heartbeat": False}
+    a, b = await replicas(a2ad_factory, [workspace], auth={"admin_token": "admin-secret"})
+    resp = await b.client.get("/workspaces", headers=ADMIN)
+    view = await resp.json()
+    assert view["replica"] == "b"
+    duties = {r["replica"]: r["duties"] for r in view["replicas"] if r["live"]}
+    assert duties == {"a": ["agent:w", "sweeps"], "b": []}
+    assert a.daemon.replicas is not None and b.daemon.replicas is not None
+    await a.daemon.replicas.stop()  # a stops: its duties go at once
+    await eventually(
+        lambda: _async(b.daemon.replicas is not None and b.daemon.replicas.sweeps),
+        "b takes the sweeps over",
+    )
+    assert b.daemon.replicas.acts_for(b.daemon.registry.get("w"))
+
+
+async def test_an_agent_three_replicas_see_fail_is_restarted_once(
+    tmp_path: Path, a2ad_factory: A2adFactory
+) -> None:
+    """The agent dies while every replica sends to it: each sees refused
+    connections, one acts for it and restarts it, once; the others learn it."""
+    agent = Agent(tmp_path, ["--delay", "0"], [])
+    agent.start()
+    await agent.wait_up()
+    workspace = {
+        "id": "w",
+        "url": agent.url,
+        "heartbeat": False,
+        "restart_command": agent.restart_command,
+    }
+    three = await replicas(
+        a2ad_factory,
+        [workspace],
+        n=3,
+        liveness={"restart_backoff_seconds": 0, "restart_budget_per_hour": 5},
+    )
+    for one in three:
+        assert (await one.send("w", "alive", blocking=True))[0] == 200
+    await agent.kill()
+    for one in three:  # each sees a refused connection, and queues the send
+        status, data = await one.send("w", "after the crash")
+        assert status == 202, data
+    await eventually(lambda: _async(len(agent.restarts()) >= 1), "the agent is restarted")
+    await agent.wait_up()
+    await asyncio.sleep(1.5)  # time for a second restart, which must not come
+    assert agent.restarts() == ["w"]
+    for one in three:
+        await eventually(
+            lambda one=one: _async(one.daemon.registry.get("w").state is not State.DEAD),  # type: ignore[misc]
+            "every replica sees it back",
+        )
+
+
+async def _async(value: bool) -> bool:
+    return value
