@@ -53,7 +53,7 @@ def _refuse_open(settings: Settings) -> None:
 
 
 def _take_lock(settings: Settings, action: str) -> StoreLock | None:
-    """SQLite's owner lock on <store.path>.lock; PostgreSQL's is an advisory lock
+    """SQLite's owner lock on <store.path>.lock; PostgreSQL's are advisory locks
     the store takes itself (None here)."""
     if settings.store.is_postgres:
         return None
@@ -149,8 +149,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         store = open_store(settings.store)
         await store.open()
         try:
-            # PostgreSQL: the owner's advisory lock, as serve holds it (SQLite's
-            # file lock is taken above).
+            # PostgreSQL: the sole owner's advisory lock, refused while any replica
+            # serves (SQLite's file lock is taken above).
             await store.take_ownership()
             applied = await store.migrate()
         finally:

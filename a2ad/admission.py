@@ -241,6 +241,11 @@ class Admission:
         self.paused_until = max(self.paused_until, now + pause)
         return pause
 
+    def pause_until_wall(self, until: float) -> None:
+        """Another replica's busy pause, ending at `until` on the wall clock."""
+        now = self._clock.monotonic()
+        self.paused_until = max(self.paused_until, now + (until - self._clock.now()))
+
     def busy_spell_ended(self) -> None:
         """The agent answered (not busy)."""
         self.busy_streak = 0

@@ -72,7 +72,7 @@ class Daemon:
                 allow_link_local=settings.auth.allow_link_local_agents,
             ),
         )
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, replica=self.replica_id)
         self.watch = ResultWatch(self.store, self.clock, max_held=settings.queue.max_held)
         self.agent_ids = AgentIds(self.store)
         self.direct = DirectPath(settings, self.store, self.upstream, self.clock, self.metrics)
@@ -110,6 +110,8 @@ class Daemon:
             )
             replicas = self.replicas
             self.dispatcher.sweeps_here = lambda: replicas.sweeps
+            self.metrics.collector.duties = lambda: replicas.held
+            self.direct.on_pause = replicas.paused
         self._loops: list[asyncio.Task[None]] = []
         self._owns_lock = False
         self._data_version: int | None = None

@@ -34,6 +34,8 @@ class DirectPath:
         self.metrics = metrics
         # Liveness listens here for refused connections, timeouts and long busy spells.
         self.on_failure_signal: Callable[[Workspace, str], None] = lambda ws, reason: None
+        # Replicas: a busy pause this one began is every replica's.
+        self.on_pause: Callable[[Workspace], None] = lambda ws: None
 
     # -- the replay check --------------------------------------------------------
 
@@ -104,6 +106,7 @@ class DirectPath:
         if answer.outcome is Outcome.BUSY:
             self.metrics.of(ws.id).busy.inc()
             ws.note_busy(answer.retry_after, now, answered=answer.reached_agent)
+            self.on_pause(ws)
             window = self.settings.liveness.debounce_window_seconds
             if ws.busy_since is not None and now - ws.busy_since > window:
                 self.on_failure_signal(ws, f"busy for over {window:g} s")

@@ -11,7 +11,7 @@ latency histograms are by outcome, for all workspaces together.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -47,7 +47,7 @@ class WorkspaceMetrics:
 class Metrics:
     """a2ad's metrics in a registry of its own; `render` is the /metrics body."""
 
-    def __init__(self, workspaces: Registry) -> None:
+    def __init__(self, workspaces: Registry, *, replica: str | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         ws = ["workspace"]
@@ -89,7 +89,8 @@ class Metrics:
         )
         self.delivery_by_outcome = {o: self.delivery.labels(o.value) for o in Outcome}
         self.proxy_by_outcome = {o: self.proxy.labels(o.value) for o in Outcome}
-        r.register(_RegistryCollector(workspaces))
+        self.collector = _RegistryCollector(workspaces, replica)
+        r.register(self.collector)
         self._by_workspace: dict[str, WorkspaceMetrics] = {}
 
     def of(self, workspace_id: str) -> WorkspaceMetrics:
@@ -116,17 +117,22 @@ class _RegistryCollector(Collector):
     """Gauges read at scrape time from the counts the registry keeps in memory:
     no store query per scrape and nothing to keep in step on the hot path."""
 
-    def __init__(self, workspaces: Registry) -> None:
+    def __init__(self, workspaces: Registry, replica: str | None) -> None:
         self._workspaces = workspaces
+        # Replicas: which one this is, and the duties it holds now.
+        self._replica = replica
+        self.duties: Callable[[], set[str]] = set
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
             "a2ad_queue_depth", "Items waiting, by state.", labels=["workspace", "state"]
         )
+        mine = [] if self._replica is None else [self._replica]
         in_flight = GaugeMetricFamily(
             "a2ad_in_flight",
-            "a2ad's own message requests at the agent, direct or queued.",
-            labels=["workspace"],
+            "a2ad's own message requests at the agent, direct or queued"
+            + ("." if self._replica is None else ", from this replica."),
+            labels=["workspace", *(["replica"] if mine else [])],
         )
         state = GaugeMetricFamily(
             "a2ad_workspace_state",
@@ -139,8 +145,21 @@ class _RegistryCollector(Collector):
         for ws in self._workspaces:
             depth.add_metric([ws.id, "queued"], ws.queued_total)
             depth.add_metric([ws.id, "dispatching"], ws.dispatching)
-            in_flight.add_metric([ws.id], ws.in_flight)
+            in_flight.add_metric([ws.id, *mine], ws.in_flight)
             for s in State:
                 state.add_metric([ws.id, s.value], 1 if ws.state is s else 0)
             restarts.add_metric([ws.id], ws.restarts)
         yield from (depth, in_flight, state, restarts)
+        if self._replica is not None:
+            info = GaugeMetricFamily(
+                "a2ad_replica", "1: this replica, by its store.replica_id.", labels=["replica"]
+            )
+            info.add_metric(mine, 1)
+            duties = GaugeMetricFamily(
+                "a2ad_duty_held",
+                "1 for each duty this replica holds (an agent's probes and restarts, the sweeps).",
+                labels=["replica", "duty"],
+            )
+            for duty in sorted(self.duties()):
+                duties.add_metric([*mine, duty], 1)
+            yield from (info, duties)

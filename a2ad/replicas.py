@@ -182,6 +182,11 @@ class Replicas:
                 ws.state = state
         elif kind == "reset":
             self.liveness.reset(ws)
+        elif kind == "pause":
+            # The agent said it is busy to another replica: every replica waits
+            # (no send here passes the item that replica handed back).
+            ws.admission.pause_until_wall(float(fields[1]))
+            ws.wakeup.set()
 
     def _hand_over(self, ws: Workspace, reason: str) -> None:
         """A failure signal, for the replica that acts for the agent (once a second)."""
@@ -190,6 +195,10 @@ class Replicas:
             return
         self._signalled[ws.id] = now
         self._tell("signal", ws.id, *reason.split())
+
+    def paused(self, ws: Workspace) -> None:
+        """This replica began or lengthened the workspace's busy pause: all wait."""
+        self._tell("pause", ws.id, repr(ws.admission.paused_until_wall()))
 
     def _decided(self, ws: Workspace) -> None:
         if ws.state in TOLD_STATES:

@@ -1,7 +1,7 @@
 """A closed-loop load generator: N concurrent callers for T seconds.
 
     python -m bench.loadgen --url URL --concurrency N --duration T [--warmup W]
-                            [--stream] [--tag TAG]
+                            [--stream] [--tag TAG] [--start-at EPOCH]
 
 Each caller sends a JSON-RPC message/send (message/stream with --stream) with
 a messageId of its own, waits for the whole answer, and sends the next. Only
@@ -117,14 +117,25 @@ def _ms(value: float | None) -> float | None:
 
 
 async def run(
-    url: str, concurrency: int, duration: float, warmup: float, stream: bool, tag: str
+    url: str,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    stream: bool,
+    tag: str,
+    start_at: float | None = None,
 ) -> dict[str, Any]:
+    """`start_at` (time.time()): measure from then instead of after `warmup`, so that
+    generators started side by side measure the same window."""
     tally = Tally()
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=60)
     cpu_before = os.times()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        start = time.perf_counter() + warmup
+        if start_at is not None:
+            start = time.perf_counter() + max(0.0, start_at - time.time())
+        else:
+            start = time.perf_counter() + warmup
         end = start + duration
         await asyncio.gather(
             *(
@@ -169,9 +180,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--stream", action="store_true", help="message/stream, count SSE events")
     parser.add_argument("--tag", default="lg", help="messageId prefix, unique per run")
+    parser.add_argument(
+        "--start-at", type=float, help="time.time() to measure from (instead of --warmup)"
+    )
     args = parser.parse_args(argv)
     result = asyncio.run(
-        run(args.url, args.concurrency, args.duration, args.warmup, args.stream, args.tag)
+        run(
+            args.url,
+            args.concurrency,
+            args.duration,
+            args.warmup,
+            args.stream,
+            args.tag,
+            args.start_at,
+        )
     )
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

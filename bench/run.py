@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "scale": bench.scale,
             "stream": bench.streaming,
             "postgres": bench.postgres,
+            "replicas": bench.replicas,
         }
         for key in SCENARIOS:
             if key not in chosen:

@@ -1,5 +1,6 @@
-"""The six scenarios of issue 8. Each starts the a2ad processes it needs, drives
-them with a generator in its own process, and adds rows to the report."""
+"""The scenarios of issue 8, and the replicas scenario (bench/replicas.py). Each
+starts the a2ad processes it needs, drives them with a generator in its own
+process, and adds rows to the report."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fill, report, wrkdrive
+from . import replicas as replicas_scenario
 from .procs import PYTHON, REPO, Proc, Procs, cpu_seconds, http_json, workspace
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -82,7 +84,7 @@ QUICK = Plan(
     raw_sqlite_seconds=1.0,
 )
 
-SCENARIOS = ("proxy", "enqueue", "drain", "backlog", "scale", "stream", "postgres")
+SCENARIOS = ("proxy", "enqueue", "drain", "backlog", "scale", "stream", "postgres", "replicas")
 PG_BACKLOG_ITEMS = 30_000  # the PostgreSQL backlog: enough for a steady rate
 
 
@@ -671,6 +673,15 @@ class Bench:
             self.raw["pg_enqueue"] = raw
             self.drain_latency(pg)
             self.deep_backlog(pg)
+
+    # -- 8. replicas ---------------------------------------------------------------------
+
+    def replicas(self) -> None:
+        """Replicas on one PostgreSQL schema (fsync on): the direct path with global
+        slots, throughput of 1, 2 and 3 replicas, a heartbeat to one freeing a slot
+        another waits for (bench/replicas.py)."""
+        with PgServer(fsync=True) as pg:
+            replicas_scenario.run(self, pg)
 
     # -- 5. scale ------------------------------------------------------------------------
 

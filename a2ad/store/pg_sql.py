@@ -25,16 +25,18 @@ _COLUMNS = ITEM_COLUMNS.split(", ")
 
 # Slots for up to {n} requests at a workspace's agent, taken from its count over
 # every replica: as many as `cap` (its capacity less its other load, as this
-# replica knows it) leaves free. One row per workspace, updated in place: a taker
-# that waited for another's row lock reads the count that one left (PostgreSQL
-# evaluates SET and WHERE again on the newest row), so two never share a slot.
-_GRANT = """UPDATE slots
-    SET granted = LEAST({n}, %(cap)s - slots.in_use),
-        in_use = slots.in_use + LEAST({n}, %(cap)s - slots.in_use)
-    FROM {source}
-    WHERE slots.workspace = %(workspace)s AND slots.in_use < %(cap)s AND {n} > 0{extra}
-    RETURNING slots.granted"""
-ENSURE_SLOTS = "INSERT INTO slots (workspace) VALUES (%s) ON CONFLICT (workspace) DO NOTHING"
+# replica knows it) leaves free. One row per workspace, updated in place (made by
+# the first take): a taker that waited for another's row lock reads the count
+# that one left (ON CONFLICT DO UPDATE works on the newest row), so two never
+# share a slot.
+_GRANT = """INSERT INTO slots AS s (workspace, in_use, granted)
+    SELECT %(workspace)s, LEAST({n}, %(cap)s), LEAST({n}, %(cap)s) FROM {source}
+    WHERE {n} > 0 AND %(cap)s > 0{extra}
+    ON CONFLICT (workspace) DO UPDATE
+    SET granted = LEAST(EXCLUDED.granted, %(cap)s - s.in_use),
+        in_use = s.in_use + LEAST(EXCLUDED.granted, %(cap)s - s.in_use)
+    WHERE s.in_use < %(cap)s
+    RETURNING s.granted"""
 
 # Promotion moves an item up one level per full promote_after_seconds waited.
 _HEAD = """h{p} AS (SELECT seq, enqueued_at, {level} AS level FROM items

@@ -12,15 +12,21 @@ batch with StoreUnavailable and the next batch connects again.
 The writer connection's own default is `synchronous_commit = off`: a delivery's
 steps (claims, outcomes, leases) commit without waiting for the flush, and only
 a batch holding a durable write (a new item, an operator's change) sets it on,
-for that transaction. A store that does not own the database (the queue CLI)
-also sends a NOTIFY with each batch, so the daemon listening there learns of its
-commits, as SQLite's `data_version` tells it.
+for that transaction. A replica (and the queue CLI) sends a NOTIFY after a batch
+that made items due, freed slots or finished items, naming them, so the other
+processes listening there learn of its commits, as SQLite's `data_version` tells.
 
-The owner's advisory lock lives on the writer connection itself: a connection
-that writes is one that holds it. When the connection is lost (a server
-restart) the lock goes with it, and the next connection takes it again before
-its first write; if another a2ad took it in between, this one writes nothing
-(StoreUnavailable, and /readyz says why) rather than deliver beside it.
+One-statement ops that need no flush (claims, outcomes, slots taken and
+returned) run each on its own, outside the batch's transaction: a replica's
+batch then never holds one workspace's slot row while it waits for another's,
+which another replica's batch may hold in the other order (a deadlock).
+
+The advisory locks a writer needs (a replica's shared one and its name's, or a
+sole owner's) live on the writer connection itself: a connection that writes
+is one that holds them. When the connection is lost (a server restart) they go
+with it, and the next connection takes them again before its first write; if
+another process took one in between, this one writes nothing (StoreUnavailable,
+and /readyz says why) rather than run beside it.
 """
 
 from __future__ import annotations
@@ -62,6 +68,13 @@ def is_store_failure(exc: BaseException) -> bool:
     return isinstance(exc, STORE_FAILURES)
 
 
+def recount_elsewhere(op: PgOp[T]) -> PgOp[T]:
+    """Mark `op` as changing the queue in a way its result does not say (a delete,
+    a purge): the processes listening count the queue again."""
+    op.recount_elsewhere = True  # type: ignore[attr-defined]
+    return op
+
+
 def one_statement(op: PgOp[T]) -> PgOp[T]:
     """Mark `op` as a single statement: alone in its batch it runs without a
     transaction around it (PostgreSQL makes the statement one), which saves the
@@ -84,6 +97,7 @@ class AdvisoryLock:
 
 
 IDLE_CHECK_SECONDS = 1.0  # a connection idle longer is checked before a batch
+DEADLOCK_TRIES = 3  # a write PostgreSQL undid to break a deadlock runs again
 MAX_PAYLOAD = 7000  # NOTIFY's payload is under 8000 bytes
 FINISHED = "="  # marks an item id in a note (a workspace id cannot start with it)
 
@@ -169,71 +183,132 @@ class PgWriter(BatchLoop):
         return self._conn
 
     async def _commit(self, batch: list[Pending]) -> None:
-        durable = self.synchronous == "full" and any(d for _, _, d, _ in batch)
+        """Run a batch: each one-statement op that needs no flush (a claim, an
+        outcome, a slot taken or returned) on its own, as PostgreSQL commits a
+        lone statement, so it holds its row locks for that statement only (two
+        replicas' batches could otherwise take two workspaces' slot rows in
+        opposite orders and deadlock); the rest in one transaction, and one COMMIT
+        for all the batch's durable writes. Ops that ran are answered even when a
+        later one finds the server gone."""
+        alone = [
+            i
+            for i, (op, _, durable, _) in enumerate(batch)
+            if getattr(op, "one_statement", False) and not durable
+        ]
+        together = [i for i in range(len(batch)) if i not in set(alone)]
+        outcomes: list[tuple[bool, Any] | None] = [None] * len(batch)
         try:
             conn = await self._connection()
-            op = batch[0][0]
-            if len(batch) == 1 and not durable and getattr(op, "one_statement", False):
-                outcomes = [await self._run_alone(conn, op)]
-            else:
-                try:
-                    outcomes = await self._run_ops(conn, batch, durable, savepoints=False)
-                except _Retry:
-                    outcomes = await self._run_ops(conn, batch, durable, savepoints=True)
+            for i in alone:
+                outcomes[i] = await self._run_alone(conn, batch[i][0])
+            if together:
+                part = [batch[i] for i in together]
+                for i, outcome in zip(together, await self._run_together(conn, part), strict=True):
+                    outcomes[i] = outcome
+            await self._announce(conn, batch, outcomes)
         except Exception as exc:
-            error: BaseException = exc
-            cause = str(exc).strip()
-            if is_store_failure(exc):
-                error = StoreUnavailable(f"the store cannot write: {cause}", retry_after=1)
-            if isinstance(exc, OwnerLost) and not self.commits:
-                pass  # refused at start-up: take_ownership's caller says so
-            elif isinstance(error, StoreUnavailable):
-                if self.last_error != cause:  # once per cause, not once per batch
-                    log.error("the store cannot write: %s", cause)
-                self.last_error = cause
-            for _, future, _, _ in batch:
-                if not future.done():
-                    future.set_exception(error)
+            self._failed(batch, outcomes, exc)
             return
+        self._committed()
+        hand_out(batch, [o for o in outcomes if o is not None], self.depths)
+
+    def _committed(self) -> None:
         self.commits += 1
         if self.last_error is not None:
             log.warning("the store writes again")
             self.last_error = None
             self.recoveries += 1
-        hand_out(batch, outcomes, self.depths)
+
+    def _failed(
+        self, batch: list[Pending], outcomes: list[tuple[bool, Any] | None], exc: Exception
+    ) -> None:
+        """The ops that ran are answered; the others fail with `exc`, as
+        StoreUnavailable when the server is the cause."""
+        ran = [i for i, outcome in enumerate(outcomes) if outcome is not None]
+        if ran:
+            self._committed()
+            hand_out([batch[i] for i in ran], [outcomes[i] for i in ran], self.depths)  # type: ignore[misc]
+        error: BaseException = exc
+        cause = str(exc).strip()
+        if is_store_failure(exc):
+            error = StoreUnavailable(f"the store cannot write: {cause}", retry_after=1)
+        if isinstance(exc, OwnerLost) and not self.commits:
+            pass  # refused at start-up: take_ownership's caller says so
+        elif isinstance(error, StoreUnavailable):
+            if self.last_error != cause:  # once per cause, not once per batch
+                log.error("the store cannot write: %s", cause)
+            self.last_error = cause
+        for i, (_, future, _, _) in enumerate(batch):
+            if outcomes[i] is None and not future.done():
+                future.set_exception(error)
+
+    async def _run_together(
+        self, conn: psycopg.AsyncConnection[Any], batch: list[Pending]
+    ) -> list[tuple[bool, Any]]:
+        """Ops in one transaction (savepoints when one fails), again after a
+        deadlock with another replica's transaction (PostgreSQL undid this one)."""
+        durable = self.synchronous == "full" and any(d for _, _, d, _ in batch)
+        for attempt in range(1, DEADLOCK_TRIES + 1):
+            try:
+                try:
+                    return await self._run_ops(conn, batch, durable, savepoints=False)
+                except _Retry:
+                    return await self._run_ops(conn, batch, durable, savepoints=True)
+            except psycopg.errors.DeadlockDetected:
+                if attempt == DEADLOCK_TRIES:
+                    raise
+                log.info("a write deadlocked with another replica's; running it again")
+        raise AssertionError("unreachable")
 
     async def _run_alone(
         self, conn: psycopg.AsyncConnection[Any], op: PgOp[Any]
     ) -> tuple[bool, Any]:
         """A one-statement op on its own, committed by PostgreSQL as it runs (the
         connection is in autocommit; its default synchronous_commit is off)."""
-        try:
-            outcome: tuple[bool, Any] = (True, await op(conn))
-        except Exception as exc:
-            if is_store_failure(exc):
-                raise
-            return (False, exc)
-        await self._announce(conn, [outcome])
-        return outcome
+        for attempt in range(1, DEADLOCK_TRIES + 1):
+            try:
+                return (True, await op(conn))
+            except psycopg.errors.DeadlockDetected as exc:
+                if attempt == DEADLOCK_TRIES:
+                    cause = f"the store cannot write: {str(exc).strip()}"
+                    return (False, StoreUnavailable(cause, retry_after=1))
+            except Exception as exc:
+                if is_store_failure(exc):
+                    raise
+                return (False, exc)
+        raise AssertionError("unreachable")
 
     async def _announce(
-        self, conn: psycopg.AsyncConnection[Any], outcomes: list[tuple[bool, Any]]
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: list[Pending],
+        outcomes: list[tuple[bool, Any] | None],
     ) -> None:
-        """Tell the processes listening there of this commit: the queue CLI's to
-        the daemon, a replica's to the others, naming the workspaces it changed
-        (new items, outcomes, freed slots), so theirs wake at once, and the items
-        it finished, so whoever waits for one there answers at once."""
+        """Tell the processes listening there of what the batch committed: the
+        queue CLI's to the daemon, a replica's to the others. It names the
+        workspaces where an item became due or a slot was freed, so their pumps
+        look at once, and the items it finished, so whoever waits for one there
+        answers at once; one with an op that changed the queue in a way moves do
+        not say (a delete, a purge) makes them count again. Claims, renewals and
+        the like tell nothing."""
         if not self.announce:
             return
         touched = self.touched
         self.touched = set()
         finished = []
-        for ok, value in outcomes:
-            if ok and isinstance(value, Counted):
-                for move in value.moves:
-                    touched.add(move.workspace)
+        recount = False
+        for (op, _, _, _), outcome in zip(batch, outcomes, strict=True):
+            if outcome is None or not outcome[0]:
+                continue
+            recount = recount or getattr(op, "recount_elsewhere", False)
+            if isinstance(outcome[1], Counted):
+                for move in outcome[1].moves:
+                    if move.new != "dispatching":  # a claim frees nothing, adds no work
+                        touched.add(move.workspace)
                     if move.new in FINAL_STATES:
                         finished.append(FINISHED + move.item_id)
+        if not (touched or recount):
+            return
         payload = change_note(self.instance, touched, finished)
         await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
 
@@ -278,5 +353,4 @@ class PgWriter(BatchLoop):
                     if not savepoints:
                         raise _Retry from exc
                     outcomes[index] = (False, exc)
-            await self._announce(conn, [])
         return outcomes

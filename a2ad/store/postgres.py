@@ -1,7 +1,9 @@
 """The PostgreSQL store: the SQLite store's operations, on psycopg 3 (the extra
 `a2ad[postgres]`). One connection writes (group commit: pg_writer.py), a pool
-reads (pg_reads.py), one listens for other processes' commits, and one holds the
-owner's advisory lock. Tables live in a schema of a2ad's own (`store.schema`)."""
+reads (pg_reads.py), one listens for other processes' commits and notes. Tables
+live in a schema of a2ad's own (`store.schema`), which any number of replicas
+serve together (each under its store.replica_id); what they share besides the
+queue is here too: slots, heartbeats, duties (replicas.py, shared_slots.py)."""
 
 from __future__ import annotations
 
@@ -31,15 +33,22 @@ from .models import (
 from .pg_reads import Conn, PgReads, live_snapshot
 from .pg_sql import (
     CLAIM,
-    ENSURE_SLOTS,
-    FREE_SLOTS,
     FREE_TOKENS,
     RELEASE_DISPATCHING,
     SWEEP_SLOTS,
     TAKE_SLOT,
     Enqueue,
 )
-from .pg_writer import FINISHED, MAX_PAYLOAD, AdvisoryLock, OwnerLost, PgOp, PgWriter, one_statement
+from .pg_writer import (
+    FINISHED,
+    MAX_PAYLOAD,
+    AdvisoryLock,
+    OwnerLost,
+    PgOp,
+    PgWriter,
+    one_statement,
+    recount_elsewhere,
+)
 from .schema import Migration, bundled_migrations
 from .sql import released
 
@@ -94,8 +103,7 @@ class PostgresStore(PgReads):
         # and the items it finished; and of replicas' other notes (kind, fields).
         self.on_change: Callable[[list[str], list[str]], None] = lambda changed, done: None
         self.on_note: Callable[[str, list[str]], None] = lambda kind, fields: None
-        self._slot_rows: set[str] = set()  # workspaces whose slots row exists
-        self._sole = False  # the one owner (migrate), not one of the replicas
+        self._sole = True  # not (yet) one of the replicas that serve it
 
     # -- connections ---------------------------------------------------------
 
@@ -361,7 +369,6 @@ class PostgresStore(PgReads):
 
         @one_statement
         async def op(conn: Conn) -> Counted[list[Item]]:
-            await self._ensure_slots(conn, workspace)
             rows = await (await conn.execute(CLAIM, params)).fetchall()
             items = [Item.from_row(row) for row in rows]  # best first
             moves = [Move(workspace, i.id, i.priority, "queued", "dispatching", now) for i in items]
@@ -390,13 +397,6 @@ class PostgresStore(PgReads):
             cap=cap,
         )
 
-    async def _ensure_slots(self, conn: Conn, workspace: str) -> None:
-        """The workspace's row of shared slots, made once (a statement of its own
-        the first time only, so a claim stays one statement)."""
-        if workspace not in self._slot_rows:
-            await conn.execute(ENSURE_SLOTS, (workspace,))
-            self._slot_rows.add(workspace)
-
     # -- slots shared by the replicas -------------------------------------------
 
     async def take_slot(
@@ -424,7 +424,6 @@ class PostgresStore(PgReads):
 
         @one_statement
         async def op(conn: Conn) -> bool:
-            await self._ensure_slots(conn, workspace)
             return await (await conn.execute(TAKE_SLOT, params)).fetchone() is not None
 
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
@@ -499,7 +498,7 @@ class PostgresStore(PgReads):
         restart that agent) and say it is alive; the duties it holds now. A duty
         is taken when free, lapsed, or held by one that cannot restart the agent
         when this one can."""
-        duties = list(wanted)
+        duties = sorted(wanted)  # every replica locks duty rows in one order
         can = [wanted[d] for d in duties]
 
         async def op(conn: Conn) -> set[str]:
@@ -700,34 +699,22 @@ class PostgresStore(PgReads):
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
 
     async def recover_dispatching(self, *, now: float, max_attempts: int) -> list[Released]:
-        """At start-up: the items this process's earlier run was delivering (its
-        store.replica_id's slot leases), back to the queue with an attempt
-        counted; a sole owner takes back every one. Another replica's claims come
-        back only when their leases lapse (sweep_leases)."""
+        """At start-up. A sole owner takes back every item being delivered, with
+        an attempt counted. A replica takes back only those whose lease lapsed:
+        another replica's live claim is its own, and so may be one of an earlier
+        run of this replica's name whose process still runs (cut off from the
+        server, not dead), so nothing comes back before its lease says."""
+        if not self._sole:
+            return await self.sweep_leases(now=now, max_attempts=max_attempts)
         reason = "a2ad stopped while delivering (recovered at start-up)"
-        params: dict[str, Any] = {
-            "now": now,
-            "max_attempts": max_attempts,
-            "reason": reason,
-            "replica": self.replica,
-        }
-        mine = FREE_SLOTS.format(
-            gone="DELETE FROM slot_leases WHERE replica = %(replica)s RETURNING token, workspace"
-        )
+        params = {"now": now, "max_attempts": max_attempts, "reason": reason}
 
         async def op(conn: Conn) -> Counted[list[Released]]:
-            if self._sole:
-                await conn.execute("DELETE FROM slot_leases")
-                await conn.execute("UPDATE slots SET in_use = 0 WHERE in_use <> 0")
-                condition = ""
-            else:
-                rows = await (
-                    await conn.execute(f"WITH {mine} SELECT token FROM gone", params)
-                ).fetchall()
-                params["tokens"] = [token for (token,) in rows]
-                condition = "AND claim_token = ANY(%(tokens)s::text[])"
-            statement = RELEASE_DISPATCHING.format(condition=condition)
-            rows = await (await conn.execute(statement, params)).fetchall()
+            rows = await (
+                await conn.execute(RELEASE_DISPATCHING.format(condition=""), params)
+            ).fetchall()
+            await conn.execute("DELETE FROM slot_leases")
+            await conn.execute("UPDATE slots SET in_use = 0 WHERE in_use <> 0")
             return released(rows, "dispatching", now)
 
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
@@ -856,6 +843,7 @@ class PostgresStore(PgReads):
         return await self._write(op)  # type: ignore[no-any-return]
 
     async def _count_changed(self, statement: str, params: Sequence[Any], *, durable: bool) -> int:
+        @recount_elsewhere
         async def op(conn: Conn) -> int:
             return (await conn.execute(statement, params)).rowcount
 

@@ -145,10 +145,13 @@ async def test_a_dead_replicas_slots_and_claims_come_back_when_their_leases_laps
     assert again is not None and again.state == "queued" and again.attempts == 1
 
 
-async def test_a_restarted_replica_takes_back_its_own_claims_at_once_not_others(
+async def test_a_restarted_replica_takes_back_claims_only_when_their_leases_lapse(
     pg_server: PgServer, replicas: list[PostgresStore]
 ) -> None:
-    a, b, _ = replicas
+    """A replica that starts again under its name cannot tell a dead earlier run
+    from one cut off from the server that still delivers: its claims, like any
+    other replica's, come back when their leases lapse, not at once."""
+    a, b = replicas[0], replicas[1]
     mine = (await a.enqueue(new("a"), now=T0, replay_window=0)).item
     theirs = (await b.enqueue(new("b"), now=T0, replay_window=0)).item
     await a.claim(WS, now=T0, lease_seconds=LEASE, promote_after=120.0, limit=1, cap=5)
@@ -158,11 +161,27 @@ async def test_a_restarted_replica_takes_back_its_own_claims_at_once_not_others(
 
     async with PostgresStore(pg_server.url, schema=a.schema, replica="r0") as again:
         await again.take_ownership("r0")
-        recovered = await again.recover_dispatching(now=T0 + 1, max_attempts=5)
-        assert [r.id for r in recovered] == [mine.id]
-        assert await slot_rows(again) == (1, 1)  # b's claim still holds its slot
-        item = await again.get(theirs.id)
-        assert item is not None and item.state == "dispatching"
+        assert await again.recover_dispatching(now=T0 + 1, max_attempts=5) == []
+        assert await slot_rows(again) == (3, 3)
+        recovered = await again.recover_dispatching(now=T0 + LEASE + 1, max_attempts=5)
+        assert {r.id for r in recovered} == {mine.id, theirs.id}
+        assert await slot_rows(again) == (0, 0)
+
+
+async def test_a_lost_slot_row_is_made_again_by_the_next_take(
+    replicas: list[PostgresStore],
+) -> None:
+    """A workspace's slot row can be undone by a server crash (a take commits
+    without waiting for the flush): the next take or claim makes it again."""
+    a, _, _ = replicas
+    token = await take(a, cap=1)
+    assert token
+    await a.submit_free_slots([token])
+    await a._read(lambda conn: conn.execute("DELETE FROM slots"))
+    assert await take(a, cap=1)
+    await a.enqueue(new(), now=T0 + 5, replay_window=0)
+    assert await a.claim(WS, now=T0 + 10, lease_seconds=LEASE, promote_after=120.0, limit=1, cap=2)
+    assert await slot_rows(a) == (2, 2)
 
 
 async def test_one_name_one_replica_and_migrate_waits_for_all(
@@ -211,3 +230,28 @@ async def test_a_replicas_counts_stop_at_zero_for_items_another_queued(
         await b.settle(item.id, item.claim_token, state="delivered", now=T0)
     assert (depth.queued_total, depth.dispatching, b.depths.live_total) == (0, 0, 0)
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_two_replicas_batches_over_two_workspaces_never_deadlock(
+    replicas: list[PostgresStore],
+) -> None:
+    """Each replica's writer batches takes of two workspaces' slots, in opposite
+    orders, with a send beside them: a take runs as a statement of its own, so
+    no batch holds one workspace's row while it waits for the other's, and no
+    send fails (in one transaction, most rounds deadlocked)."""
+    a, b, _ = replicas
+
+    async def taken(store: PostgresStore, workspace: str) -> bool:
+        token = uuid.uuid4().hex
+        return await store.take_slot(
+            workspace, token=token, cap=10**6, arrived=T0, now=T0, lease_until=T0 + LEASE
+        )
+
+    for round_ in range(30):
+        results = await asyncio.gather(
+            *(taken(a, w) for w in ("w1", "w2", "w1", "w2")),
+            *(taken(b, w) for w in ("w2", "w1", "w2", "w1")),
+            a.enqueue(new(f"a{round_}"), now=T0, replay_window=0),
+            b.enqueue(new(f"b{round_}"), now=T0, replay_window=0),
+        )
+        assert all(results[:8])

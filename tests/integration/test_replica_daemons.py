@@ -167,5 +167,30 @@ async def test_an_agent_three_replicas_see_fail_is_restarted_once(
         )
 
 
+async def test_a_busy_pause_one_replica_began_holds_every_replica(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """The agent tells a it is busy for 2 s: a queues the send and pauses the
+    workspace, and so does b (a tells it): no replica delivers before the pause
+    ends, and a send to b meanwhile waits behind the first."""
+    busy = {"jsonrpc": "2.0", "id": 1, "error": {"code": -32000, "message": "busy"}}
+    agent = await agent_factory(script=[(503, busy, {"Retry-After": "2"})])
+    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "heartbeat": False}
+    a, b = await replicas(a2ad_factory, [workspace])
+    loop = asyncio.get_running_loop()
+    status, data = await a.send("w", "first")
+    told_busy = loop.time()
+    assert status == 202, data  # the agent was busy: queued
+    await asyncio.sleep(0.3)
+    status, data = await b.send("w", "second")
+    assert status == 202, data
+    await agent.wait_received(2, within=10)
+    # The second attempt came after the pause the agent asked for, from whichever replica.
+    assert loop.time() - told_busy >= 1.5
+    await agent.wait_received(3, within=10)
+    assert [r.text for r in agent.received] == ["first", "first", "second"]
+    assert agent.served[0].text == "first"
+
+
 async def _async(value: bool) -> bool:
     return value
