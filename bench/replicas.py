@@ -239,13 +239,10 @@ def _spread(bench: Bench, pg: PgServer, targets: list[Proc], every: list[Proc]) 
     wall = after["wall"] - before["wall"]
     capacity = wall * (os.cpu_count() or 1)
     busy = after["busy"] - before["busy"]
-    shares = {
-        key: (after[key] - before[key]) / capacity for key in ("replicas", "generators", "agent")
-    }
-    shares["other"] = (
-        max(0.0, busy - sum(after[k] - before[k] for k in ("replicas", "generators", "agent")))
-        / capacity
-    )
+    parts = ("replicas", "generators", "agent", "postgres")
+    shares = {key: (after[key] - before[key]) / capacity for key in parts}
+    ours = sum(after[k] - before[k] for k in parts)
+    shares["others"] = max(0.0, busy - ours) / capacity
     per_replica: dict[str, float] = {}
     for (target, _), result in zip(running, results, strict=True):
         per_replica[target.name] = per_replica.get(target.name, 0.0) + result["rps"]
