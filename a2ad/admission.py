@@ -30,6 +30,7 @@ from .store import Depth, Depths
 
 BUSY_PAUSE_FIRST = 0.5
 BUSY_PAUSE_MAX = 30.0
+TOLD_CLAIM = 4  # slots a claim reserves on another replica's word (it goes on while it finds items)
 
 
 @dataclass(slots=True)
@@ -175,7 +176,9 @@ class Admission:
         free and items are due, 0 when nothing may be delivered now."""
         due = self.depth.deliverable(self._clock.now())
         if self.told:
-            due = max(due, self.free_slots(now))
+            # Items another replica queued may wait: look, for a few slots only, so
+            # direct sends here still find the rest free while the claim runs.
+            due = max(due, min(self.free_slots(now), TOLD_CLAIM))
         if due <= 0 or not self.can_deliver(now):
             return 0
         n = min(self.free_slots(now), due)

@@ -139,7 +139,7 @@ class Daemon:
             await self.store.close()
             raise
         # Under the file's lock, every dispatching row belongs to a dead process; on
-        # PostgreSQL, those this replica's earlier run held.
+        # PostgreSQL, those whose lease lapsed (other replicas hold the live ones).
         recovered = await self.store.recover_dispatching(
             now=self.clock.now(), max_attempts=self.settings.queue.max_attempts
         )

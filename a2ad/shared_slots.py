@@ -41,20 +41,16 @@ class SharedSlots:
         the send `arrived` is due: queue it."""
         token = uuid.uuid4().hex
         now = self.clock.now()
-        try:
-            taken = await self.store.take_slot(
-                ws.id,
-                token=token,
-                cap=ws.admission.shared_capacity(self.clock.monotonic()),
-                arrived=arrived,
-                now=now,
-                lease_until=now + self.lease_seconds,
-            )
-        except asyncio.CancelledError:
-            # The caller left, but the take may commit all the same: return it
-            # (the writer runs the return after the take).
-            self._free(token)
-            raise
+        taken = await self.store.submit_take_slot(
+            ws.id,
+            token=token,
+            cap=ws.admission.shared_capacity(self.clock.monotonic()),
+            arrived=arrived,
+            now=now,
+            lease_until=now + self.lease_seconds,
+            # The caller left while it was taken: return it.
+            if_cancelled=lambda taken: self._free(token) if taken else None,
+        )
         if taken:
             self.held[token] = ws.id
             slot.also = lambda: self._free(token)

@@ -153,7 +153,7 @@ class SharedSlotStore(QueueStore, Protocol):
     # Told of another process's commit: the workspaces it changed, the items it finished.
     on_change: Callable[[list[str], list[str]], None]
 
-    async def take_slot(
+    def submit_take_slot(
         self,
         workspace: str,
         *,
@@ -162,7 +162,8 @@ class SharedSlotStore(QueueStore, Protocol):
         arrived: float,
         now: float,
         lease_until: float,
-    ) -> bool: ...
+        if_cancelled: Callable[[bool], None] | None = None,
+    ) -> asyncio.Future[bool]: ...
     def submit_free_slots(self, tokens: list[str]) -> asyncio.Future[None]: ...
     async def renew_slots(self, tokens: list[str], *, lease_until: float) -> set[str]: ...
 

@@ -77,10 +77,17 @@ _NONE_DUE = """
         WHERE workspace = %(workspace)s AND state = 'queued' AND priority IN (10, 50, 100)
           AND enqueued_at < %(arrived)s
           AND not_before <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s))"""
-_TAKE_ONE = _GRANT.format(n="1", source="(SELECT 1) AS one", extra=_NONE_DUE)
-TAKE_SLOT = f"""WITH granted AS ({_TAKE_ONE})
+# Direct sends' slots, one lease each, for sends to one workspace that a batch
+# holds together: the first as many as are free get one (in the order they came).
+_TAKE_SOME = _GRANT.format(
+    n="(SELECT count(*) FROM input)", source="(SELECT 1) AS one", extra=_NONE_DUE
+)
+TAKE_SLOTS = f"""WITH input AS (
+    SELECT * FROM unnest(%(tokens)s::text[]) WITH ORDINALITY AS t(token, ord)),
+granted AS ({_TAKE_SOME})
 INSERT INTO slot_leases (token, workspace, replica, lease_until)
-SELECT %(token)s, %(workspace)s, %(replica)s, %(lease)s FROM granted WHERE granted = 1
+SELECT token, %(workspace)s, %(replica)s, %(lease)s FROM input
+WHERE ord <= (SELECT granted FROM granted)
 RETURNING token"""
 
 # Slot leases returned (`gone`: a DELETE … RETURNING workspace), and each one's

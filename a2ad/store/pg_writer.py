@@ -36,6 +36,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -44,6 +45,7 @@ import psycopg.errors
 from ..errors import StoreUnavailable
 from .depth import Counted, Depths
 from .models import FINAL_STATES
+from .pg_slots import FreeSlots, TakeSlot, free_slots, take_slots
 from .pg_sql import Enqueue, enqueue_many
 from .writer import BatchLoop, Pending, hand_out
 
@@ -199,8 +201,7 @@ class PgWriter(BatchLoop):
         outcomes: list[tuple[bool, Any] | None] = [None] * len(batch)
         try:
             conn = await self._connection()
-            for i in alone:
-                outcomes[i] = await self._run_alone(conn, batch[i][0])
+            await self._run_alone_ops(conn, batch, alone, outcomes)
             if together:
                 part = [batch[i] for i in together]
                 for i, outcome in zip(together, await self._run_together(conn, part), strict=True):
@@ -260,14 +261,47 @@ class PgWriter(BatchLoop):
                 log.info("a write deadlocked with another replica's; running it again")
         raise AssertionError("unreachable")
 
-    async def _run_alone(
-        self, conn: psycopg.AsyncConnection[Any], op: PgOp[Any]
-    ) -> tuple[bool, Any]:
-        """A one-statement op on its own, committed by PostgreSQL as it runs (the
-        connection is in autocommit; its default synchronous_commit is off)."""
+    async def _run_alone_ops(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: list[Pending],
+        alone: list[int],
+        outcomes: list[tuple[bool, Any] | None],
+    ) -> None:
+        """The batch's one-statement ops: slot returns first, all in one statement
+        (a slot they free can serve the takes), then the takes of each workspace
+        in one statement, then the others one by one, in order."""
+        frees: list[FreeSlots] = []
+        takes: dict[Any, list[TakeSlot]] = {}
+        others: list[tuple[int, PgOp[Any]]] = []
+        place: dict[int, int] = {}  # id(op) → its index in the batch
+        for i in alone:
+            op = batch[i][0]
+            place[id(op)] = i
+            if isinstance(op, FreeSlots):
+                frees.append(op)
+            elif isinstance(op, TakeSlot):
+                takes.setdefault(op.key, []).append(op)
+            else:
+                others.append((i, op))
+        if frees:
+            done = await self._run_alone(partial(free_slots, conn, frees))
+            for free in frees:
+                outcomes[place[id(free)]] = done
+        for group in takes.values():
+            ok, taken = await self._run_alone(partial(take_slots, conn, group))
+            for take in group:
+                outcomes[place[id(take)]] = (True, take.token in taken) if ok else (False, taken)
+        for i, op in others:
+            outcomes[i] = await self._run_alone(partial(op, conn))
+
+    async def _run_alone(self, run: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """One statement on its own, committed by PostgreSQL as it runs (the
+        connection is in autocommit; its default synchronous_commit is off); again
+        when PostgreSQL undid it to break a deadlock."""
         for attempt in range(1, DEADLOCK_TRIES + 1):
             try:
-                return (True, await op(conn))
+                return (True, await run())
             except psycopg.errors.DeadlockDetected as exc:
                 if attempt == DEADLOCK_TRIES:
                     cause = f"the store cannot write: {str(exc).strip()}"

@@ -31,12 +31,12 @@ from .models import (
     State,
 )
 from .pg_reads import Conn, PgReads, live_snapshot
+from .pg_slots import FreeSlots, TakeSlot
 from .pg_sql import (
     CLAIM,
     FREE_TOKENS,
     RELEASE_DISPATCHING,
     SWEEP_SLOTS,
-    TAKE_SLOT,
     Enqueue,
 )
 from .pg_writer import (
@@ -399,6 +399,34 @@ class PostgresStore(PgReads):
 
     # -- slots shared by the replicas -------------------------------------------
 
+    def submit_take_slot(
+        self,
+        workspace: str,
+        *,
+        token: str,
+        cap: int,
+        arrived: float,
+        now: float,
+        lease_until: float,
+        if_cancelled: Callable[[bool], None] | None = None,
+    ) -> asyncio.Future[bool]:
+        """A direct send's slot, counted with every replica's: True when taken
+        (a lease under `token`), False when none is free or an item queued
+        before the send `arrived` is due. A taker cancelled while it waits is
+        not told: `if_cancelled` is, once the take committed, to return it."""
+        op = TakeSlot(
+            workspace,
+            token=token,
+            cap=cap,
+            arrived=arrived,
+            now=now,
+            lease=lease_until,
+            replica=self.replica,
+        )
+        if self._writer is None or self._writer.closing:
+            raise StoreUnavailable("the store is closed", retry_after=1)
+        return self._writer.submit(op, durable=False, if_cancelled=if_cancelled)
+
     async def take_slot(
         self,
         workspace: str,
@@ -409,38 +437,13 @@ class PostgresStore(PgReads):
         now: float,
         lease_until: float,
     ) -> bool:
-        """A direct send's slot, counted with every replica's: True when taken
-        (a lease under `token`), False when none is free or an item queued
-        before the send `arrived` is due."""
-        params = {
-            "workspace": workspace,
-            "token": token,
-            "cap": cap,
-            "arrived": arrived,
-            "now": now,
-            "lease": lease_until,
-            "replica": self.replica,
-        }
-
-        @one_statement
-        async def op(conn: Conn) -> bool:
-            return await (await conn.execute(TAKE_SLOT, params)).fetchone() is not None
-
-        return await self._write(op, durable=False)  # type: ignore[no-any-return]
+        return await self.submit_take_slot(
+            workspace, token=token, cap=cap, arrived=arrived, now=now, lease_until=lease_until
+        )
 
     def submit_free_slots(self, tokens: list[str]) -> asyncio.Future[None]:
         """Return direct sends' slots (the other replicas are told, to use them)."""
-
-        @one_statement
-        async def op(conn: Conn) -> None:
-            rows = await (
-                await conn.execute(
-                    f"WITH {FREE_TOKENS} SELECT workspace FROM freed", {"tokens": tokens}
-                )
-            ).fetchall()
-            self._touched(rows)
-
-        return self._submit(op, durable=False)
+        return self._submit(FreeSlots(tokens, self._freed), durable=False)
 
     async def renew_slots(self, tokens: list[str], *, lease_until: float) -> set[str]:
         """Renew direct sends' slot leases; the tokens whose lease was gone."""
@@ -585,8 +588,11 @@ class PostgresStore(PgReads):
 
     def _touched(self, rows: Iterable[Sequence[Any]]) -> None:
         """Workspaces whose slots a write freed: the commit's NOTIFY names them."""
+        self._freed(row[0] for row in rows)
+
+    def _freed(self, workspaces: Iterable[str]) -> None:
         if self._writer is not None:
-            self._writer.touched.update(row[0] for row in rows)
+            self._writer.touched.update(workspaces)
 
     async def renew(self, claims: dict[str, str], *, lease_until: float, now: float) -> set[str]:
         @one_statement

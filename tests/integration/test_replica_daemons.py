@@ -5,6 +5,7 @@ acts for each agent, run-time workspaces and finished items reach every one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,36 @@ async def test_a_busy_pause_one_replica_began_holds_every_replica(
     await agent.wait_received(3, within=10)
     assert [r.text for r in agent.received] == ["first", "first", "second"]
     assert agent.served[0].text == "first"
+
+
+async def test_a_send_that_leaves_while_its_slot_is_taken_returns_it(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """The caller goes while the store takes the send's slot lease: the take
+    commits all the same, and the lease is returned, not held until it lapses."""
+    agent = await agent_factory()
+    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "heartbeat": False}
+    (a,) = await replicas(a2ad_factory, [workspace], n=1)
+    shared, ws = a.daemon.shared_slots, a.daemon.registry.get("w")
+    assert shared is not None
+    for _ in range(10):
+        slot = ws.admission.try_direct(a.daemon.clock.monotonic())
+        assert slot is not None
+        with slot:
+            taking = asyncio.create_task(shared.take(ws, slot, arrived=a.daemon.clock.now()))
+            await asyncio.sleep(0)  # the take is in the writer's hands
+            taking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await taking
+    await eventually(lambda: _free_in_store(a), "every lease returned")
+    assert (await a.send("w", "goes direct"))[0] == 200
+
+
+async def _free_in_store(a2ad: A2ad) -> bool:
+    rows = await a2ad.daemon.store._rows(  # type: ignore[attr-defined]
+        "SELECT (SELECT count(*) FROM slot_leases), COALESCE(max(in_use), 0) FROM slots"
+    )
+    return bool(rows[0] == (0, 0))
 
 
 async def _async(value: bool) -> bool:
