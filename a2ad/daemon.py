@@ -277,18 +277,24 @@ class Daemon:
         self.auth.add_workspace_token(ws.id, "")
         self.cards.forget(ws.id)
 
-    def _told(self, workspaces: list[str], finished: list[str]) -> None:
-        """Another replica (or the queue CLI) committed a change to these
-        workspaces' queues or freed their slots: their pumps look at once; and
-        finished these items: whoever waits for one here is answered."""
+    def _told(self, changed: list[str], freed: list[str], finished: list[str]) -> None:
+        """Another replica (or the queue CLI) committed: items it finished are
+        answered to whoever waits for them here; pumps of workspaces whose queue
+        it changed look at once (for items this replica has not counted yet),
+        and those where it freed a slot, if they have items to deliver; the
+        counts are taken again soon after a change."""
         for item_id in finished:
             self.watch.notify(item_id)
-        for workspace_id in workspaces:
+        for workspace_id in freed:
+            ws = self.registry.find(workspace_id)
+            if ws is not None and ws.depth.queued_total:
+                ws.wakeup.set()
+        for workspace_id in changed:
             ws = self.registry.find(workspace_id)
             if ws is not None:
                 ws.admission.told = True
                 ws.wakeup.set()
-        if self._told_recount is None and self.loops_running:
+        if changed and self._told_recount is None and self.loops_running:
             self._told_recount = self.clock.call_later(TOLD_RECOUNT_SECONDS, self._recount_told)
 
     def _recount_told(self) -> None:

@@ -150,8 +150,9 @@ class SharedSlotStore(QueueStore, Protocol):
     agent's capacity less its other load); settling or handing back the item
     returns them. A direct send takes and returns its own."""
 
-    # Told of another process's commit: the workspaces it changed, the items it finished.
-    on_change: Callable[[list[str], list[str]], None]
+    # Told of another process's commit: the workspaces whose queue it changed,
+    # those where it only freed slots, the items it finished.
+    on_change: Callable[[list[str], list[str], list[str]], None]
 
     def submit_take_slot(
         self,

@@ -101,16 +101,23 @@ class AdvisoryLock:
 IDLE_CHECK_SECONDS = 1.0  # a connection idle longer is checked before a batch
 DEADLOCK_TRIES = 3  # a write PostgreSQL undid to break a deadlock runs again
 MAX_PAYLOAD = 7000  # NOTIFY's payload is under 8000 bytes
-FINISHED = "="  # marks an item id in a note (a workspace id cannot start with it)
+# Marks in a note (a workspace id cannot start with either): an item id, and a
+# workspace whose queue changed (not only its slots).
+FINISHED = "="
+CHANGED = "+"
 
 
-def change_note(instance: str, workspaces: Iterable[str], finished: list[str]) -> str:
-    """The payload of a commit's NOTIFY: its sender, the workspaces it changed,
-    the items it finished; what does not fit is left out (a listener that is told
+def change_note(
+    instance: str, changed: Iterable[str], freed: Iterable[str], finished: Iterable[str]
+) -> str:
+    """The payload of a commit's NOTIFY: its sender, the workspaces whose queue
+    it changed (marked CHANGED), those where it only freed slots, the items it
+    finished (marked FINISHED); what does not fit is left out (a listener told
     nothing counts again, and a waiter reads again within a second)."""
-    payload = " ".join([instance, *sorted(workspaces), *finished])
+    named = [*(CHANGED + w for w in sorted(changed)), *sorted(freed)]
+    payload = " ".join([instance, *named, *(FINISHED + i for i in finished)])
     if len(payload) > MAX_PAYLOAD:
-        payload = " ".join([instance, *sorted(workspaces)])
+        payload = " ".join([instance, *named])
     if len(payload) > MAX_PAYLOAD:
         payload = instance
     return payload
@@ -141,7 +148,7 @@ class PgWriter(BatchLoop):
         # Advisory locks the connection must hold before it writes: (key, shared,
         # what to say when another process holds it).
         self.locks: list[AdvisoryLock] = []
-        self.touched: set[str] = set()  # workspaces whose slots a batch freed (NOTIFY)
+        self.touched: set[str] = set()  # workspaces where a batch freed slots (NOTIFY)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._holds_lock = False
         self.recoveries = 0  # times it wrote again after failing
@@ -320,15 +327,16 @@ class PgWriter(BatchLoop):
     ) -> None:
         """Tell the processes listening there of what the batch committed: the
         queue CLI's to the daemon, a replica's to the others. It names the
-        workspaces where an item became due or a slot was freed, so their pumps
-        look at once, and the items it finished, so whoever waits for one there
-        answers at once; one with an op that changed the queue in a way moves do
-        not say (a delete, a purge) makes them count again. Claims, renewals and
-        the like tell nothing."""
+        workspaces whose queue changed (they count again) or where only a slot was
+        freed, so their pumps look at once, and the items it finished, so whoever
+        waits for one there answers at once; one with an op that changed the
+        queue in a way moves do not say (a delete, a purge) makes them count
+        again. Claims, renewals and the like tell nothing."""
         if not self.announce:
             return
-        touched = self.touched
+        freed = self.touched
         self.touched = set()
+        changed: set[str] = set()
         finished = []
         recount = False
         for (op, _, _, _), outcome in zip(batch, outcomes, strict=True):
@@ -338,12 +346,12 @@ class PgWriter(BatchLoop):
             if isinstance(outcome[1], Counted):
                 for move in outcome[1].moves:
                     if move.new != "dispatching":  # a claim frees nothing, adds no work
-                        touched.add(move.workspace)
+                        changed.add(move.workspace)
                     if move.new in FINAL_STATES:
-                        finished.append(FINISHED + move.item_id)
-        if not (touched or recount):
+                        finished.append(move.item_id)
+        if not (changed or freed or recount):
             return
-        payload = change_note(self.instance, touched, finished)
+        payload = change_note(self.instance, changed, freed - changed, finished)
         await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
 
     async def _run_ops(

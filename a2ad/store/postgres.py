@@ -40,6 +40,7 @@ from .pg_sql import (
     Enqueue,
 )
 from .pg_writer import (
+    CHANGED,
     FINISHED,
     MAX_PAYLOAD,
     AdvisoryLock,
@@ -99,9 +100,12 @@ class PostgresStore(PgReads):
         self._listen_error: str | None = None  # the listening connection is lost
         self._listen_lost_at = 0  # the writer's commits then
         self._changes = 0  # commits by other processes seen (LISTEN), for data_version
-        # Told of another process's commit (its NOTIFY): the workspaces it changed
-        # and the items it finished; and of replicas' other notes (kind, fields).
-        self.on_change: Callable[[list[str], list[str]], None] = lambda changed, done: None
+        # Told of another process's commit (its NOTIFY): the workspaces whose queue
+        # it changed, those where it only freed slots, the items it finished; and
+        # of replicas' other notes (kind, fields).
+        self.on_change: Callable[[list[str], list[str], list[str]], None] = (
+            lambda changed, freed, finished: None
+        )
         self.on_note: Callable[[str, list[str]], None] = lambda kind, fields: None
         self._sole = True  # not (yet) one of the replicas that serve it
 
@@ -213,9 +217,14 @@ class PostgresStore(PgReads):
                     if fields and fields[0].startswith(NOTE):
                         self.on_note(fields[0][1:], fields[1:])
                         continue
-                    self._changes += 1
-                    done = [f[1:] for f in fields if f.startswith(FINISHED)]
-                    self.on_change([f for f in fields if not f.startswith(FINISHED)], done)
+                    changed = [f[1:] for f in fields if f.startswith(CHANGED)]
+                    if changed or not fields:  # not fields: it could not say what
+                        self._changes += 1
+                    self.on_change(
+                        changed,
+                        [f for f in fields if f[:1] not in (CHANGED, FINISHED)],
+                        [f[1:] for f in fields if f.startswith(FINISHED)],
+                    )
             except (psycopg.Error, AssertionError) as exc:
                 self._listen_error = f"lost the connection to the server: {str(exc).strip()}"
                 self._listen_lost_at = self.commits
