@@ -102,6 +102,11 @@ async def item_stream(
                 event = await asyncio.wait_for(events.get(), KEEPALIVE_SECONDS)
             except TimeoutError:
                 await response.write(b": keep-alive\n\n")
+                # The slow poll behind being told: another process (a replica, the
+                # queue CLI) may have ended it, and a lost notification said nothing.
+                latest = await daemon.store.get(item.id)
+                if latest is None or latest.is_final:
+                    events.put_nowait(None)
                 continue
             if event is None:  # the item is final
                 ended = True

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fakes import A2ad, FakeAgent
 from test_liveness import Agent, eventually
+from test_streams import events
 
+from a2ad import own_tasks
 from a2ad.workspaces import State
 
 pytestmark = pytest.mark.parametrize("store_kind", ["postgres"])
@@ -89,6 +91,60 @@ async def test_a_send_waiting_on_one_replica_for_an_item_another_delivered_is_an
     assert view["state"] == "delivered"
     assert qid in told
     assert (await held)[0] == 200
+
+
+async def test_a_subscription_on_one_replica_ends_with_the_task_another_delivered(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """SubscribeToTask on b for an item a queued and delivers: b's stream gives
+    the Task as it stands, then its final state once a delivered it."""
+    agent = await agent_factory(gate=asyncio.Event())
+    assert agent.gate is not None
+    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "heartbeat": False}
+    a, b = await replicas(a2ad_factory, [workspace])
+    held = asyncio.create_task(a.send("w", "holds the slot"))
+    await agent.wait_received(1)
+    status, data = await a.send("w", "queued on a")
+    assert status == 202, data
+    qid = data["result"]["id"]
+    body = {"jsonrpc": "2.0", "id": 2, "method": "SubscribeToTask", "params": {"id": qid}}
+    resp = await b.client.post("/workspaces/w/a2a", json=body, headers={"A2A-Version": "1.0"})
+    stream = events(resp)
+    first = (await anext(stream))["result"]
+    assert first["task"]["id"] == qid
+    agent.gate.set()
+    last = [event["result"] async for event in stream][-1]
+    assert last["statusUpdate"]["status"]["state"] == "TASK_STATE_COMPLETED", last
+    assert (await held)[0] == 200
+
+
+async def test_a_subscription_ends_though_the_notification_was_lost(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b never hears that a finished the item (a NOTIFY lost while b's listening
+    connection was down): its stream reads the item again at each keep-alive."""
+    monkeypatch.setattr(own_tasks, "KEEPALIVE_SECONDS", 0.2)
+    agent = await agent_factory(gate=asyncio.Event())
+    assert agent.gate is not None
+    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "heartbeat": False}
+    a, b = await replicas(a2ad_factory, [workspace])
+    b.daemon.watch.notify = lambda item_id: None  # type: ignore[method-assign]
+    held = asyncio.create_task(a.send("w", "holds the slot"))
+    await agent.wait_received(1)
+    status, data = await a.send("w", "queued on a")
+    assert status == 202, data
+    qid = data["result"]["id"]
+    body = {"jsonrpc": "2.0", "id": 2, "method": "tasks/resubscribe", "params": {"id": qid}}
+    stream = events(await b.client.post("/workspaces/w/a2a", json=body))
+    assert (await anext(stream))["result"]["id"] == qid
+    agent.gate.set()
+    last = await asyncio.wait_for(_last(stream), 10)
+    assert last["result"]["status"]["state"] == "completed", last
+    assert (await held)[0] == 200
+
+
+async def _last(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    return [event async for event in stream][-1]
 
 
 async def test_a_runtime_workspace_put_on_one_replica_is_served_by_all(
