@@ -88,7 +88,7 @@ class RestartHistory(Protocol):
     """Restarts as the replicas share them, as monotonic times of this process."""
 
     async def load(self, workspace_id: str) -> list[float]: ...
-    async def add(self, workspace_id: str) -> None: ...
+    async def add(self, workspace_id: str) -> bool: ...  # False: not this one's to run
 
 
 class Liveness:
@@ -251,9 +251,10 @@ class Liveness:
             await self.clock.sleep(wait)
             if ws.state is not State.DEAD or not self.acts_for(ws):
                 return  # it came back by itself meanwhile, or another acts for it now
+        if self.shared_history is not None and not await self.shared_history.add(ws.id):
+            log.info("workspace %s: another replica acts for it now; it restarts it", ws.id)
+            return
         self._history.setdefault(ws.id, deque()).append(self.clock.monotonic())
-        if self.shared_history is not None:
-            await self.shared_history.add(ws.id)
         ws.restarts += 1
         ws.state = State.RESTARTING
         self.decided(ws)

@@ -37,6 +37,7 @@ from .workspaces import Registry, State, Workspace
 log = logging.getLogger("a2ad.replicas")
 
 DUTY_LEASE_SECONDS = 5.0  # a dead replica's duties pass on within this (+1 s)
+DUTY_MARGIN_SECONDS = 1.0  # a renewal slower than the lease less this: it holds none
 SWEEPS = "sweeps"
 SIGNAL_EVERY_SECONDS = 1.0  # failure signals handed over per agent, at most
 # Decisions the acting replica tells of, and what the others make of them.
@@ -96,12 +97,23 @@ class Replicas:
         for ws in self.registry:
             if ws.delivers_here:  # it can reach the agent
                 wanted[agent_duty(ws.id)] = bool(ws.config.restart_command)
-        held = await self.store.take_duties(
-            wanted,
-            now=self.clock.now(),
-            lease_seconds=DUTY_LEASE_SECONDS,
-            started_at=self.started_at,
-        )
+        try:
+            # Renewed in time, or not held: past the lease, another replica may
+            # hold them already (the store is out of reach, or the writer stalls).
+            held = await asyncio.wait_for(
+                self.store.take_duties(
+                    wanted,
+                    now=self.clock.now(),
+                    lease_seconds=DUTY_LEASE_SECONDS,
+                    started_at=self.started_at,
+                ),
+                DUTY_LEASE_SECONDS - DUTY_MARGIN_SECONDS,
+            )
+        except (StoreUnavailable, TimeoutError):
+            if self.held:
+                log.warning("cannot renew this replica's duties: it acts on none until it can")
+            self.held = set()
+            raise
         for duty in sorted(held - self.held):
             log.info("this replica now holds duty %s", duty)
         for duty in sorted(self.held - held):
@@ -262,5 +274,7 @@ class _SharedHistory:
             mono - (now - at) for at in await self.store.restarts_since(workspace_id, now - HOUR)
         ]
 
-    async def add(self, workspace_id: str) -> None:
-        await self.store.record_restart(workspace_id, at=self.clock.now())
+    async def add(self, workspace_id: str) -> bool:
+        return await self.store.record_restart(
+            workspace_id, at=self.clock.now(), duty=agent_duty(workspace_id)
+        )

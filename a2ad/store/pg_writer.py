@@ -198,7 +198,9 @@ class PgWriter(BatchLoop):
         replicas' batches could otherwise take two workspaces' slot rows in
         opposite orders and deadlock); the rest in one transaction, and one COMMIT
         for all the batch's durable writes. Ops that ran are answered even when a
-        later one finds the server gone."""
+        later one finds the server gone. Outcomes apply to the counts in the order
+        the ops committed: the lone ones first (a recount in the transaction has
+        counted them already)."""
         alone = [
             i
             for i, (op, _, durable, _) in enumerate(batch)
@@ -215,10 +217,11 @@ class PgWriter(BatchLoop):
                     outcomes[i] = outcome
             await self._announce(conn, batch, outcomes)
         except Exception as exc:
-            self._failed(batch, outcomes, exc)
+            self._failed(batch, outcomes, exc, alone + together)
             return
         self._committed()
-        hand_out(batch, [o for o in outcomes if o is not None], self.depths)
+        order = alone + together
+        hand_out([batch[i] for i in order], [outcomes[i] for i in order], self.depths)  # type: ignore[misc]
 
     def _committed(self) -> None:
         self.commits += 1
@@ -228,11 +231,15 @@ class PgWriter(BatchLoop):
             self.recoveries += 1
 
     def _failed(
-        self, batch: list[Pending], outcomes: list[tuple[bool, Any] | None], exc: Exception
+        self,
+        batch: list[Pending],
+        outcomes: list[tuple[bool, Any] | None],
+        exc: Exception,
+        order: list[int],
     ) -> None:
-        """The ops that ran are answered; the others fail with `exc`, as
-        StoreUnavailable when the server is the cause."""
-        ran = [i for i, outcome in enumerate(outcomes) if outcome is not None]
+        """The ops that ran are answered, in the order they committed; the others
+        fail with `exc`, as StoreUnavailable when the server is the cause."""
+        ran = [i for i in order if outcomes[i] is not None]
         if ran:
             self._committed()
             hand_out([batch[i] for i in ran], [outcomes[i] for i in ran], self.depths)  # type: ignore[misc]

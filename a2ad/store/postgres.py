@@ -564,15 +564,21 @@ class PostgresStore(PgReads):
             " GROUP BY r.replica, r.started_at, r.seen_at ORDER BY r.replica"
         )
 
-    async def record_restart(self, workspace: str, *, at: float) -> None:
-        async def op(conn: Conn) -> None:
-            await conn.execute("DELETE FROM restarts WHERE at < %s - 3600", (at,))
-            await conn.execute(
-                "INSERT INTO restarts (workspace, at, replica) VALUES (%s, %s, %s)",
-                (workspace, at, self.replica),
-            )
+    async def record_restart(self, workspace: str, *, at: float, duty: str) -> bool:
+        """Record a restart this replica is about to run, if it still holds the
+        agent's `duty` (False: another took it over, and that one restarts)."""
 
-        await self._write(op)
+        async def op(conn: Conn) -> bool:
+            await conn.execute("DELETE FROM restarts WHERE at < %s - 3600", (at,))
+            cursor = await conn.execute(
+                "INSERT INTO restarts (workspace, at, replica) SELECT %s, %s, %s"
+                " WHERE EXISTS (SELECT 1 FROM duties"
+                "  WHERE duty = %s AND replica = %s AND lease_until > %s)",
+                (workspace, at, self.replica, duty, self.replica, at),
+            )
+            return cursor.rowcount == 1
+
+        return await self._write(op)  # type: ignore[no-any-return]
 
     async def clear_restarts(self, workspace: str) -> None:
         async def op(conn: Conn) -> None:
