@@ -67,25 +67,40 @@ async def test_a_heartbeat_to_one_replica_frees_the_slot_another_uses(
     assert agent.received[0].text == "waits for the slot"
 
 
+async def gated(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> tuple[FakeAgent, A2ad, A2ad]:
+    """A 1-slot agent that holds requests until its gate opens, and two replicas."""
+    agent = await agent_factory(gate=asyncio.Event())
+    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "heartbeat": False}
+    a, b = await replicas(a2ad_factory, [workspace])
+    return agent, a, b
+
+
+async def queued_behind(
+    agent: FakeAgent, a: A2ad
+) -> tuple[asyncio.Task[tuple[int, dict[str, Any]]], str]:
+    """A send that holds the agent's slot, and an item queued on a behind it."""
+    held = asyncio.create_task(a.send("w", "holds the slot"))
+    await agent.wait_received(1)
+    status, data = await a.send("w", "queued on a")
+    assert status == 202, data
+    return held, data["result"]["id"]
+
+
 async def test_a_send_waiting_on_one_replica_for_an_item_another_delivered_is_answered(
     agent_factory: AgentFactory, a2ad_factory: A2adFactory
 ) -> None:
     """b holds a long poll for an item a delivers: a's commit names it, and b
     answers at once (its fallback, a read each second, is not what answers)."""
-    agent = await agent_factory(gate=asyncio.Event())
-    assert agent.gate is not None
-    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "heartbeat": False}
-    a, b = await replicas(a2ad_factory, [workspace])
-    held = asyncio.create_task(a.send("w", "holds the slot"))
-    await agent.wait_received(1)
-    status, data = await a.send("w", "queued on a")
-    assert status == 202, data
-    qid = data["result"]["id"]
+    agent, a, b = await gated(agent_factory, a2ad_factory)
+    held, qid = await queued_behind(agent, a)
     told: list[str] = []
     notify = b.daemon.watch.notify
     b.daemon.watch.notify = lambda item_id: (told.append(item_id), notify(item_id))[1]  # type: ignore[method-assign]
     poll = asyncio.create_task(b.item(qid, wait=30))
     await asyncio.sleep(0.2)
+    assert agent.gate is not None
     agent.gate.set()
     view = await asyncio.wait_for(poll, 10)
     assert view["state"] == "delivered"
@@ -98,20 +113,14 @@ async def test_a_subscription_on_one_replica_ends_with_the_task_another_delivere
 ) -> None:
     """SubscribeToTask on b for an item a queued and delivers: b's stream gives
     the Task as it stands, then its final state once a delivered it."""
-    agent = await agent_factory(gate=asyncio.Event())
-    assert agent.gate is not None
-    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "heartbeat": False}
-    a, b = await replicas(a2ad_factory, [workspace])
-    held = asyncio.create_task(a.send("w", "holds the slot"))
-    await agent.wait_received(1)
-    status, data = await a.send("w", "queued on a")
-    assert status == 202, data
-    qid = data["result"]["id"]
+    agent, a, b = await gated(agent_factory, a2ad_factory)
+    held, qid = await queued_behind(agent, a)
     body = {"jsonrpc": "2.0", "id": 2, "method": "SubscribeToTask", "params": {"id": qid}}
     resp = await b.client.post("/workspaces/w/a2a", json=body, headers={"A2A-Version": "1.0"})
     stream = events(resp)
     first = (await anext(stream))["result"]
     assert first["task"]["id"] == qid
+    assert agent.gate is not None
     agent.gate.set()
     last = [event["result"] async for event in stream][-1]
     assert last["statusUpdate"]["status"]["state"] == "TASK_STATE_COMPLETED", last
@@ -124,19 +133,13 @@ async def test_a_subscription_ends_though_the_notification_was_lost(
     """b never hears that a finished the item (a NOTIFY lost while b's listening
     connection was down): its stream reads the item again at each keep-alive."""
     monkeypatch.setattr(own_tasks, "KEEPALIVE_SECONDS", 0.2)
-    agent = await agent_factory(gate=asyncio.Event())
-    assert agent.gate is not None
-    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "heartbeat": False}
-    a, b = await replicas(a2ad_factory, [workspace])
+    agent, a, b = await gated(agent_factory, a2ad_factory)
     b.daemon.watch.notify = lambda item_id: None  # type: ignore[method-assign]
-    held = asyncio.create_task(a.send("w", "holds the slot"))
-    await agent.wait_received(1)
-    status, data = await a.send("w", "queued on a")
-    assert status == 202, data
-    qid = data["result"]["id"]
+    held, qid = await queued_behind(agent, a)
     body = {"jsonrpc": "2.0", "id": 2, "method": "tasks/resubscribe", "params": {"id": qid}}
     stream = events(await b.client.post("/workspaces/w/a2a", json=body))
     assert (await anext(stream))["result"]["id"] == qid
+    assert agent.gate is not None
     agent.gate.set()
     last = await asyncio.wait_for(_last(stream), 10)
     assert last["result"]["status"]["state"] == "completed", last
