@@ -212,10 +212,20 @@ class PgWriter(BatchLoop):
             conn = await self._connection()
             await self._run_alone_ops(conn, batch, alone, outcomes)
             if together:
+
+                async def announce(part_outcomes: list[tuple[bool, Any]]) -> None:
+                    # Inside the transaction: sent with its COMMIT, no round trip more.
+                    merged = list(outcomes)
+                    for i, outcome in zip(together, part_outcomes, strict=True):
+                        merged[i] = outcome
+                    await self._announce(conn, batch, merged)
+
                 part = [batch[i] for i in together]
-                for i, outcome in zip(together, await self._run_together(conn, part), strict=True):
+                done = await self._run_together(conn, part, announce)
+                for i, outcome in zip(together, done, strict=True):
                     outcomes[i] = outcome
-            await self._announce(conn, batch, outcomes)
+            else:
+                await self._announce(conn, batch, outcomes)
         except Exception as exc:
             self._failed(batch, outcomes, exc, alone + together)
             return
@@ -258,7 +268,10 @@ class PgWriter(BatchLoop):
                 future.set_exception(error)
 
     async def _run_together(
-        self, conn: psycopg.AsyncConnection[Any], batch: list[Pending]
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: list[Pending],
+        before_commit: Callable[[list[tuple[bool, Any]]], Awaitable[None]],
     ) -> list[tuple[bool, Any]]:
         """Ops in one transaction (savepoints when one fails), again after a
         deadlock with another replica's transaction (PostgreSQL undid this one)."""
@@ -266,9 +279,11 @@ class PgWriter(BatchLoop):
         for attempt in range(1, DEADLOCK_TRIES + 1):
             try:
                 try:
-                    return await self._run_ops(conn, batch, durable, savepoints=False)
+                    return await self._run_ops(
+                        conn, batch, durable, before_commit, savepoints=False
+                    )
                 except _Retry:
-                    return await self._run_ops(conn, batch, durable, savepoints=True)
+                    return await self._run_ops(conn, batch, durable, before_commit, savepoints=True)
             except psycopg.errors.DeadlockDetected:
                 if attempt == DEADLOCK_TRIES:
                     raise
@@ -366,6 +381,7 @@ class PgWriter(BatchLoop):
         conn: psycopg.AsyncConnection[Any],
         batch: list[Pending],
         durable: bool,
+        before_commit: Callable[[list[tuple[bool, Any]]], Awaitable[None]],
         *,
         savepoints: bool,
     ) -> list[tuple[bool, Any]]:
@@ -402,4 +418,5 @@ class PgWriter(BatchLoop):
                     if not savepoints:
                         raise _Retry from exc
                     outcomes[index] = (False, exc)
+            await before_commit(outcomes)
         return outcomes

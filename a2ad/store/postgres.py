@@ -509,7 +509,8 @@ class PostgresStore(PgReads):
         """Take or keep the duties this replica wants (duty → whether it can
         restart that agent) and say it is alive; the duties it holds now. A duty
         is taken when free, lapsed, or held by one that cannot restart the agent
-        when this one can."""
+        when this one can. Whether other replicas are live decides whether its
+        commits are announced."""
         duties = sorted(wanted)  # every replica locks duty rows in one order
         can = [wanted[d] for d in duties]
 
@@ -543,7 +544,18 @@ class PostgresStore(PgReads):
                     },
                 )
             ).fetchall()
-            return {duty for (duty,) in rows}
+            held = {duty for (duty,) in rows}
+            others = await (
+                await conn.execute(
+                    "SELECT count(*) FROM replicas WHERE replica <> %s AND seen_at > %s",
+                    (self.replica, now - lease_seconds),
+                )
+            ).fetchone()
+            # Alone, its commits need no telling (a replica that joins counts the
+            # queue and reads the heartbeats as it starts); else each batch tells.
+            if self._writer is not None:
+                self._writer.announce = bool(others and others[0])
+            return held
 
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
 

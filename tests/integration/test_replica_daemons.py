@@ -33,6 +33,9 @@ async def replicas(
     for name in "abc"[:n]:
         store = {"replica_id": name, **sections.pop("store", {})}
         made.append(await a2ad_factory(workspaces, store=store, **sections))
+    for one in made:  # as each does every second: each learns the others are live
+        assert one.daemon.replicas is not None
+        await one.daemon.replicas.renew()
     return made
 
 
