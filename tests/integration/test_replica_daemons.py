@@ -285,5 +285,41 @@ async def _free_in_store(a2ad: A2ad) -> bool:
     return bool(rows[0] == (0, 0))
 
 
+async def test_an_agent_only_one_replica_reaches_is_delivered_by_that_one(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """workspaces[].replicas names a: b accepts and queues sends for the agent
+    (it never sends to it), a delivers them; a acts for the agent, with the duty."""
+    agent = await agent_factory()
+    workspace = {"id": "w", "url": agent.url, "heartbeat": False, "replicas": ["a"]}
+    a, b = await replicas(a2ad_factory, [workspace])
+    status, data = await b.send("w", "through b")
+    assert status == 202, data  # b may not deliver: queued
+    assert (await a.final(data["result"]["id"]))["state"] == "delivered"
+    status, _ = await a.send("w", "through a", blocking=True)
+    assert status == 200
+    assert [r.text for r in agent.received] == ["through b", "through a"]
+    assert a.daemon.replicas is not None and b.daemon.replicas is not None
+    assert "agent:w" in a.daemon.replicas.held and "agent:w" not in b.daemon.replicas.held
+
+
+async def test_the_replica_that_can_restart_an_agent_acts_for_it(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """Only b has a restart_command for the agent (the replicas' configs differ):
+    b takes the agent's duty from a, which held it first."""
+    agent = await agent_factory()
+    plain = {"id": "w", "url": agent.url, "heartbeat": False}
+    a = await a2ad_factory([plain], store={"replica_id": "a"})
+    assert a.daemon.replicas is not None and "agent:w" in a.daemon.replicas.held
+    able = {**plain, "restart_command": ["true"]}
+    b = await a2ad_factory([able], store={"replica_id": "b"})
+    assert b.daemon.replicas is not None and "agent:w" in b.daemon.replicas.held
+    await a.daemon.replicas.renew()
+    assert "agent:w" not in a.daemon.replicas.held
+    await b.daemon.replicas.renew()
+    assert "agent:w" in b.daemon.replicas.held  # and it keeps it
+
+
 async def _async(value: bool) -> bool:
     return value
