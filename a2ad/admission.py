@@ -209,15 +209,9 @@ class Admission:
         if self.closed:
             raise UnknownWorkspace(f"no workspace {self.workspace!r} (it is being removed)")
         if self.depth.live + self.enqueuing >= max_per_workspace:
-            raise QueueFull(
-                f"workspace {self.workspace!r} has {max_per_workspace} items waiting"
-                " (queue.max_depth_per_workspace); try again later",
-                retry_after=5,
-            )
+            raise QueueFull.workspace(self.workspace, max_per_workspace)
         if depths.live_total + self._enqueuing_all.total >= max_total:
-            raise QueueFull(
-                f"a2ad holds {max_total} items (queue.max_depth); try again later", retry_after=5
-            )
+            raise QueueFull.total(max_total)
         self.enqueuing += 1
         self._enqueuing_all.total += 1
 

@@ -191,7 +191,10 @@ class Dispatcher:
         )
         try:
             write = self.store.submit_enqueue(
-                new, now=self.clock.now(), replay_window=q.replay_window_seconds
+                new,
+                now=self.clock.now(),
+                replay_window=q.replay_window_seconds,
+                caps=(q.max_depth_per_workspace, q.max_depth),
             )
         except BaseException:
             admission.end_enqueue()

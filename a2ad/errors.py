@@ -138,6 +138,18 @@ class QueueFull(A2adError):
 
     status, code = 503, "queue_full"
 
+    @classmethod
+    def workspace(cls, workspace: str, cap: int) -> QueueFull:
+        return cls(
+            f"workspace {workspace!r} has {cap} items waiting"
+            " (queue.max_depth_per_workspace); try again later",
+            retry_after=5,
+        )
+
+    @classmethod
+    def total(cls, cap: int) -> QueueFull:
+        return cls(f"a2ad holds {cap} items (queue.max_depth); try again later", retry_after=5)
+
 
 class StoreUnavailable(A2adError):
     """The store cannot write right now (disk full, I/O error or locked); try again later."""

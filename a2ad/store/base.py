@@ -40,7 +40,12 @@ class QueueStore(Protocol):
     # -- the queue
     async def enqueue(self, new: NewItem, *, now: float, replay_window: float) -> Enqueued: ...
     def submit_enqueue(
-        self, new: NewItem, *, now: float, replay_window: float
+        self,
+        new: NewItem,
+        *,
+        now: float,
+        replay_window: float,
+        caps: tuple[int, int] | None = None,
     ) -> asyncio.Future[Enqueued]: ...
     def submit_claim(
         self,

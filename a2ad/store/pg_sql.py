@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 
+from ..errors import QueueFull
 from .depth import Counted, Move
 from .models import ITEM_COLUMNS, Enqueued, Item, NewItem
 from .sql import place
@@ -171,12 +172,20 @@ ORDER BY i.ord"""
 
 
 class Enqueue:
-    """The op of one send; the writer runs a batch's Enqueue ops together (`many`)."""
+    """The op of one send; the writer runs a batch's Enqueue ops together (`many`).
+    `caps`: the depth caps (per workspace, in all; None: not near it) the store
+    must hold it to, counted over every replica's items (past_caps)."""
 
-    __slots__ = ("new", "now", "window")
+    __slots__ = ("caps", "new", "now", "window")
 
-    def __init__(self, new: NewItem, now: float, window: float) -> None:
-        self.new, self.now, self.window = new, now, window
+    def __init__(
+        self,
+        new: NewItem,
+        now: float,
+        window: float,
+        caps: tuple[int | None, int | None] = (None, None),
+    ) -> None:
+        self.new, self.now, self.window, self.caps = new, now, window, caps
 
     def values(self) -> dict[str, Any]:
         return {**self.new.row(self.now), "window": self.window}
@@ -199,6 +208,49 @@ class Enqueue:
             answer = self.answer(row)
             if answer is not None:
                 return answer
+
+
+_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || %s, 0))"
+_LIVE_IN = f"SELECT count(*) FROM items WHERE workspace = %s AND {LIVE}"
+_LIVE_ALL = f"SELECT count(*) FROM items WHERE {LIVE}"
+
+
+async def past_caps(
+    conn: psycopg.AsyncConnection[Any], ops: list[tuple[int, Enqueue]]
+) -> dict[int, QueueFull]:
+    """The sends of a batch (index, op) that a depth cap refuses, counted in the
+    store over every replica's items. Each cap is checked under a transaction
+    lock of its own (a workspace's, in their order, then the total's), so the
+    replicas' batches take turns and none counts before another's commit."""
+    refused: dict[int, QueueFull] = {}
+    by_workspace: dict[str, list[tuple[int, Enqueue]]] = {}
+    for index, op in ops:
+        if op.caps[0] is not None:
+            by_workspace.setdefault(op.new.workspace, []).append((index, op))
+    for workspace in sorted(by_workspace):
+        await conn.execute(_LOCK, (f":depth:{workspace}",))
+        row = await (await conn.execute(_LIVE_IN, (workspace,))).fetchone()
+        live = row[0] if row else 0
+        for index, op in by_workspace[workspace]:
+            cap = op.caps[0]
+            assert cap is not None
+            if live >= cap:
+                refused[index] = QueueFull.workspace(workspace, cap)
+            else:
+                live += 1
+    total = [(i, op) for i, op in ops if op.caps[1] is not None and i not in refused]
+    if total:
+        await conn.execute(_LOCK, (":depth",))
+        row = await (await conn.execute(_LIVE_ALL)).fetchone()
+        live = row[0] if row else 0
+        for index, op in total:
+            cap = op.caps[1]
+            assert cap is not None
+            if live >= cap:
+                refused[index] = QueueFull.total(cap)
+            else:
+                live += 1
+    return refused
 
 
 async def enqueue_many(

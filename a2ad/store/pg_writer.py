@@ -46,7 +46,7 @@ from ..errors import StoreUnavailable
 from .depth import Counted, Depths
 from .models import FINAL_STATES
 from .pg_slots import FreeSlots, TakeSlot, free_slots, take_slots
-from .pg_sql import Enqueue, enqueue_many
+from .pg_sql import Enqueue, enqueue_many, past_caps
 from .writer import BatchLoop, Pending, hand_out
 
 log = logging.getLogger("a2ad.store")
@@ -386,19 +386,31 @@ class PgWriter(BatchLoop):
         savepoints: bool,
     ) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = [(False, None)] * len(batch)
-        # Without savepoints, a batch's sends go in one statement, where the last
-        # of them stands in the batch (ops before it do not see them, ops after
-        # it see them all, so the moves apply in order).
-        sends = [] if savepoints else [i for i, p in enumerate(batch) if isinstance(p[0], Enqueue)]
-        last_send = sends[-1] if sends else -1
-        deferred = set(sends[:-1])
-        group: list[Enqueue] = [batch[i][0] for i in sends]  # type: ignore[misc]
         async with conn.transaction():
             if durable:
                 # A 202 waits for the flush; a delivery's steps need none (the
                 # connection's default): a server crash can undo them, and the
                 # item is delivered again, never lose an acknowledged one.
                 await conn.execute("SET LOCAL synchronous_commit = on")
+            capped = [
+                (i, p[0])
+                for i, p in enumerate(batch)
+                if isinstance(p[0], Enqueue) and p[0].caps != (None, None)
+            ]
+            refused = await past_caps(conn, capped) if capped else {}
+            for index, error in refused.items():
+                outcomes[index] = (False, error)
+            # Without savepoints, a batch's sends go in one statement, where the last
+            # of them stands in the batch (ops before it do not see them, ops after
+            # it see them all, so the moves apply in order).
+            sends = [
+                i
+                for i, p in enumerate(batch)
+                if isinstance(p[0], Enqueue) and i not in refused and not savepoints
+            ]
+            last_send = sends[-1] if sends else -1
+            deferred = set(sends[:-1]) | set(refused)
+            group: list[Enqueue] = [batch[i][0] for i in sends]  # type: ignore[misc]
             for index, (op, _, _, _) in enumerate(batch):
                 if index in deferred:
                     continue

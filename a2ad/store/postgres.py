@@ -65,6 +65,13 @@ ANALYZE_ROWS = 1000
 ANALYZE_SHARE = 0.2
 
 
+CAP_MARGIN = 1000  # items other replicas may have queued that this one has not counted
+
+
+def _near(live: int, cap: int) -> bool:
+    return cap - live <= max(CAP_MARGIN, cap // 2)
+
+
 def _lock_key(purpose: str, schema: str) -> str:
     return f"a2ad:{purpose}:{schema}"
 
@@ -351,9 +358,27 @@ class PostgresStore(PgReads):
         return await self.submit_enqueue(new, now=now, replay_window=replay_window)
 
     def submit_enqueue(
-        self, new: NewItem, *, now: float, replay_window: float
+        self,
+        new: NewItem,
+        *,
+        now: float,
+        replay_window: float,
+        caps: tuple[int, int] | None = None,
     ) -> asyncio.Future[Enqueued]:
-        return self._submit(Enqueue(new, now, replay_window))
+        """A send's item. `caps` (per workspace, in all), checked by the caller
+        against its counts: while other replicas are live, those counts may lag
+        theirs by a moment (the items they queued since they last told), so near
+        a cap (within CAP_MARGIN items or half of it) the store counts every
+        replica's items itself, under a lock (pg_sql.past_caps)."""
+        checked: tuple[int | None, int | None] = (None, None)
+        if caps is not None and self._writer is not None and self._writer.announce:
+            per_workspace, total = caps
+            here = self.depths.of(new.workspace).live
+            checked = (
+                per_workspace if _near(here, per_workspace) else None,
+                total if _near(self.depths.live_total, total) else None,
+            )
+        return self._submit(Enqueue(new, now, replay_window, checked))
 
     def submit_claim(
         self,

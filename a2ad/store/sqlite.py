@@ -152,9 +152,16 @@ class Store(Reads):
         return await self.submit_enqueue(new, now=now, replay_window=replay_window)
 
     def submit_enqueue(
-        self, new: NewItem, *, now: float, replay_window: float
+        self,
+        new: NewItem,
+        *,
+        now: float,
+        replay_window: float,
+        caps: tuple[int, int] | None = None,
     ) -> asyncio.Future[Enqueued]:
-        """`enqueue` as a future, which a caller can shield without a task of its own."""
+        """`enqueue` as a future, which a caller can shield without a task of its own.
+        (`caps` is for a store replicas share: the one process that holds this file
+        has checked them against the counts it keeps.)"""
 
         def op(conn: sqlite3.Connection) -> Counted[Enqueued]:
             if new.message_id is not None:

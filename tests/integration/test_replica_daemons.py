@@ -321,5 +321,26 @@ async def test_the_replica_that_can_restart_an_agent_acts_for_it(
     assert "agent:w" in b.daemon.replicas.held  # and it keeps it
 
 
+async def test_a_depth_cap_holds_over_every_replicas_sends(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """max_depth_per_workspace = 5 and 12 sends at once through two replicas while
+    the agent's one slot is held: 5 are queued, the others refused queue_full,
+    however each replica's own counts stood."""
+    agent = await agent_factory(gate=asyncio.Event())
+    workspace = {"id": "w", "url": agent.url, "max_concurrent": 1, "heartbeat": False}
+    a, b = await replicas(a2ad_factory, [workspace], queue={"max_depth_per_workspace": 5})
+    held, _ = await queued_behind(agent, a)  # 1 of the 5 waits already
+    sends = [(a, b)[i % 2].send("w", f"m{i}") for i in range(12)]
+    answers = await asyncio.gather(*sends)
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [202] * 4 + [503] * 8, answers
+    refused = [data for status, data in answers if status == 503]
+    assert all("max_depth_per_workspace" in str(data) for data in refused), refused
+    assert agent.gate is not None
+    agent.gate.set()
+    assert (await held)[0] == 200
+
+
 async def _async(value: bool) -> bool:
     return value
