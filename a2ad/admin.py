@@ -73,9 +73,13 @@ async def list_workspaces(request: web.Request) -> web.Response:
         "workspaces": [workspace_view(daemon, ws, counts.get(ws.id, {})) for ws in daemon.registry]
     }
     if daemon.replicas is not None:
-        # Replicas share one store: which serve it, and the duty each holds.
+        # Replicas share one store: which serve it, the duty each holds, and each
+        # agent's requests over all of them (in_flight is this replica's).
         answer["replica"] = daemon.replica_id
         answer["replicas"] = await daemon.replicas.view()
+        in_use = await daemon.replicas.store.slots_in_use()
+        for view in answer["workspaces"]:
+            view["in_flight_all_replicas"] = in_use.get(view["id"], 0)
     return json_response(answer)
 
 

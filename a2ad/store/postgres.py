@@ -601,6 +601,10 @@ class PostgresStore(PgReads):
             " GROUP BY r.replica, r.started_at, r.seen_at ORDER BY r.replica"
         )
 
+    async def slots_in_use(self) -> dict[str, int]:
+        """Each workspace's slots held over every replica (its agent's requests)."""
+        return dict(await self._rows("SELECT workspace, in_use FROM slots"))
+
     async def record_restart(self, workspace: str, *, at: float, duty: str) -> bool:
         """Record a restart this replica is about to run, if it still holds the
         agent's `duty` (False: another took it over, and that one restarts)."""

@@ -98,6 +98,8 @@ async def test_a_send_waiting_on_one_replica_for_an_item_another_delivered_is_an
     answers at once (its fallback, a read each second, is not what answers)."""
     agent, a, b = await gated(agent_factory, a2ad_factory)
     held, qid = await queued_behind(agent, a)
+    view = (await (await b.client.get("/workspaces")).json())["workspaces"][0]
+    assert (view["in_flight"], view["in_flight_all_replicas"]) == (0, 1)  # a's, seen from b
     told: list[str] = []
     notify = b.daemon.watch.notify
     b.daemon.watch.notify = lambda item_id: (told.append(item_id), notify(item_id))[1]  # type: ignore[method-assign]
@@ -184,6 +186,7 @@ async def test_one_replica_holds_each_duty_and_the_other_takes_it_over_when_it_s
     assert view["replica"] == "b"
     duties = {r["replica"]: r["duties"] for r in view["replicas"] if r["live"]}
     assert duties == {"a": ["agent:w", "sweeps"], "b": []}
+    assert [w["in_flight_all_replicas"] for w in view["workspaces"]] == [0]
     assert a.daemon.replicas is not None and b.daemon.replicas is not None
     await a.daemon.replicas.stop()  # a stops: its duties go at once
     await eventually(
