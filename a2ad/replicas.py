@@ -27,6 +27,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .a2a import timestamp
 from .clock import Clock
 from .errors import StoreUnavailable
 from .liveness import HOUR, Liveness
@@ -100,15 +101,15 @@ class Replicas:
         try:
             # Renewed in time, or not held: past the lease, another replica may
             # hold them already (the store is out of reach, or the writer stalls).
-            held = await asyncio.wait_for(
-                self.store.take_duties(
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancel that comes as the write ends, and this loop would not stop.
+            async with asyncio.timeout(DUTY_LEASE_SECONDS - DUTY_MARGIN_SECONDS):
+                held = await self.store.take_duties(
                     wanted,
                     now=self.clock.now(),
                     lease_seconds=DUTY_LEASE_SECONDS,
                     started_at=self.started_at,
-                ),
-                DUTY_LEASE_SECONDS - DUTY_MARGIN_SECONDS,
-            )
+                )
         except (StoreUnavailable, TimeoutError):
             if self.held:
                 log.warning("cannot renew this replica's duties: it acts on none until it can")
@@ -254,7 +255,7 @@ class Replicas:
                 "replica": replica,
                 "live": now - seen_at <= DUTY_LEASE_SECONDS,
                 "seen_age_seconds": round(max(0.0, now - seen_at), 3),
-                "started_at": started_at,
+                "started_at": timestamp(started_at),
                 "duties": duties,
             }
             for replica, started_at, seen_at, duties in await self.store.replicas_seen()

@@ -12,9 +12,10 @@ batch with StoreUnavailable and the next batch connects again.
 The writer connection's own default is `synchronous_commit = off`: a delivery's
 steps (claims, outcomes, leases) commit without waiting for the flush, and only
 a batch holding a durable write (a new item, an operator's change) sets it on,
-for that transaction. A replica (and the queue CLI) sends a NOTIFY after a batch
-that made items due, freed slots or finished items, naming them, so the other
-processes listening there learn of its commits, as SQLite's `data_version` tells.
+for that transaction. The queue CLI, and a replica while others are live, sends a
+NOTIFY with a batch that made items due, freed slots or finished items, naming
+them, so the processes listening there learn of its commits, as SQLite's
+`data_version` tells.
 
 One-statement ops that need no flush (claims, outcomes, slots taken and
 returned) run each on its own, outside the batch's transaction: a replica's

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fakes import A2ad, FakeAgent
 from test_liveness import Agent, eventually
+from test_liveness import agents as agents  # the fixture: its processes die at the end
 from test_streams import events
 
 from a2ad import own_tasks
@@ -197,11 +197,13 @@ async def test_one_replica_holds_each_duty_and_the_other_takes_it_over_when_it_s
 
 
 async def test_an_agent_three_replicas_see_fail_is_restarted_once(
-    tmp_path: Path, a2ad_factory: A2adFactory
+    agents: Callable[..., Agent],
+    a2ad_factory: A2adFactory,
 ) -> None:
     """The agent dies while every replica sends to it: each sees refused
-    connections, one acts for it and restarts it, once; the others learn it."""
-    agent = Agent(tmp_path, ["--delay", "0"], [])
+    connections, one acts for it and restarts it, once; the others learn it.
+    (`agents` first: the replicas stop before its processes are killed.)"""
+    agent = agents(["--delay", "0"])
     agent.start()
     await agent.wait_up()
     workspace = {
