@@ -104,7 +104,6 @@ class Daemon:
                 self.registry,
                 self.clock,
                 self.liveness,
-                self.watch,
                 heartbeat_timeout=settings.liveness.heartbeat_timeout_seconds,
                 workspace_changed=self._runtime_changed,
             )
@@ -247,16 +246,13 @@ class Daemon:
         await self.store.save_workspace(
             config.id, config.model_dump(exclude=set(RUNTIME_EXCLUDED)), now=self.clock.now()
         )
-        self.auth.add_workspace_token(config.id, config.token)
-        self.cards.forget(config.id)
         existing = self.registry.find(config.id)
         if existing is not None:
-            existing.config = config
-            existing.wakeup.set()
+            self._update(existing, config)
         else:
-            ws = self.registry.add(config, from_config=False)
-            await self.dispatcher.load_history([ws])
-            self.dispatcher.add_workspace(ws)
+            self.auth.add_workspace_token(config.id, config.token)
+            self.cards.forget(config.id)
+            await self._serve(self.registry.add(config, from_config=False))
         if self.replicas is not None:
             await self.replicas.workspace_changed(config.id)
         return existing is None
@@ -265,13 +261,25 @@ class Daemon:
         """Remove a run-time workspace; with `purge`, its items too (their count)."""
         await self.dispatcher.remove_workspace(ws)
         deleted = await self.store.remove_workspace(ws.id, purge=purge)
-        await self._forget(ws)
+        self._forget(ws)
         if self.replicas is not None:
             await self.replicas.workspace_changed(ws.id)
         return deleted
 
-    async def _forget(self, ws: Workspace) -> None:
-        await self.dispatcher.remove_workspace(ws)
+    def _update(self, ws: Workspace, config: WorkspaceSettings) -> None:
+        """A run-time workspace's new settings, in force from now."""
+        ws.config = config
+        self.auth.add_workspace_token(config.id, config.token)
+        self.cards.forget(config.id)
+        ws.wakeup.set()
+
+    async def _serve(self, ws: Workspace) -> None:
+        """Start delivering for a workspace just added to the registry."""
+        await self.dispatcher.load_history([ws])
+        self.dispatcher.add_workspace(ws)
+
+    def _forget(self, ws: Workspace) -> None:
+        """What a removed workspace leaves here, once its pump is stopped."""
         self.registry.remove(ws.id)
         self.liveness.forget(ws.id)
         self.auth.add_workspace_token(ws.id, "")
@@ -330,23 +338,20 @@ class Daemon:
             return  # the config file wins
         if saved is None:
             if existing is not None:
-                await self._forget(existing)
+                await self.dispatcher.remove_workspace(existing)
+                self._forget(existing)
             return
         if existing is None:
             ws = self._add_runtime(saved)
             if ws is not None:
-                await self.dispatcher.load_history([ws])
-                self.dispatcher.add_workspace(ws)
+                await self._serve(ws)
             return
         try:
             config = WorkspaceSettings(**saved)
         except ValidationError as exc:
             log.error("stored workspace %s is not valid any more: %s", workspace_id, exc)
             return
-        existing.config = config
-        self.auth.add_workspace_token(config.id, config.token)
-        self.cards.forget(config.id)
-        existing.wakeup.set()
+        self._update(existing, config)
 
     async def _refuse_other_schema(self) -> None:
         """A PostgreSQL schema is brought forward by `a2ad migrate`, not by serve:

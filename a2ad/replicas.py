@@ -32,7 +32,6 @@ from .clock import Clock
 from .errors import StoreUnavailable
 from .liveness import HOUR, Liveness
 from .store.base import ReplicaStore
-from .watch import ResultWatch
 from .workspaces import Registry, State, Workspace
 
 log = logging.getLogger("a2ad.replicas")
@@ -58,7 +57,6 @@ class Replicas:
         registry: Registry,
         clock: Clock,
         liveness: Liveness,
-        watch: ResultWatch,
         *,
         heartbeat_timeout: float,
         workspace_changed: Callable[[str], Awaitable[None]],
@@ -67,7 +65,6 @@ class Replicas:
         self.registry = registry
         self.clock = clock
         self.liveness = liveness
-        self.watch = watch
         self.heartbeat_timeout = heartbeat_timeout
         self._workspace_changed = workspace_changed
         self.held: set[str] = set()  # the duties this replica holds

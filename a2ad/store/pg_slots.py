@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from .pg_sql import FREE_TOKENS, TAKE_SLOTS
+from .pg_sql import RETURN_SLOTS, TAKE_SLOTS
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -73,7 +73,5 @@ class FreeSlots:
 
 async def free_slots(conn: Conn, ops: Sequence[FreeSlots]) -> None:
     tokens = [token for op in ops for token in op.tokens]
-    rows = await (
-        await conn.execute(f"WITH {FREE_TOKENS} SELECT workspace FROM freed", {"tokens": tokens})
-    ).fetchall()
+    rows = await (await conn.execute(RETURN_SLOTS, {"tokens": tokens})).fetchall()
     ops[0].freed(workspace for (workspace,) in rows)

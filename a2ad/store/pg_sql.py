@@ -102,6 +102,7 @@ freed AS (
 FREE_TOKENS = FREE_SLOTS.format(
     gone="DELETE FROM slot_leases WHERE token = ANY(%(tokens)s::text[]) RETURNING workspace"
 )
+RETURN_SLOTS = f"WITH {FREE_TOKENS} SELECT workspace FROM freed"  # the leases of %(tokens)s
 SWEEP_SLOTS = (
     "WITH "
     + FREE_SLOTS.format(

@@ -36,6 +36,7 @@ from .pg_sql import (
     CLAIM,
     FREE_TOKENS,
     RELEASE_DISPATCHING,
+    RETURN_SLOTS,
     SWEEP_SLOTS,
     Enqueue,
 )
@@ -293,10 +294,16 @@ class PostgresStore(PgReads):
 
     # -- the two paths ---------------------------------------------------------
 
-    def _submit(self, op: PgOp[Any], *, durable: bool = True) -> asyncio.Future[Any]:
+    def _submit(
+        self,
+        op: PgOp[Any],
+        *,
+        durable: bool = True,
+        if_cancelled: Callable[[Any], None] | None = None,
+    ) -> asyncio.Future[Any]:
         if self._writer is None or self._writer.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
-        return self._writer.submit(op, durable=durable)
+        return self._writer.submit(op, durable=durable, if_cancelled=if_cancelled)
 
     async def _write(self, op: PgOp[Any], *, durable: bool = True) -> Any:
         return await self._submit(op, durable=durable)
@@ -408,9 +415,7 @@ class PostgresStore(PgReads):
             moves = [Move(workspace, i.id, i.priority, "queued", "dispatching", now) for i in items]
             return Counted(items, moves)
 
-        if self._writer is None or self._writer.closing:
-            raise StoreUnavailable("the store is closed", retry_after=1)
-        return self._writer.submit(op, durable=False, if_cancelled=if_cancelled)
+        return self._submit(op, durable=False, if_cancelled=if_cancelled)
 
     async def claim(
         self,
@@ -457,9 +462,7 @@ class PostgresStore(PgReads):
             lease=lease_until,
             replica=self.replica,
         )
-        if self._writer is None or self._writer.closing:
-            raise StoreUnavailable("the store is closed", retry_after=1)
-        return self._writer.submit(op, durable=False, if_cancelled=if_cancelled)
+        return self._submit(op, durable=False, if_cancelled=if_cancelled)
 
     async def take_slot(
         self,
@@ -642,11 +645,8 @@ class PostgresStore(PgReads):
             lambda conn: conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
         )
 
-    def _touched(self, rows: Iterable[Sequence[Any]]) -> None:
-        """Workspaces whose slots a write freed: the commit's NOTIFY names them."""
-        self._freed(row[0] for row in rows)
-
     def _freed(self, workspaces: Iterable[str]) -> None:
+        """Workspaces whose slots a write freed: the commit's NOTIFY names them."""
         if self._writer is not None:
             self._writer.touched.update(workspaces)
 
@@ -799,7 +799,8 @@ class PostgresStore(PgReads):
 
         async def op(conn: Conn) -> Counted[list[Released]]:
             rows = await (await conn.execute(statement, params)).fetchall()
-            self._touched(await (await conn.execute(SWEEP_SLOTS, params)).fetchall())
+            swept = await (await conn.execute(SWEEP_SLOTS, params)).fetchall()
+            self._freed(workspace for (workspace,) in swept)
             return released(rows, "dispatching", now)
 
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
@@ -811,14 +812,13 @@ class PostgresStore(PgReads):
             condition="AND id = %(id)s AND claim_token = %(token)s"
         )
         params = {"now": now, "max_attempts": max_attempts, "reason": "claim lease expired"}
-        free = f"WITH {FREE_TOKENS} SELECT workspace FROM freed"
 
         async def op(conn: Conn) -> Counted[list[Released]]:
             rows: list[Any] = []
             for item_id, token in claims.items():
                 cur = await conn.execute(statement, {**params, "id": item_id, "token": token})
                 rows += await cur.fetchall()
-            await conn.execute(free, {"tokens": list(claims.values())})
+            await conn.execute(RETURN_SLOTS, {"tokens": list(claims.values())})
             return released(rows, "dispatching", now)
 
         return await self._write(op, durable=False)  # type: ignore[no-any-return]
