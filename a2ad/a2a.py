@@ -558,3 +558,15 @@ class TaskAssembler:
         else:
             artifacts.append(artifact)
         self.task["artifacts"] = artifacts
+
+
+def without_push(body: bytes) -> bytes:
+    """A queued send as the agent gets it: without the caller's push config, which
+    is a2ad's to serve (the agent would push under its own task id, which the
+    caller does not know, or refuse the send when it has no push)."""
+    parsed = json.loads(body)
+    configuration = parsed.get("params", {}).get("configuration")
+    if isinstance(configuration, dict):
+        for key in ("taskPushNotificationConfig", "pushNotificationConfig"):
+            configuration.pop(key, None)
+    return json.dumps(parsed).encode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -13,9 +14,11 @@ from .agent_urls import check_agent_url
 from .daemon import DAEMON, Daemon
 from .errors import Conflict, InvalidBody, InvalidRequest, NotFound
 from .http_io import json_response, read_body
+from .push_configs import configs_of
 from .results import item_view
 from .settings import WorkspaceSettings
 from .store import STATES, Item
+from .store.models import Push
 from .workspaces import Workspace
 
 MAX_WAIT_SECONDS = 300.0
@@ -254,6 +257,63 @@ async def delete_item(request: web.Request) -> web.Response:
         return json_response({"id": item.id, "deleted": True})
     latest = await _item_or_404(daemon, item.id)
     raise Conflict(f"{item.id} is {latest.state}; it cannot be cancelled or deleted now")
+
+
+# -- the push outbox's dead letters ---------------------------------------------
+
+
+def push_view(push: Push, item: Item | None) -> dict[str, Any]:
+    """A dead letter as an operator sees it: never the config's token or credentials,
+    and its webhook URL without query or fragment (they may hold a secret)."""
+    url = None
+    if item is not None:
+        config = next((c for c in configs_of(item) if c.get("id") == push.config_id), None)
+        if config is not None:
+            parts = urlsplit(str(config.get("url", "")))
+            url = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return {
+        "seq": push.seq,
+        "item_id": push.item_id,
+        "workspace": item.workspace if item is not None else None,
+        "config_id": push.config_id,
+        "url": url,
+        "update": push.state,
+        "status": push.status,
+        "attempts": push.attempts,
+        "last_error": push.last_error,
+        "created_at": a2a.timestamp(push.created_at),
+    }
+
+
+async def list_pushes(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    limit = _int_param(request, "limit", 100, MAX_PAGE) or 100
+    dead = await daemon.store.dead_pushes(item_id=request.query.get("item"), limit=limit)
+    items = {i: await daemon.store.get(i) for i in {p.item_id for p in dead}}
+    return json_response(
+        {
+            "pushes": [push_view(p, items[p.item_id]) for p in dead],
+            "counts": await daemon.store.push_counts(),
+        }
+    )
+
+
+async def retry_pushes(request: web.Request) -> web.Response:
+    """Dead letters back to the outbox, due now: one (`/queue/pushes/{seq}/retry`) or all."""
+    daemon = request.app[DAEMON]
+    daemon.auth.admin(request)
+    seq = None
+    if "seq" in request.match_info:
+        try:
+            seq = int(request.match_info["seq"])
+        except ValueError:
+            raise NotFound(f"no dead push {request.match_info['seq']!r}") from None
+    retried = await daemon.store.retry_pushes(now=daemon.clock.now(), seq=seq)
+    if seq is not None and not retried:
+        raise NotFound(f"no dead push {seq}")
+    daemon.pusher.wake()
+    return json_response({"retried": retried})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -165,3 +165,93 @@ class AgentResolver(AbstractResolver):
 
 def _address(text: str) -> Address:
     return ipaddress.ip_address(text.split("%")[0])
+
+
+# -- webhooks ------------------------------------------------------------------
+# A push config names a URL a2ad will POST to, given by any caller: stricter than
+# an agent's. Loopback and private addresses are refused too (a webhook at a2ad's
+# own operator API could retry or delete items), unless push.allowed_hosts names
+# the host (a receiver on the same box or network).
+
+
+def _webhook_refusal(address: Address) -> str | None:
+    why = _refusal(address)
+    if why is not None:
+        return why
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_private:
+        return "a private address"
+    return None
+
+
+def webhook_refused_now(url: str, allowed_hosts: Iterable[str]) -> str | None:
+    """Why a push config may not use `url`, by the URL alone: its scheme, and a host
+    that is an address or a metadata service's name. A name passes here: it is
+    checked where it is looked up (WebhookResolver; aiohttp looks up no address)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError as exc:
+        return f"not a valid URL: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return "only http and https webhook URLs are allowed"
+    if parts.username or parts.password:
+        return "credentials in the URL are not allowed; use token or authentication"
+    host = _normal(parts.hostname or "")
+    if not host:
+        return "the URL has no host"
+    if host in {_normal(h) for h in allowed_hosts}:
+        return None
+    if host in METADATA_HOSTS:
+        return f"{host} is a cloud metadata service"
+    literal = _literal(host)
+    why = _webhook_refusal(literal) if literal is not None else None
+    return f"{host} is {why}; a2ad refuses it unless push.allowed_hosts lists it" if why else None
+
+
+async def webhook_refusal(url: str, allowed_hosts: Iterable[str]) -> str | None:
+    """Why a push config may not use `url`, or None: `webhook_refused_now`, and a
+    name refused when any address it resolves to is (at registration)."""
+    why = webhook_refused_now(url, allowed_hosts)
+    parts = urlsplit(url)
+    host = _normal(parts.hostname or "")
+    if why or _literal(host) is not None or host in {_normal(h) for h in allowed_hosts}:
+        return why
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = await _resolve(host, port)
+    except InvalidBody:
+        return f"cannot resolve {host}"
+    why = next(filter(None, map(_webhook_refusal, addresses)), None)
+    return f"{host} is {why}; a2ad refuses it unless push.allowed_hosts lists it" if why else None
+
+
+class WebhookResolver(AbstractResolver):
+    """The resolver of a2ad's webhook session: each lookup drops the addresses a
+    webhook may not reach, so a name cannot be pointed at one after it was
+    registered (DNS rebinding). Hosts in push.allowed_hosts pass unchecked."""
+
+    def __init__(self, allowed_hosts: Iterable[str], inner: AbstractResolver | None = None):
+        self._inner = inner if inner is not None else DefaultResolver()
+        self._allowed = frozenset(_normal(h) for h in allowed_hosts)
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        name = _normal(host)
+        if name in self._allowed:
+            return await self._inner.resolve(host, port, family)
+        if name in METADATA_HOSTS:
+            raise OSError(f"{host} is a cloud metadata service")
+        results = await self._inner.resolve(host, port, family)
+        allowed = [r for r in results if _webhook_refusal(_address(r["host"])) is None]
+        if not allowed:
+            refused = _webhook_refusal(_address(results[0]["host"])) if results else "no address"
+            raise OSError(f"{host} is {refused}; not in push.allowed_hosts")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()

@@ -30,6 +30,7 @@ class Card:
     body: bytes
     etag: str
     fetched_at: float
+    agent_pushes: bool = False  # the agent's own card says it sends push notifications
 
 
 def card_urls(agent_url: str) -> list[str]:
@@ -46,8 +47,14 @@ def card_urls(agent_url: str) -> list[str]:
 
 def rewrite(card: dict[str, Any], public_url: str) -> dict[str, Any]:
     """Point the card at a2ad: `url` and every JSONRPC interface; drop other bindings,
-    since a2ad proxies JSON-RPC only."""
+    since a2ad proxies JSON-RPC only. Push notifications work through a2ad for
+    every agent (it pushes for queued tasks itself: push.py), so it says so."""
     out = dict(card)
+    capabilities = out.get("capabilities")
+    out["capabilities"] = {
+        **(capabilities if isinstance(capabilities, dict) else {}),
+        "pushNotifications": True,
+    }
     if "url" in out:
         out["url"] = public_url
     if "preferredTransport" in out:
@@ -93,7 +100,7 @@ class Cards:
         if card is None:
             return cached
         if cached is not None and cached.etag == card.etag:
-            card = Card(cached.body, cached.etag, now)
+            card = Card(cached.body, cached.etag, now, card.agent_pushes)
         self._cache[ws.id] = card
         return card
 
@@ -119,5 +126,9 @@ class Cards:
                 continue
             body = json.dumps(rewrite(card, self.public_url(ws.id))).encode()
             etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-            return Card(body, etag, self.clock.now())
+            capabilities = card.get("capabilities")
+            pushes = (
+                isinstance(capabilities, dict) and capabilities.get("pushNotifications") is True
+            )
+            return Card(body, etag, self.clock.now(), pushes)
         return None

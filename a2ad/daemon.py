@@ -22,6 +22,7 @@ from .direct import DirectPath
 from .errors import StoreUnavailable
 from .liveness import Liveness
 from .metrics import Metrics
+from .push import Pusher
 from .replicas import Replicas
 from .settings import Settings, WorkspaceSettings
 from .shared_slots import SharedSlots
@@ -95,6 +96,10 @@ class Daemon:
             watch=self.watch,
             agent_ids=self.agent_ids,
         )
+        self.pusher = Pusher(
+            settings, self.store, self.clock, self.metrics, self.registry, self.upstream
+        )
+        self.watch.on_final = self.pusher.final
         self.liveness = Liveness(settings.liveness, self.registry, self.clock)
         self.direct.on_failure_signal = self.liveness.signal
         self.replicas: Replicas | None = None
@@ -155,6 +160,7 @@ class Daemon:
         # (read before the start-up recount, so a commit between the two is seen).
         self._data_version = await self.store.data_version()
         await self.dispatcher.start()
+        await self.pusher.start()
         self._loops = [
             asyncio.create_task(
                 self._every(HOUSEKEEPING_SECONDS, self._housekeeping), name="a2ad-housekeeping"
@@ -203,6 +209,7 @@ class Daemon:
         await asyncio.gather(*jobs, return_exceptions=True)
         await self.liveness.stop()
         await self.dispatcher.stop(self.settings.server.shutdown_grace_seconds)
+        await self.pusher.stop()
         if self.shared_slots is not None:
             await self.shared_slots.close()
         if self.replicas is not None:

@@ -87,10 +87,26 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        push = Counter(
+            "a2ad_pushes",
+            "Push notification POSTs to callers' webhooks: sent, failed attempts, and"
+            " updates that became dead letters.",
+            ["outcome"],
+            registry=r,
+        )
+        self.pushes = {o: push.labels(o) for o in ("sent", "failed", "dead")}
+        self.push_delay = Histogram(
+            "a2ad_push_delay_seconds",
+            "From the change a push tells of (a delivery's answer …) to the receiver's 2xx.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.delivery_by_outcome = {o: self.delivery.labels(o.value) for o in Outcome}
         self.proxy_by_outcome = {o: self.proxy.labels(o.value) for o in Outcome}
         self.collector = _RegistryCollector(workspaces, replica)
         r.register(self.collector)
+        r.register(_OutboxCollector(self))
+        self.outbox: dict[str, int] = {}  # pending and dead rows, as last counted
         self._by_workspace: dict[str, WorkspaceMetrics] = {}
 
     def of(self, workspace_id: str) -> WorkspaceMetrics:
@@ -163,3 +179,18 @@ class _RegistryCollector(Collector):
             for duty in sorted(self.duties()):
                 duties.add_metric([*mine, duty], 1)
             yield from (info, duties)
+
+
+class _OutboxCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        outbox = GaugeMetricFamily(
+            "a2ad_push_outbox",
+            "Push updates not yet sent (pending) and dead letters, counted every 10 s.",
+            labels=["status"],
+        )
+        for status in ("pending", "dead"):
+            outbox.add_metric([status], self._metrics.outbox.get(status, 0))
+        yield outbox

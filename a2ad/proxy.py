@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from typing import Any
 
 from aiohttp import ClientError, ClientResponse, web
 from aiohttp.typedefs import Handler
 
-from . import a2a, a2a_params, logs
+from . import a2a, a2a_params, logs, push_configs, push_methods
 from .agent_routes import handle_card
 from .daemon import DAEMON, Daemon
 from .errors import (
@@ -39,6 +40,7 @@ from .results import (
     item_task,
 )
 from .store import PRIORITIES, NewItem
+from .store.models import new_queue_id
 from .upstream import Answer, Outcome
 from .workspaces import Workspace
 
@@ -83,6 +85,8 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         a2a_params.check_message(rpc, protocol)
         await refuse_ended_task(daemon, ws, rpc, caller, protocol)
         return await _send_message(request, daemon, ws, rpc, raw, body, caller, protocol)
+    if push_configs.names_queue_id(rpc):
+        return await push_methods.handle(daemon, ws, rpc, caller, protocol)
     if is_queue_id(rpc.task_id):
         if rpc.method in a2a.GET_TASK_METHODS:
             return await get_task(request, daemon, ws, rpc, caller, protocol)
@@ -117,9 +121,13 @@ async def _send_message(
     now = daemon.clock.now()
     busy_answers = 0
     answer: Answer | None = None
+    # A push config goes to the agent with a direct send when the agent pushes
+    # itself; else the send is queued and a2ad pushes (push.py).
+    push = push_configs.in_send(rpc, protocol)
+    direct_ok = push is None or await push_methods.agent_pushes(daemon, ws, request.headers)
     # Admission decides and takes the slot in one step; the slot is held across
     # every await below and returned on every path, cancellation included.
-    slot = ws.admission.try_direct(daemon.clock.monotonic())
+    slot = ws.admission.try_direct(daemon.clock.monotonic()) if direct_ok else None
     if slot is not None:
         with slot:
             direct = daemon.direct
@@ -172,7 +180,13 @@ async def _send_message(
     if ttl is None and options.priority == PRIORITIES["info"]:
         ttl = queue.info_ttl_seconds
     ttl = min(ttl, queue.max_age_seconds) if ttl is not None else queue.max_age_seconds
+    item_id = new_queue_id()
+    configs = None
+    if push is not None:
+        configs = json.dumps([await push_methods.checked(daemon, push, protocol, item_id)])
     new = NewItem(
+        id=item_id,
+        push=configs,
         workspace=ws.id,
         method=rpc.method,
         body=raw,
@@ -188,6 +202,8 @@ async def _send_message(
     )
     queued = await daemon.dispatcher.enqueue(ws, new)
     item = queued.item
+    if queued.created and configs is not None:
+        daemon.pusher.expect(item.id, now=True)
     if queued.created and log.isEnabledFor(logging.DEBUG):
         # DEBUG, as every per-message success line: thousands a second would
         # swamp the log (journald drops lines past its rate limit).

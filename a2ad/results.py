@@ -48,7 +48,8 @@ def item_view(item: Item, *, with_body: bool = False, with_result: bool = True) 
     if with_result:
         view["result"] = stored_result(item)
     if with_body:
-        view["body"] = json.loads(item.body)
+        # The caller's push config (its token, credentials) is never shown.
+        view["body"] = json.loads(a2a.without_push(item.body) if item.push else item.body)
     return view
 
 

@@ -199,6 +199,17 @@ class QueueSettings(_Section):
         return self
 
 
+class PushSettings(_Section):
+    max_attempts: int = Field(10, ge=1)
+    """Attempts to POST one update to a webhook; then it is a dead letter."""
+    timeout_seconds: float = Field(10.0, gt=0)
+    """Time limit of one POST to a webhook."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Webhook hosts allowed although on loopback or private addresses."""
+    max_configs_per_task: int = Field(10, ge=1, le=100)
+    """Push configs one task may hold."""
+
+
 class LivenessSettings(_Section):
     heartbeat_timeout_seconds: float = Field(90.0, gt=0)
     """A heartbeat counts this long; no sign of life for this long: offline."""
@@ -370,6 +381,8 @@ class Settings(BaseSettings):
     """Delivery attempts, leases, expiry, depth caps and retention of items."""
     liveness: LivenessSettings = Field(default_factory=LivenessSettings)
     """Heartbeats, probes and restarts of the agents."""
+    push: PushSettings = Field(default_factory=PushSettings)
+    """Push notifications a2ad sends for queued tasks (webhooks)."""
     auth: AuthSettings = Field(default_factory=AuthSettings)
     """Bearer tokens; endpoints without tokens are open (on loopback only)."""
     workspaces: list[WorkspaceSettings] = Field(default_factory=list)

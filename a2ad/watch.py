@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from .clock import Clock
@@ -22,6 +23,7 @@ class ResultWatch:
         self._closing = False
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
+        self.on_final: Callable[[str], None] = lambda item_id: None  # the push sender's
 
     def hold(self) -> bool:
         """Take a place for a held blocking send; False past max_held or at shutdown."""
@@ -43,6 +45,7 @@ class ResultWatch:
 
     def notify(self, item_id: str) -> None:
         """The item is final: wake its waiters and end its streams."""
+        self.on_final(item_id)
         for future in self._waiters.pop(item_id, ()):
             if not future.done():
                 future.set_result(None)

@@ -53,6 +53,7 @@ class NewItem:
     ttl_seconds: float | None = None
     expires_at: float | None = None
     busy_answers: int = 0  # the agent already said busy on the direct path
+    push: str | None = None  # the task's push-notification configs, as JSON (push.py)
     id: str = field(default_factory=new_queue_id)
 
     def row(self, now: float) -> dict[str, Any]:
@@ -71,6 +72,7 @@ class NewItem:
             "ttl_seconds": self.ttl_seconds,
             "expires_at": self.expires_at,
             "busy_answers": self.busy_answers,
+            "push": self.push,
             "now": now,
         }
 
@@ -105,6 +107,7 @@ class Item:
     enqueued_at: float
     updated_at: float
     finished_at: float | None
+    push: str | None = None  # push-notification configs, JSON: never shown in views
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Item:
@@ -147,6 +150,7 @@ class Item:
             enqueued_at=now,
             updated_at=now,
             finished_at=None,
+            push=new.push,
         )
 
     @property
@@ -174,3 +178,25 @@ class Released:
     id: str
     workspace: str
     state: State
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """One row of the push outbox: an update of an item's Task to POST to one of
+    its push configs (or, with config_id "", the agent's task a2ad follows)."""
+
+    seq: int
+    item_id: str
+    config_id: str
+    state: str  # the item's state it tells of; "update": the agent's later Task in payload
+    payload: str | None
+    status: str  # pending | sent | dead
+    attempts: int
+    next_at: float
+    last_error: str | None
+    created_at: float
+
+
+PUSH_COLUMNS = (
+    "seq, item_id, config_id, state, payload, status, attempts, next_at, last_error, created_at"
+)

@@ -124,10 +124,10 @@ RETURNING id, workspace, state, priority
 
 _NEW = (
     "id, workspace, caller, method, body, headers, message_id, context_id, request_id,"
-    " priority, ttl_seconds, expires_at, busy_answers"
+    " priority, ttl_seconds, expires_at, busy_answers, push"
 )
 # The columns' types, for the arrays a batch's sends arrive in.
-_TYPES = [*["text"] * 4, "bytea", *["text"] * 4, "int", "float8", "float8", "int"]
+_TYPES = [*["text"] * 4, "bytea", *["text"] * 4, "int", "float8", "float8", "int", "text"]
 _ANSWERING = f"{LIVE} OR (state = 'delivered' AND %(now)s - finished_at <= %(window)s)"
 _CONFLICT = f"ON CONFLICT (workspace, caller, message_id) WHERE message_id IS NOT NULL AND {LIVE}"
 

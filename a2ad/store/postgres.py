@@ -30,6 +30,7 @@ from .models import (
     Released,
     State,
 )
+from .outbox import Outbox
 from .pg_reads import Conn, PgReads, live_snapshot
 from .pg_slots import FreeSlots, TakeSlot
 from .pg_sql import (
@@ -77,10 +78,17 @@ def _lock_key(purpose: str, schema: str) -> str:
     return f"a2ad:{purpose}:{schema}"
 
 
-class PostgresStore(PgReads):
+class PostgresStore(PgReads, Outbox):
     """The PostgreSQL store. `open()` it, `migrate()` it, use it, `close()` it."""
 
     is_server = True
+    _CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"  # replicas take disjoint rows side by side
+    _SAME_PUSH = "push IS NOT DISTINCT FROM ?::text"
+    _ADD_UPDATE = (
+        "INSERT INTO push_outbox (item_id, config_id, state, payload, next_at, created_at)"
+        " SELECT i.id, c->>'id', 'update', ?, ?, ?"
+        " FROM items i, jsonb_array_elements(i.push::jsonb) AS c WHERE i.id = ?"
+    )
 
     def __init__(
         self,
@@ -307,6 +315,17 @@ class PostgresStore(PgReads):
 
     async def _write(self, op: PgOp[Any], *, durable: bool = True) -> Any:
         return await self._submit(op, durable=durable)
+
+    async def _run_outbox(
+        self, statement: str, params: tuple[Any, ...], *, rows: bool, durable: bool
+    ) -> Any:
+        statement = statement.replace("?", "%s")
+
+        async def op(conn: Conn) -> Any:
+            cursor = await conn.execute(statement, params)
+            return await cursor.fetchall() if rows else cursor.rowcount
+
+        return await self._write(op, durable=durable)
 
     async def probe_write(self, now: float) -> None:
         async def op(conn: Conn) -> None:

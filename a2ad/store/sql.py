@@ -44,10 +44,10 @@ RETURNING {columns}
 
 INSERT = """
 INSERT INTO items (id, workspace, caller, method, body, headers, message_id, context_id,
-                   request_id, priority, ttl_seconds, expires_at, busy_answers,
+                   request_id, priority, ttl_seconds, expires_at, busy_answers, push,
                    enqueued_at, updated_at)
 VALUES (:id, :workspace, :caller, :method, :body, :headers, :message_id, :context_id,
-        :request_id, :priority, :ttl_seconds, :expires_at, :busy_answers, :now, :now)
+        :request_id, :priority, :ttl_seconds, :expires_at, :busy_answers, :push, :now, :now)
 """
 
 # Items whose claimer is gone go back to queued with an attempt counted, or

@@ -32,6 +32,7 @@ from .models import (
     State,
     answers_again,
 )
+from .outbox import Outbox
 from .reads import Reads
 from .schema import Migration, apply_migrations, bundled_migrations, connect, read_schema_version
 from .writer import Op, Writer, on_thread
@@ -41,10 +42,15 @@ log = logging.getLogger("a2ad.store")
 T = TypeVar("T")
 
 
-class Store(Reads):
+class Store(Reads, Outbox):
     """The SQLite store. `open()` it, `migrate()` it, use it, `close()` it."""
 
     is_server = False  # its writer is this process: it loses nothing while a2ad runs
+    _ADD_UPDATE = (
+        "INSERT INTO push_outbox (item_id, config_id, state, payload, next_at, created_at)"
+        " SELECT items.id, json_extract(c.value, '$.id'), 'update', ?, ?, ?"
+        " FROM items, json_each(items.push) AS c WHERE items.id = ?"
+    )
 
     def __init__(self, path: str, *, synchronous: str = "full", busy_timeout: float = 5.0):
         self.path = path
@@ -117,6 +123,15 @@ class Store(Reads):
         if self._writer is None or self._writer.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
         return self._writer.submit(op, durable=durable)
+
+    async def _run_outbox(
+        self, statement: str, params: tuple[Any, ...], *, rows: bool, durable: bool
+    ) -> Any:
+        def op(conn: sqlite3.Connection) -> Any:
+            cursor = conn.execute(statement, params)
+            return [tuple(row) for row in cursor.fetchall()] if rows else cursor.rowcount
+
+        return await self._write(op, durable=durable)
 
     async def probe_write(self, now: float) -> None:
         """One small real write: succeeds once the store can write again."""
