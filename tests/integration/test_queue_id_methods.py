@@ -192,11 +192,12 @@ async def test_a_queue_id_through_another_workspaces_url_reads_like_an_unknown_t
     assert agent_b.received == []
 
 
-async def test_a_follow_up_method_naming_a_queue_id_in_task_id_stays_with_its_workspace(
+async def test_a_push_config_method_naming_a_queue_id_is_a2ads_own_and_stays_with_its_workspace(
     agent_factory: AgentFactory, a2ad_factory: A2adFactory
 ) -> None:
-    """A forwarded method (here a push-config set, which names its task in `taskId`)
-    reaches the item's agent with the agent's task id, and only through its URL."""
+    """A push-config set naming a queue id in `taskId` is answered by a2ad (it pushes
+    that task's updates), only through the item's own workspace URL, and never
+    forwarded to either agent."""
     agent_a, agent_b = await agent_factory(), await agent_factory()
     a2ad = await a2ad_factory(
         [
@@ -204,16 +205,21 @@ async def test_a_follow_up_method_naming_a_queue_id_in_task_id_stays_with_its_wo
             {"id": "b", "url": agent_b.url, "token": "hb-b"},
         ],
         clock=ManualClock(),
+        push={"allowed_hosts": ["127.0.0.1"]},
     )
     qid = await deliver_working_task(a2ad, agent_a, "a")
-    params = {"taskId": qid, "pushNotificationConfig": {"url": "https://hooks.example/x"}}
+    params = {"taskId": qid, "pushNotificationConfig": {"url": "http://127.0.0.1:9/x"}}
     method = "tasks/pushNotificationConfig/set"
     resp = await a2ad.client.post(
         "/workspaces/b/a2a", json={"jsonrpc": "2.0", "id": 7, "method": method, "params": params}
     )
     assert agent_b.received == []
     assert resp.status == 200 and (await resp.json())["error"]["code"] == -32001
-    agent_a.script.append((200, {"jsonrpc": "2.0", "id": 7, "result": {"taskId": "t-1"}}, {}))
+    seen = len(agent_a.received)
     answer = await a2ad.rpc("a", method, params)
-    assert answer["result"] == {"taskId": "t-1"}
-    assert agent_a.received[-1].body["params"]["taskId"] == "t-1"
+    assert answer["result"] == {
+        "taskId": qid,
+        "pushNotificationConfig": {"id": qid, "url": "http://127.0.0.1:9/x"},
+    }
+    assert agent_b.received == []
+    assert all(r.body["method"] != method for r in agent_a.received[seen:])

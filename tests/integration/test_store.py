@@ -155,8 +155,15 @@ async def test_migrate_twice_applies_nothing_the_second_time(db_path: Path) -> N
 
 async def test_migrations_apply_once_and_in_order_on_an_old_database(db_path: Path) -> None:
     async with Store(str(db_path)) as s:
-        await s.migrate(BUNDLED[:1])  # a database from the first release
-        await put(s, message_id="kept")
+        await s.migrate(BUNDLED[:1])  # a database from the first release, with a row
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.execute(
+            "INSERT INTO items (id, workspace, method, body, message_id, enqueued_at, updated_at)"
+            " VALUES ('q-old', ?, 'message/send', x'7b7d', 'kept', ?, ?)",
+            (WS, T0, T0),
+        )
+    conn.close()
     [(first_applied_at,)] = sql_rows(db_path, "SELECT applied_at FROM schema_migrations")
 
     extra = [
