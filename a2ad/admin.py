@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -14,11 +13,9 @@ from .agent_urls import check_agent_url
 from .daemon import DAEMON, Daemon
 from .errors import Conflict, InvalidBody, InvalidRequest, NotFound
 from .http_io import json_response, read_body
-from .push_configs import configs_of
-from .results import item_view
+from .results import item_view, push_view
 from .settings import WorkspaceSettings
 from .store import STATES, Item
-from .store.models import Push
 from .workspaces import Workspace
 
 MAX_WAIT_SECONDS = 300.0
@@ -260,29 +257,6 @@ async def delete_item(request: web.Request) -> web.Response:
 
 
 # -- the push outbox's dead letters ---------------------------------------------
-
-
-def push_view(push: Push, item: Item | None) -> dict[str, Any]:
-    """A dead letter as an operator sees it: never the config's token or credentials,
-    and its webhook URL without query or fragment (they may hold a secret)."""
-    url = None
-    if item is not None:
-        config = next((c for c in configs_of(item) if c.get("id") == push.config_id), None)
-        if config is not None:
-            parts = urlsplit(str(config.get("url", "")))
-            url = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-    return {
-        "seq": push.seq,
-        "item_id": push.item_id,
-        "workspace": item.workspace if item is not None else None,
-        "config_id": push.config_id,
-        "url": url,
-        "update": push.state,
-        "status": push.status,
-        "attempts": push.attempts,
-        "last_error": push.last_error,
-        "created_at": a2a.timestamp(push.created_at),
-    }
 
 
 async def list_pushes(request: web.Request) -> web.Response:

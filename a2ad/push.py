@@ -35,7 +35,7 @@ from .agent_urls import WebhookResolver, webhook_refused_now
 from .clock import Clock
 from .errors import StoreUnavailable
 from .metrics import Metrics
-from .push_configs import authorization
+from .push_configs import authorization, configs_of
 from .results import as_queue_task, item_task, stored_result
 from .settings import Settings
 from .store import Item, QueueStore
@@ -112,6 +112,9 @@ class Pusher:
         self._counted_at = float("-inf")
 
     async def start(self) -> None:
+        if not self.store.is_server:
+            # The store's only process: rows leased before a crash are due now.
+            await self.store.release_pushes(now=self.clock.now())
         connector = aiohttp.TCPConnector(
             resolver=WebhookResolver(self.settings.allowed_hosts), limit=MAX_SENDING
         )
@@ -324,7 +327,4 @@ class Pusher:
 
 
 def _config(item: Item, config_id: str) -> dict[str, Any] | None:
-    if not item.push:
-        return None
-    configs = json.loads(item.push)
-    return next((c for c in configs if isinstance(c, dict) and c.get("id") == config_id), None)
+    return next((c for c in configs_of(item) if c.get("id") == config_id), None)

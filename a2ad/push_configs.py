@@ -38,10 +38,9 @@ def names_queue_id(rpc: a2a.RpcRequest) -> bool:
 
 
 def configs_of(item: Item) -> list[dict[str, Any]]:
-    if not item.push:
-        return []
-    configs = json.loads(item.push)
-    return configs if isinstance(configs, list) else []
+    """The item's push configs, as stored."""
+    configs = json.loads(item.push) if item.push else []
+    return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
 
 
 def _text(value: Any, name: str, limit: int) -> str | None:

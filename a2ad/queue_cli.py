@@ -1,4 +1,4 @@
-"""`a2ad queue ls|show|retry|purge` and `a2ad workspaces`: the store, read and
+"""`a2ad queue ls|show|retry|purge|pushes|push-retry` and `a2ad workspaces`: the store, read and
 changed from the shell, safely beside a running daemon (which notices the
 writes within about a second and recounts)."""
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from .a2a import timestamp
 from .clock import Clock
-from .results import item_view
+from .results import item_view, push_view
 from .settings import Settings
 from .store import FINAL_STATES, STATES, Item, QueueStore, migrations_for, open_store
 
@@ -62,10 +62,21 @@ def add_commands(sub: Any, config_arg: Callable[[argparse.ArgumentParser], None]
     purge.add_argument("--workspace", "-w")
     purge.set_defaults(run=_purge)
 
+    pushes = verbs.add_parser("pushes", help="push updates that became dead letters")
+    pushes.add_argument("--item", help="only this item's")
+    pushes.add_argument("--limit", type=int, default=100)
+    pushes.set_defaults(run=_pushes)
+
+    push_retry = verbs.add_parser("push-retry", help="dead push updates back to the outbox")
+    which = push_retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("seq", nargs="?", type=int, help="one dead letter, by its SEQ")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    push_retry.set_defaults(run=_push_retry)
+
     workspaces = sub.add_parser("workspaces", help="workspaces and their queue counts")
     workspaces.set_defaults(run=_workspaces)
 
-    for parser in (ls, show, retry, purge, workspaces):
+    for parser in (ls, show, retry, purge, pushes, push_retry, workspaces):
         config_arg(parser)
         parser.add_argument("--json", action="store_true", help="JSON for scripts")
 
@@ -194,6 +205,39 @@ async def _purge(store: QueueStore, args: argparse.Namespace, settings: Settings
         _print_json({"state": args.state, "deleted": count})
     else:
         print(f"deleted {count} {args.state} items older than {_age(args.older_than)}")
+    return 0
+
+
+async def _pushes(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
+    dead = await store.dead_pushes(item_id=args.item, limit=args.limit)
+    items = {i: await store.get(i) for i in {p.item_id for p in dead}}
+    views = [push_view(p, items[p.item_id]) for p in dead]
+    if args.json:
+        _print_json(views)
+        return 0
+    if not views:
+        print("no dead push updates")
+        return 0
+    rows = [
+        (
+            str(v["seq"]),
+            v["item_id"],
+            v["update"],
+            v["url"] or "(config deleted)",
+            str(v["attempts"]),
+            (v["last_error"] or "")[:60],
+        )
+        for v in views
+    ]
+    _table(rows, ("SEQ", "ITEM", "UPDATE", "WEBHOOK", "ATTEMPTS", "LAST ERROR"))
+    return 0
+
+
+async def _push_retry(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
+    count = await store.retry_pushes(now=await _now(store), seq=None if args.all else args.seq)
+    if not args.all and not count:
+        raise QueueCliError(f"no dead push update {args.seq}")
+    _print_json({"retried": count}) if args.json else print(f"{count} push updates due again")
     return 0
 
 

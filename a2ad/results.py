@@ -7,10 +7,13 @@ import base64
 import json
 import math
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from . import a2a, a2a_params
 from .errors import InvalidParams
+from .push_configs import configs_of
 from .store import PRIORITY_NAMES, Item
+from .store.models import Push
 
 
 def _rfc3339(seconds: float | None) -> str | None:
@@ -51,6 +54,29 @@ def item_view(item: Item, *, with_body: bool = False, with_result: bool = True) 
         # The caller's push config (its token, credentials) is never shown.
         view["body"] = json.loads(a2a.without_push(item.body) if item.push else item.body)
     return view
+
+
+def push_view(push: Push, item: Item | None) -> dict[str, Any]:
+    """A dead letter as an operator sees it: never the config's token or credentials,
+    and its webhook URL without query or fragment (they may hold a secret)."""
+    url = None
+    if item is not None:
+        config = next((c for c in configs_of(item) if c.get("id") == push.config_id), None)
+        if config is not None:
+            parts = urlsplit(str(config.get("url", "")))
+            url = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return {
+        "seq": push.seq,
+        "item_id": push.item_id,
+        "workspace": item.workspace if item is not None else None,
+        "config_id": push.config_id,
+        "url": url,
+        "update": push.state,
+        "status": push.status,
+        "attempts": push.attempts,
+        "last_error": push.last_error,
+        "created_at": a2a.timestamp(push.created_at),
+    }
 
 
 def _metadata(item: Item, **extra: Any) -> dict[str, Any]:

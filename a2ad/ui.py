@@ -23,7 +23,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from html import escape
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from aiohttp import web
@@ -34,6 +34,7 @@ from .clock import Clock
 from .daemon import DAEMON, Daemon
 from .errors import A2adError, Conflict, NotFound
 from .http_io import read_body
+from .results import push_view
 from .store import STATES, Item
 
 SESSION_COOKIE = "a2ad_session"
@@ -101,6 +102,7 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/ui/login", login)
     app.router.add_post("/ui/logout", logout)
     app.router.add_post("/ui/items/{qid}/retry", retry)
+    app.router.add_post("/ui/pushes/retry", retry_pushes)
 
 
 def is_ui_path(path: str) -> bool:
@@ -338,6 +340,38 @@ def _failed_table(items: list[Item], total: int, csrf: str) -> str:
     )
 
 
+def _dead_pushes_table(views: list[dict[str, Any]], total: int, csrf: str) -> str:
+    if not views:
+        return "<p class=muted id=no-dead-pushes>No dead push updates.</p>"
+    rows = []
+    for view in views:
+        error = view["last_error"] or ""
+        shown = error if len(error) <= ERROR_SHOWN_CHARS else error[:ERROR_SHOWN_CHARS] + "…"
+        rows.append(
+            f'<tr data-push="{view["seq"]}"><td><code>{escape(view["item_id"])}</code></td>'
+            f"<td><code>{escape(view['url'] or '(config deleted)')}</code></td>"
+            f"<td>{escape(view['update'])}</td><td class=num>{view['attempts']}</td>"
+            f'<td class=err title="{escape(error)}">{escape(shown)}</td></tr>'
+        )
+    more = f"<p class=muted>The newest {len(views)} of {total}.</p>" if total > len(views) else ""
+    return (
+        "<table id=dead-pushes><thead><tr><th>Item</th><th>Webhook</th><th>Update</th>"
+        "<th class=num>Attempts</th><th>Last error</th></tr>"
+        f"</thead><tbody>{''.join(rows)}</tbody></table>{more}"
+        '<form class=inline method=post action="/ui/pushes/retry">'
+        f"{_csrf_input(csrf)}<button type=submit>Retry all</button></form>"
+    )
+
+
+async def _dead_pushes(daemon: Daemon) -> tuple[list[dict[str, Any]], int]:
+    total = (await daemon.store.push_counts())["dead"]
+    if total == 0:
+        return [], 0
+    dead = await daemon.store.dead_pushes(limit=FAILED_SHOWN)
+    items = {i: await daemon.store.get(i) for i in {p.item_id for p in dead}}
+    return [push_view(p, items[p.item_id]) for p in dead], total
+
+
 async def _newest_failed(daemon: Daemon, total: int) -> list[Item]:
     """The newest failed items, newest first."""
     if total == 0:
@@ -352,6 +386,7 @@ async def _status_page(
     counts = await daemon.store.counts()
     total_failed = sum(c.get("failed", 0) for c in counts.values())
     failed = await _newest_failed(daemon, total_failed)
+    dead, dead_total = await _dead_pushes(daemon)
     if visitor.open_mode:
         who = "<span>open: no admin token is configured</span>"
     else:
@@ -367,6 +402,8 @@ async def _status_page(
         + _workspaces_table(daemon, counts)
         + f"<h2>Failed items <span class=muted>({total_failed})</span></h2>"
         + _failed_table(failed, total_failed, visitor.csrf)
+        + f"<h2>Dead push updates <span class=muted>({dead_total})</span></h2>"
+        + _dead_pushes_table(dead, dead_total, visitor.csrf)
     )
     return _html(_document("a2ad status", who, body), status, visitor)
 
@@ -407,6 +444,8 @@ async def page(request: web.Request) -> web.Response:
     retried = request.query.get("retried", "")
     if _QUEUE_ID.match(retried):
         notice = _note(f"{retried} is queued again.")
+    elif retried.isdigit():
+        notice = _note(f"{retried} push updates are due again.")
     return await _status_page(request, visitor, notice)
 
 
@@ -455,3 +494,18 @@ async def retry(request: web.Request) -> web.Response:
     except (NotFound, Conflict) as exc:
         return await _status_page(request, visitor, _note(exc.message, bad=True), exc.status)
     return _redirect(f"/ui?retried={item.id}")
+
+
+async def retry_pushes(request: web.Request) -> web.Response:
+    """POST /ui/pushes/retry: every dead push update back to the outbox, as POST
+    /queue/pushes/retry does."""
+    visitor = _visitor(request)
+    form = await _form(request)
+    if not visitor.allowed:
+        return _login_page(visitor, "Sign in first.", status=401)
+    if not _csrf_ok(request, visitor, form.get(CSRF_FIELD)):
+        return _refused(visitor)
+    daemon = request.app[DAEMON]
+    count = await daemon.store.retry_pushes(now=daemon.clock.now())
+    daemon.pusher.wake()
+    return _redirect(f"/ui?retried={count}")

@@ -55,6 +55,9 @@ RETRY = (
     "UPDATE push_outbox SET status = 'pending', attempts = 0, next_at = ?, last_error = NULL"
     " WHERE status = 'dead'"
 )
+# At start-up of the store's only process: leases of a sender that is gone (and
+# backoffs, so a restart tries every receiver again at once).
+RELEASE = "UPDATE push_outbox SET next_at = ? WHERE status = 'pending' AND next_at > ?"
 COUNTS = "SELECT status, COUNT(*) FROM push_outbox WHERE status <> 'sent' GROUP BY status"
 
 
@@ -138,6 +141,10 @@ class Outbox:
             statement += " AND seq = ?"
             params += (seq,)
         return int(await self._run_outbox(statement, params, rows=False, durable=True))
+
+    async def release_pushes(self, *, now: float) -> int:
+        """Every pending row due now: only where no other sender may hold one."""
+        return int(await self._run_outbox(RELEASE, (now, now), rows=False, durable=False))
 
     async def push_counts(self) -> dict[str, int]:
         """Pending and dead rows of the outbox."""

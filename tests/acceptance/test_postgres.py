@@ -36,9 +36,10 @@ def test_serve_on_postgres_after_migrate_queues_and_delivers_in_order(
     assert migrated.returncode == 0, migrated.stderr
     assert "applied 0001 schema" in migrated.stdout
     assert "applied 0002 replicas" in migrated.stdout
+    assert "applied 0003 push" in migrated.stdout
     checked = launcher.run("check", "--config", str(config.path))
     store_line = next(line for line in checked.stdout.splitlines() if line.startswith("store"))
-    assert "PostgreSQL" in store_line and "schema 2 of 2, writable" in store_line, checked.stdout
+    assert "PostgreSQL" in store_line and "schema 3 of 3, writable" in store_line, checked.stdout
     assert "a2ad@" not in checked.stdout  # no credentials printed
 
     a2ad = launcher.a2ad(config)

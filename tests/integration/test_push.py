@@ -5,8 +5,11 @@ webhook policy, and tasks a2ad follows at the agent after their delivery."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -423,3 +426,55 @@ async def test_a_send_with_a_push_config_is_queued_unless_the_agent_pushes_itsel
     assert status == 202
     await receiver.wait(2)
     assert receiver.states() == ["TASK_STATE_SUBMITTED", "TASK_STATE_COMPLETED"]
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_receiver() -> str:
+    """The receiver example of README's Push notifications section, as it stands."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### Push notifications") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
+@pytest.mark.sqlite_only
+async def test_the_readme_receiver_gets_a_queued_tasks_updates(
+    a2ad_factory: A2adFactory, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    script = tmp_path / "receiver.py"
+    script.write_text(readme_receiver())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(port), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        agent = await agent_factory()
+        a2ad = await setup(a2ad_factory, agent)
+        await busy(a2ad)
+        url = f"http://127.0.0.1:{port}/a2a-updates"
+        async with asyncio.timeout(10):  # the receiver is listening once this answers
+            while True:
+                try:
+                    _, reader = await asyncio.open_connection("127.0.0.1", port)
+                    reader.close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+        _, data = await send_with_push(a2ad, {"url": url, "token": "s3cret"})
+        qid = jsonrpc_task(data)["id"]
+        await free(a2ad)
+        assert process.stdout is not None
+        lines: list[list[str]] = []
+        async with asyncio.timeout(10):
+            while len(lines) < 2:  # aiohttp's own lines ("Running on …") are not updates
+                line = (await process.stdout.readline()).decode().split()
+                if line and line[0].startswith("q-"):
+                    lines.append(line)
+        assert lines == [[qid, "TASK_STATE_SUBMITTED"], [qid, "TASK_STATE_COMPLETED"]]
+    finally:
+        process.kill()
+        await process.wait()
