@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from . import a2a
+from .cards import card_headers
 from .daemon import DAEMON
 from .errors import CardUnavailable, InvalidBody
 from .http_io import json_response, read_body
@@ -16,10 +17,7 @@ async def handle_card(request: web.Request) -> web.StreamResponse:
     """The agent's card, pointing at a2ad; no token needed, as for the agent itself."""
     daemon = request.app[DAEMON]
     ws = daemon.registry.get(request.match_info["workspace"])
-    headers = {
-        k: request.headers[k] for k in ("A2A-Version", "A2A-Extensions") if k in request.headers
-    }
-    card = await daemon.cards.get(daemon.upstream, ws, headers)
+    card = await daemon.cards.get(daemon.upstream, ws, card_headers(request.headers))
     if card is None:
         raise CardUnavailable(
             f"workspace {ws.id!r}: the agent has not served its card yet"

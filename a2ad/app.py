@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import admin, agent_routes, http_io, proxy, ui
+from . import admin, agent_routes, http_io, proxy, push_methods, ui
 from .clock import Clock
 from .daemon import DAEMON, Daemon
 from .errors import A2adError, MethodNotAllowed, NotFound
@@ -115,6 +115,7 @@ def create_app(
             f"/workspaces/{{workspace}}/a2a/.well-known/{card_path}", agent_routes.handle_card
         )
     app.router.add_post("/workspaces/{workspace}/heartbeat", agent_routes.handle_heartbeat)
+    app.router.add_post("/workspaces/{workspace}/pushes/{qid}", push_methods.agent_pushed)
     app.router.add_get("/workspaces", admin.list_workspaces)
     app.router.add_get("/workspaces/{workspace}", admin.get_workspace)
     app.router.add_put("/workspaces/{workspace}", admin.put_workspace)

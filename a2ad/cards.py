@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -31,6 +32,11 @@ class Card:
     etag: str
     fetched_at: float
     agent_pushes: bool = False  # the agent's own card says it sends push notifications
+
+
+def card_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The request headers a card fetch passes on to the agent."""
+    return {k: headers[k] for k in ("A2A-Version", "A2A-Extensions") if k in headers}
 
 
 def card_urls(agent_url: str) -> list[str]:

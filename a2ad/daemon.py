@@ -100,6 +100,7 @@ class Daemon:
             settings, self.store, self.clock, self.metrics, self.registry, self.upstream
         )
         self.watch.on_final = self.pusher.final
+        self.pusher.agent_pushes = self.agent_pushes
         self.liveness = Liveness(settings.liveness, self.registry, self.clock)
         self.direct.on_failure_signal = self.liveness.signal
         self.replicas: Replicas | None = None
@@ -325,6 +326,11 @@ class Daemon:
         await self.dispatcher.recount()
         if self.replicas is not None:
             await self.replicas.load_heartbeats()
+
+    async def agent_pushes(self, ws: Workspace, headers: dict[str, str] | None = None) -> bool:
+        """Does the workspace's agent card say it sends push notifications itself?"""
+        card = await self.cards.get(self.upstream, ws, headers or {})
+        return card is not None and card.agent_pushes
 
     async def heartbeat(self, ws: Workspace, active: int, capacity: int | None) -> None:
         """An agent's heartbeat; with replicas, every one of them learns it."""

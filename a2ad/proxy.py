@@ -124,7 +124,10 @@ async def _send_message(
     # A push config goes to the agent with a direct send when the agent pushes
     # itself; else the send is queued and a2ad pushes (push.py).
     push = push_configs.in_send(rpc, protocol)
-    direct_ok = push is None or await push_methods.agent_pushes(daemon, ws, request.headers)
+    wanted = {
+        k: request.headers[k] for k in ("A2A-Version", "A2A-Extensions") if k in request.headers
+    }
+    direct_ok = push is None or await daemon.agent_pushes(ws, wanted)
     # Admission decides and takes the slot in one step; the slot is held across
     # every await below and returned on every path, cancellation included.
     slot = ws.admission.try_direct(daemon.clock.monotonic()) if direct_ok else None

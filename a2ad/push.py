@@ -25,6 +25,8 @@ import contextlib
 import json
 import logging
 import random
+import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -40,8 +42,8 @@ from .results import as_queue_task, item_task, stored_result
 from .settings import Settings
 from .store import Item, QueueStore
 from .store.models import Push
-from .upstream import Outcome, Upstream
-from .workspaces import Registry
+from .upstream import Answer, Outcome, Upstream
+from .workspaces import Registry, Workspace
 
 log = logging.getLogger("a2ad.push")
 
@@ -110,6 +112,9 @@ class Pusher:
         self._wake = asyncio.Event()
         self._expected: set[str] = set()  # items with configs, to wake for when final
         self._counted_at = float("-inf")
+        self.public_url = settings.server.base_url.rstrip("/")
+        # Does the workspace's agent push itself (its card)? Set by the daemon.
+        self.agent_pushes: Callable[[Workspace], Awaitable[bool]] = _never
 
     async def start(self) -> None:
         if not self.store.is_server:
@@ -202,14 +207,7 @@ class Pusher:
             await self.store.push_sent(row.seq, now=self.clock.now())  # nothing to tell
             return
         if row.state == "delivered":
-            followed = agent_task(item)
-            if followed is not None:  # before the push, so a crash between loses nothing
-                await self.store.follow_push(
-                    item.id,
-                    json.dumps(followed),
-                    next_at=self.clock.now() + FOLLOW_FIRST_SECONDS,
-                    now=self.clock.now(),
-                )
+            await self._start_following(item)
         body = payload(item, row, config)
         error = webhook_refused_now(config["url"], self.settings.allowed_hosts)
         if error is None and len(body) > self.max_bytes:
@@ -270,6 +268,44 @@ class Pusher:
 
     # -- following a task the agent goes on with ---------------------------------
 
+    async def _start_following(self, item: Item) -> None:
+        """A delivered task the agent goes on with: follow it (before the delivery's
+        push, so a crash between the two loses nothing), and when the agent's card
+        says it pushes, ask it to push the task's updates to a2ad too."""
+        followed = agent_task(item)
+        if followed is None:
+            return
+        token = secrets.token_urlsafe(24)
+        now = self.clock.now()
+        made = await self.store.follow_push(
+            item.id, json.dumps(followed), next_at=now + FOLLOW_FIRST_SECONDS, now=now, token=token
+        )
+        ws = self.registry.find(item.workspace)
+        if made and ws is not None and await self.agent_pushes(ws):
+            task = asyncio.create_task(self._register(item, ws, token))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _register(self, item: Item, ws: Workspace, token: str) -> None:
+        """Give the agent a2ad's receiver for the item's task (push_methods.agent_pushed).
+        Best effort: whatever the agent answers, polling goes on."""
+        url = f"{self.public_url}/workspaces/{ws.id}/pushes/{item.id}"
+        config = {"id": "a2ad", "url": url, "token": token}
+        params: dict[str, Any]
+        if a2a.protocol_of(item.headers) == "1.0":
+            method, params = "CreateTaskPushNotificationConfig", {"taskId": item.agent_task_id}
+            params.update(config)
+        else:
+            method = "tasks/pushNotificationConfig/set"
+            params = {"taskId": item.agent_task_id, "pushNotificationConfig": config}
+        answer = await self._ask_agent(ws, item, method, params)
+        if answer.outcome is not Outcome.FINAL or answer.parsed is None or "error" in answer.parsed:
+            log.info(
+                "item %s: the agent did not take a2ad's push config (%s); polling its task",
+                item.id,
+                answer.error or (answer.parsed or {}).get("error"),
+            )
+
     async def _follow(self, row: Push) -> None:
         item = await self.store.get(row.item_id)
         if item is None or item.state != "delivered" or not item.agent_task_id:
@@ -307,17 +343,8 @@ class Pusher:
         ws = self.registry.find(item.workspace)
         if ws is None:
             return None, f"workspace {item.workspace} is not served"
-        protocol = a2a.protocol_of(item.headers)
-        method = "GetTask" if protocol == "1.0" else "tasks/get"
-        request = {
-            "jsonrpc": "2.0",
-            "id": f"a2ad-follow-{item.id}",
-            "method": method,
-            "params": {"id": item.agent_task_id},
-        }
-        headers = {k: v for k, v in item.headers.items() if k != "Accept"}
-        headers["Content-Type"] = "application/json"
-        answer = await self.upstream.send(ws.config, json.dumps(request).encode(), headers)
+        method = "GetTask" if a2a.protocol_of(item.headers) == "1.0" else "tasks/get"
+        answer = await self._ask_agent(ws, item, method, {"id": item.agent_task_id})
         if answer.outcome is not Outcome.FINAL or answer.parsed is None:
             return None, answer.error or "the agent's answer was not a JSON-RPC result"
         result = answer.parsed.get("result")
@@ -325,6 +352,19 @@ class Pusher:
             return None, "the agent's answer was not its Task"
         return result, None
 
+    async def _ask_agent(
+        self, ws: Workspace, item: Item, method: str, params: dict[str, Any]
+    ) -> Answer:
+        """One JSON-RPC request about the item's task, in the item's protocol version."""
+        request = {"jsonrpc": "2.0", "id": f"a2ad-{item.id}", "method": method, "params": params}
+        headers = {k: v for k, v in item.headers.items() if k != "Accept"}
+        headers["Content-Type"] = "application/json"
+        return await self.upstream.send(ws.config, json.dumps(request).encode(), headers)
+
 
 def _config(item: Item, config_id: str) -> dict[str, Any] | None:
     return next((c for c in configs_of(item) if c.get("id") == config_id), None)
+
+
+async def _never(ws: Workspace) -> bool:
+    return False

@@ -5,30 +5,24 @@ registered (agent_urls.webhook_refusal) and kept until the item is deleted."""
 
 from __future__ import annotations
 
+import hmac
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from . import a2a
 from .agent_urls import webhook_refusal
-from .daemon import Daemon
-from .errors import InvalidParams, StoreUnavailable
-from .http_io import json_response
+from .daemon import DAEMON, Daemon
+from .errors import InvalidBody, InvalidParams, StoreUnavailable, Unauthorized
+from .http_io import json_response, read_body
 from .own_tasks import find_item, task_not_found
+from .push import FOLLOW_MAX_SECONDS
 from .push_configs import CREATE, DELETE, LIST, configs_of, read_config, shown, task_of
 from .store import Item
 from .workspaces import Workspace
 
 SET_RETRIES = 8  # concurrent changes to one item's configs: read again and retry
-
-
-async def agent_pushes(daemon: Daemon, ws: Workspace, headers: Mapping[str, str]) -> bool:
-    """Does the workspace's agent card say it sends push notifications itself?"""
-    wanted = {k: headers[k] for k in ("A2A-Version", "A2A-Extensions") if k in headers}
-    card = await daemon.cards.get(daemon.upstream, ws, wanted)
-    return card is not None and card.agent_pushes
 
 
 async def checked(daemon: Daemon, raw: Any, protocol: a2a.Protocol, task_id: str) -> dict[str, Any]:
@@ -97,3 +91,66 @@ async def _change(
             return
         item = latest
     raise StoreUnavailable("the task's push configs kept changing; try again", retry_after=1)
+
+
+# -- a2ad as the agent's webhook --------------------------------------------------
+
+
+async def agent_pushed(request: web.Request) -> web.Response:
+    """POST /workspaces/{id}/pushes/{qid}: the agent pushes an update of a delivered
+    task it goes on with (a2ad registered this URL with it: push.py). Authenticated by
+    the token a2ad gave the agent for this item alone; the update goes to the
+    caller's webhooks under the queue id, through the outbox."""
+    daemon = request.app[DAEMON]
+    ws = daemon.registry.get(request.match_info["workspace"])
+    item = await daemon.store.get(request.match_info["qid"])
+    followed = await daemon.store.followed(item.id) if item is not None else None
+    given = request.headers.get("X-A2A-Notification-Token", "")
+    if (
+        item is None
+        or item.workspace != ws.id
+        or followed is None
+        or not followed.token
+        or not hmac.compare_digest(given.encode(), followed.token.encode())
+    ):
+        raise Unauthorized("no task of this workspace is followed with this token")
+    raw = await read_body(request, daemon.settings.server.max_result_bytes)
+    event = a2a.read_event(a2a.parse_json(raw))
+    last = json.loads(followed.payload or "{}")
+    task = _updated(last, event) if event is not None else None
+    if task is None or task.get("id") != item.agent_task_id:
+        raise InvalidBody(f"not an update of the agent's task {item.agent_task_id}")
+    now = daemon.clock.now()
+    latest = json.dumps(task)
+    await daemon.store.add_push_update(item.id, latest, now=now)
+    state = a2a.canonical_state(str((task.get("status") or {}).get("state", "")))
+    if state in a2a.FINAL_TASK_STATES:
+        await daemon.store.push_sent(followed.seq, now=now)  # nothing more to follow
+    else:
+        await daemon.store.follow_again(
+            followed.seq, next_at=now + FOLLOW_MAX_SECONDS, task=latest, attempts=0
+        )
+    daemon.pusher.wake()
+    return json_response({"ok": True})
+
+
+def _updated(last: dict[str, Any], event: dict[str, Any]) -> dict[str, Any] | None:
+    """The agent's Task after one of its events (v0.3 shape, as read_event gives it):
+    a Task replaces it, a status-update its status, an artifact-update adds or
+    replaces one artifact."""
+    kind = event.get("kind")
+    if kind == "task":
+        return event
+    if event.get("taskId") != last.get("id"):
+        return None
+    if kind == "status-update":
+        return {**last, "status": event.get("status")}
+    if kind == "artifact-update" and isinstance(event.get("artifact"), dict):
+        artifact = event["artifact"]
+        kept = [
+            a
+            for a in last.get("artifacts") or []
+            if not (isinstance(a, dict) and a.get("artifactId") == artifact.get("artifactId"))
+        ]
+        return {**last, "artifacts": [*kept, artifact]}
+    return None

@@ -3,8 +3,9 @@ ALTER TABLE items ADD COLUMN push TEXT;  -- JSON list of configs {id, url, token
 
 -- One row per update of a task to push to one of its configs; config_id '' marks
 -- a delivered task whose later updates a2ad follows at the agent (payload: the
--- agent's Task as last seen). Rows are made by the triggers below, in the same
--- statement as the change they tell of, so no change is committed without them.
+-- agent's Task as last seen; token: what the agent's pushes to a2ad must carry).
+-- Rows are made by the triggers below, in the same statement as the change they
+-- tell of, so no change is committed without them.
 CREATE TABLE push_outbox (
     seq         INTEGER PRIMARY KEY,
     item_id     TEXT NOT NULL,
@@ -16,7 +17,8 @@ CREATE TABLE push_outbox (
     next_at     REAL NOT NULL,            -- due then; while a sender holds it, its lease
     last_error  TEXT,
     created_at  REAL NOT NULL,
-    sent_at     REAL
+    sent_at     REAL,
+    token       TEXT                      -- a followed task: the token a2ad gave the agent
 );
 CREATE INDEX push_due ON push_outbox (next_at) WHERE status = 'pending';
 CREATE INDEX push_item ON push_outbox (item_id, config_id, seq);

@@ -3,9 +3,10 @@ ALTER TABLE items ADD COLUMN push text;  -- JSON list of configs {id, url, token
 
 -- One row per update of a task to push to one of its configs; config_id '' marks
 -- a delivered task whose later updates a2ad follows at the agent (payload: the
--- agent's Task as last seen). Rows are made by the triggers below, in the same
--- statement as the change they tell of. A config written while a settle waits on
--- the item's row lock is in the row the settle updates (NEW), so neither is lost.
+-- agent's Task as last seen; token: what the agent's pushes to a2ad must carry).
+-- Rows are made by the triggers below, in the same statement as the change they
+-- tell of. A config written while a settle waits on the item's row lock is in the
+-- row the settle updates (NEW), so neither is lost.
 CREATE TABLE push_outbox (
     seq         bigserial PRIMARY KEY,
     item_id     text NOT NULL,
@@ -17,7 +18,8 @@ CREATE TABLE push_outbox (
     next_at     double precision NOT NULL, -- due then; while a sender holds it, its lease
     last_error  text,
     created_at  double precision NOT NULL,
-    sent_at     double precision
+    sent_at     double precision,
+    token       text                      -- a followed task: the token a2ad gave the agent
 );
 CREATE INDEX push_due ON push_outbox (next_at) WHERE status = 'pending';
 CREATE INDEX push_item ON push_outbox (item_id, config_id, seq);

@@ -195,8 +195,7 @@ class Push:
     next_at: float
     last_error: str | None
     created_at: float
+    token: str | None = None  # a followed task's: the agent's pushes to a2ad carry it
 
 
-PUSH_COLUMNS = (
-    "seq, item_id, config_id, state, payload, status, attempts, next_at, last_error, created_at"
-)
+PUSH_COLUMNS = ", ".join(f.name for f in fields(Push))

@@ -46,9 +46,13 @@ FOLLOW_AGAIN = (
     " WHERE seq = ? AND status = 'pending'"
 )
 FOLLOW = (
-    "INSERT INTO push_outbox (item_id, config_id, state, payload, next_at, created_at)"
-    " SELECT ?, '', 'follow', ?, ?, ? WHERE NOT EXISTS"
+    "INSERT INTO push_outbox (item_id, config_id, state, payload, next_at, created_at, token)"
+    " SELECT ?, '', 'follow', ?, ?, ?, ? WHERE NOT EXISTS"
     " (SELECT 1 FROM push_outbox WHERE item_id = ? AND config_id = '')"
+)
+FOLLOWED = (
+    f"SELECT {PUSH_COLUMNS} FROM push_outbox"
+    " WHERE item_id = ? AND config_id = '' AND status = 'pending'"
 )
 DEAD = f"SELECT {PUSH_COLUMNS} FROM push_outbox WHERE status = 'dead'"
 RETRY = (
@@ -108,11 +112,20 @@ class Outbox:
             )
         )
 
-    async def follow_push(self, item_id: str, task: str, *, next_at: float, now: float) -> None:
-        """Follow the item's task at the agent from `next_at` (once per item)."""
-        await self._run_outbox(
-            FOLLOW, (item_id, task, next_at, now, item_id), rows=False, durable=True
+    async def follow_push(
+        self, item_id: str, task: str, *, next_at: float, now: float, token: str
+    ) -> bool:
+        """Follow the item's task at the agent from `next_at` (once per item; False
+        when it is followed already). `token`: what the agent's pushes must carry."""
+        made = await self._run_outbox(
+            FOLLOW, (item_id, task, next_at, now, token, item_id), rows=False, durable=True
         )
+        return bool(made)
+
+    async def followed(self, item_id: str) -> Push | None:
+        """The item's task as a2ad follows it at the agent, while it does."""
+        found = await self._run_outbox(FOLLOWED, (item_id,), rows=True, durable=False)
+        return Push(*found[0]) if found else None
 
     async def follow_again(
         self, seq: int, *, next_at: float, task: str, attempts: int, error: str | None = None

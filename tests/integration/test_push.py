@@ -478,3 +478,90 @@ async def test_the_readme_receiver_gets_a_queued_tasks_updates(
     finally:
         process.kill()
         await process.wait()
+
+
+async def pushing_agent(agent: FakeAgent) -> TestServer:
+    """`agent` with a card that says it sends push notifications itself."""
+    card = {"name": "pusher", "capabilities": {"pushNotifications": True}, "url": "x"}
+
+    async def serve_card(request: web.Request) -> web.Response:
+        return web.json_response(card)
+
+    app = web.Application()
+    app.router.add_post("/", agent.handle)
+    app.router.add_get("/.well-known/agent-card.json", serve_card)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    agent.url = str(server.make_url("/"))
+    return server
+
+
+async def test_an_agent_that_pushes_is_given_a2ads_receiver_and_its_pushes_are_relayed(
+    a2ad_factory: A2adFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(push, "FOLLOW_FIRST_SECONDS", 60.0)  # no polling: only its pushes
+    agent = FakeAgent()
+    agent.script = [
+        (200, {"jsonrpc": "2.0", "id": 1, "result": {"task": WORKING_1}}, {}),
+        (200, {"jsonrpc": "2.0", "id": 2, "result": {"taskId": "t-1", "id": "a2ad"}}, {}),
+    ]
+    server = await pushing_agent(agent)
+    try:
+        a2ad = await setup(a2ad_factory, agent)
+        await busy(a2ad)
+        _, data = await send_with_push(a2ad, {"url": receiver.url, "token": "mine"})
+        qid = jsonrpc_task(data)["id"]
+        await free(a2ad)
+        await agent.wait_received(2)
+        registered = agent.received[1].body
+        assert registered["method"] == "CreateTaskPushNotificationConfig"
+        params = registered["params"]
+        assert params["taskId"] == "t-1" and params["url"].endswith(f"/workspaces/w/pushes/{qid}")
+        path = params["url"][params["url"].index("/workspaces/") :]
+        update = {
+            "statusUpdate": {
+                "taskId": "t-1",
+                "contextId": "c-1",
+                "status": {"state": "TASK_STATE_COMPLETED"},
+            }
+        }
+        wrong = await a2ad.client.post(
+            path, json=update, headers={"X-A2A-Notification-Token": "guess"}
+        )
+        assert wrong.status == 401
+        pushed = await a2ad.client.post(
+            path, json=update, headers={"X-A2A-Notification-Token": params["token"]}
+        )
+        assert pushed.status == 200, await pushed.text()
+        await receiver.wait(3)
+        assert receiver.states(qid) == [
+            "TASK_STATE_SUBMITTED",
+            "TASK_STATE_WORKING",
+            "TASK_STATE_COMPLETED",
+        ]
+        assert receiver.got[-1][1]["X-A2A-Notification-Token"] == "mine"
+        # The task is final: the agent's token opens nothing any more.
+        again = await a2ad.client.post(
+            path, json=update, headers={"X-A2A-Notification-Token": params["token"]}
+        )
+        assert again.status == 401
+    finally:
+        await server.close()
+
+
+async def test_a_send_with_a_push_config_to_an_agent_that_pushes_goes_to_it_unchanged(
+    a2ad_factory: A2adFactory, receiver: Receiver
+) -> None:
+    agent = FakeAgent()
+    server = await pushing_agent(agent)
+    try:
+        a2ad = await setup(a2ad_factory, agent)
+        config = {"url": receiver.url, "token": "mine"}
+        status, _ = await send_with_push(a2ad, config)
+        assert status == 200  # forwarded: the agent's own answer
+        assert agent.served[0].body["params"]["configuration"]["taskPushNotificationConfig"] == (
+            config
+        )
+        assert a2ad.daemon.registry.get("w").queued_total == 0
+    finally:
+        await server.close()
