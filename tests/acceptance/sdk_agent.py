@@ -7,8 +7,9 @@ it waits, before its final event, until FILE exists: a test creates FILE once
 it has seen the first event, which proves the stream reached it unbuffered.
 With `--linger SECONDS` it keeps its stream open that long after the final event
 (the SDK ends a stream only when `execute` returns), as an agent that cleans up
-after completing does. Every message text it receives is appended to `--log`,
-one JSON line each.
+after completing does. With `--push` its card says it sends push notifications
+and it does (the SDK's own config store and sender). Every message text it
+receives is appended to `--log`, one JSON line each.
 
     python tests/acceptance/sdk_agent.py --port 9001 --protocol 1.0 --log agent.log
 """
@@ -21,14 +22,21 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import uvicorn
 from a2a.helpers import get_message_text
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
-from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
+from a2a.server.tasks import (
+    BasePushNotificationSender,
+    InMemoryPushNotificationConfigStore,
+    InMemoryTaskStore,
+    TaskUpdater,
+)
 from a2a.types.a2a_pb2 import (
     AgentCapabilities,
     AgentCard,
@@ -107,7 +115,7 @@ class EchoExecutor(AgentExecutor):
         await updater.cancel()
 
 
-def build_card(port: int, protocol: str) -> AgentCard:
+def build_card(port: int, protocol: str, *, push: bool = False) -> AgentCard:
     return AgentCard(
         name="sdk-echo",
         description="Echoes text back as a Task artifact (a2ad interop tests).",
@@ -119,7 +127,7 @@ def build_card(port: int, protocol: str) -> AgentCard:
                 protocol_version=protocol,
             )
         ],
-        capabilities=AgentCapabilities(streaming=True),
+        capabilities=AgentCapabilities(streaming=True, push_notifications=push),
         default_input_modes=["text/plain"],
         default_output_modes=["text/plain"],
         skills=[
@@ -134,7 +142,7 @@ def build_card(port: int, protocol: str) -> AgentCard:
 
 
 def build_app(args: argparse.Namespace) -> Starlette:
-    card = build_card(args.port, args.protocol)
+    card = build_card(args.port, args.protocol, push=args.push)
     executor = EchoExecutor(
         mode=args.mode,
         pause=args.pause,
@@ -142,8 +150,13 @@ def build_app(args: argparse.Namespace) -> Starlette:
         gate=Path(args.gate) if args.gate else None,
         linger=args.linger,
     )
+    pushing: dict[str, Any] = {}
+    if args.push:
+        configs = InMemoryPushNotificationConfigStore()
+        sender = BasePushNotificationSender(httpx.AsyncClient(timeout=10), configs)
+        pushing = {"push_config_store": configs, "push_sender": sender}
     handler = DefaultRequestHandler(
-        agent_executor=executor, task_store=InMemoryTaskStore(), agent_card=card
+        agent_executor=executor, task_store=InMemoryTaskStore(), agent_card=card, **pushing
     )
     routes = create_agent_card_routes(card) + create_jsonrpc_routes(
         handler, rpc_url="/", enable_v0_3_compat=args.protocol == "0.3"
@@ -160,6 +173,7 @@ def main() -> None:
     parser.add_argument("--log", required=True, help="file to append received texts to")
     parser.add_argument("--gate", default="", help="wait for this file before the final event")
     parser.add_argument("--linger", type=float, default=0.0, help="seconds to stay after it")
+    parser.add_argument("--push", action="store_true", help="send push notifications")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(build_app(args), host="127.0.0.1", port=args.port, log_level="info")

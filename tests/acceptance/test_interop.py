@@ -118,6 +118,7 @@ def start_stack(
     *,
     gate: Path | None = None,
     linger: float = 0.0,
+    push: bool = False,
 ) -> tuple[Process, Process, A2adConfig, Path]:
     """Start the SDK agent and a2ad in front of it; both answer when this returns."""
     port = launcher.free_port()
@@ -128,6 +129,8 @@ def start_stack(
         argv += ["--gate", str(gate)]
     if linger:
         argv += ["--linger", str(linger)]
+    if push:
+        argv.append("--push")
     agent = launcher.spawn("sdk-agent", argv, url=f"http://127.0.0.1:{port}")
     agent.wait_until("/.well-known/agent-card.json")
     config = launcher.config(
@@ -141,6 +144,7 @@ def start_stack(
                 "request_timeout_seconds": 30.0,
             }
         ],
+        push={"allowed_hosts": ["127.0.0.1"]},  # the tests' webhooks
     )
     a2ad = launcher.a2ad(config)
     return agent, a2ad, config, log
@@ -154,9 +158,10 @@ async def stack_for(
     *,
     gate: Path | None = None,
     linger: float = 0.0,
+    push: bool = False,
 ) -> AsyncIterator[Stack]:
     agent, a2ad, config, log = await asyncio.to_thread(
-        start_stack, launcher, directory, protocol, gate=gate, linger=linger
+        start_stack, launcher, directory, protocol, gate=gate, linger=linger, push=push
     )
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT) as http:
         yield Stack(protocol, agent, a2ad, config, log, http)
