@@ -217,7 +217,7 @@ class Dispatcher:
         """A queued item → cancelled, never delivered; False when it is not queued."""
         if item.state != "queued" or not await self.store.cancel(item.id, now=self.clock.now()):
             return False
-        self.watch.notify(item.id)
+        self.watch.notify(item.id, pushes=item.push is not None)
         return True
 
     # -- the pump ------------------------------------------------------------
@@ -422,7 +422,7 @@ class Dispatcher:
             metrics = self.metrics.of(ws.id)
             metrics.delivered.inc()
             metrics.wait.observe(started - item.enqueued_at)
-        self.watch.notify(item.id)
+        self.watch.notify(item.id, pushes=item.push is not None)
 
     async def _failed_attempt(
         self, ws: Workspace, item: Item, token: str, answer: Answer, now: float
@@ -442,7 +442,7 @@ class Dispatcher:
                 answer.error,
                 extra=_about(item),
             )
-            self.watch.notify(item.id)
+            self.watch.notify(item.id, pushes=item.push is not None)
             return
         delay = self.backoff(attempts)
         log.info(

@@ -55,6 +55,7 @@ BACKOFF_MAX = 30.0  # a receiver that comes back is reached within about this
 FOLLOW_FIRST_SECONDS = 1.0
 FOLLOW_MAX_SECONDS = 30.0
 COUNT_EVERY_SECONDS = 10.0
+MAX_EXPECTED = 100_000  # items remembered to have configs, to wake for when they end
 MAX_ANSWER_READ = 65_536  # of a receiver's answer body, read and dropped
 
 
@@ -141,13 +142,15 @@ class Pusher:
 
     def expect(self, item_id: str, *, now: bool = False) -> None:
         """The item has push configs: look at once when it ends (or now)."""
+        if len(self._expected) >= MAX_EXPECTED:
+            self._expected.clear()  # items that ended elsewhere: the poll finds theirs
         self._expected.add(item_id)
         if now:
             self._wake.set()
 
-    def final(self, item_id: str) -> None:
+    def final(self, item_id: str, pushes: bool = False) -> None:
         """An item ended here; if it has configs, its updates are due."""
-        if item_id in self._expected:
+        if pushes or item_id in self._expected:
             self._expected.discard(item_id)
             self._wake.set()
 

@@ -223,7 +223,7 @@ async def _pushes(store: QueueStore, args: argparse.Namespace, settings: Setting
             str(v["seq"]),
             v["item_id"],
             v["update"],
-            v["url"] or "(config deleted)",
+            v["url"] or ("(the agent's task)" if v["config_id"] == "" else "(config deleted)"),
             str(v["attempts"]),
             (v["last_error"] or "")[:60],
         )

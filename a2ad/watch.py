@@ -23,7 +23,8 @@ class ResultWatch:
         self._closing = False
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
-        self.on_final: Callable[[str], None] = lambda item_id: None  # the push sender's
+        # The push sender's: an item ended here (`pushes`: it is known to have configs).
+        self.on_final: Callable[[str, bool], None] = lambda item_id, pushes: None
 
     def hold(self) -> bool:
         """Take a place for a held blocking send; False past max_held or at shutdown."""
@@ -43,9 +44,9 @@ class ResultWatch:
                 if not future.done():
                     future.set_result(None)
 
-    def notify(self, item_id: str) -> None:
+    def notify(self, item_id: str, *, pushes: bool = False) -> None:
         """The item is final: wake its waiters and end its streams."""
-        self.on_final(item_id)
+        self.on_final(item_id, pushes)
         for future in self._waiters.pop(item_id, ()):
             if not future.done():
                 future.set_result(None)

@@ -19,6 +19,8 @@ FINAL = "('delivered', 'failed', 'expired', 'cancelled')"
 # Due rows, each the oldest pending one of its task and config (an update waits for
 # the one before it: per-task order), leased to this sender until `next_at`. The
 # attempt is counted as it is taken, so a push that kills its sender cannot loop.
+# Read in order of due time, by the partial index of pending rows: ordered by seq,
+# SQLite would walk the whole table, sent rows included.
 CLAIM = f"""
 UPDATE push_outbox SET next_at = ?, attempts = attempts + 1
 WHERE seq IN (
@@ -26,7 +28,7 @@ WHERE seq IN (
     WHERE o.status = 'pending' AND o.next_at <= ?
       AND NOT EXISTS (SELECT 1 FROM push_outbox p WHERE p.item_id = o.item_id
           AND p.config_id = o.config_id AND p.status = 'pending' AND p.seq < o.seq)
-    ORDER BY o.seq LIMIT ?{{lock}})
+    ORDER BY o.next_at, o.seq LIMIT ?{{lock}})
   AND status = 'pending'
 RETURNING {PUSH_COLUMNS}
 """
@@ -62,7 +64,11 @@ RETRY = (
 # At start-up of the store's only process: leases of a sender that is gone (and
 # backoffs, so a restart tries every receiver again at once).
 RELEASE = "UPDATE push_outbox SET next_at = ? WHERE status = 'pending' AND next_at > ?"
-COUNTS = "SELECT status, COUNT(*) FROM push_outbox WHERE status <> 'sent' GROUP BY status"
+# Each by its partial index: sent rows (kept as long as their items) are not read.
+COUNTS = (
+    "SELECT 'pending', COUNT(*) FROM push_outbox WHERE status = 'pending'"
+    " UNION ALL SELECT 'dead', COUNT(*) FROM push_outbox WHERE status = 'dead'"
+)
 
 
 class Outbox:
