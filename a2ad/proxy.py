@@ -12,6 +12,7 @@ from aiohttp.typedefs import Handler
 
 from . import a2a, a2a_params, logs, push_configs, push_methods
 from .agent_routes import handle_card
+from .cards import card_headers
 from .daemon import DAEMON, Daemon
 from .errors import (
     QueueFull,
@@ -124,10 +125,7 @@ async def _send_message(
     # A push config goes to the agent with a direct send when the agent pushes
     # itself; else the send is queued and a2ad pushes (push.py).
     push = push_configs.in_send(rpc, protocol)
-    wanted = {
-        k: request.headers[k] for k in ("A2A-Version", "A2A-Extensions") if k in request.headers
-    }
-    direct_ok = push is None or await daemon.agent_pushes(ws, wanted)
+    direct_ok = push is None or await daemon.agent_pushes(ws, card_headers(request.headers))
     # Admission decides and takes the slot in one step; the slot is held across
     # every await below and returned on every path, cancellation included.
     slot = ws.admission.try_direct(daemon.clock.monotonic()) if direct_ok else None
@@ -172,6 +170,11 @@ async def _send_message(
             extra=logs.context(request_id, workspace=ws.id),
         )
         busy_answers = 1
+    if options.never_queue and not direct_ok:
+        raise QueueFull(
+            f"workspace {ws.id!r}: its agent does not send push notifications, so a send"
+            " with a push config goes through a2ad's queue, and A2AD-Queue: never was given"
+        )
     if options.never_queue:
         wait = max(1.0, ws.paused_until - daemon.clock.monotonic())
         raise QueueFull(

@@ -53,7 +53,7 @@ async def handle(
         raw = rpc.params.get("pushNotificationConfig", rpc.params)
         config = await checked(daemon, raw, protocol, item.id)
         await _change(daemon, item, config["id"], config)
-        daemon.pusher.expect(item.id, now=item.is_final)
+        daemon.pusher.expect(item.id, now=True)  # a final item's update is due at once
         return json_response(a2a.rpc_result(rpc.id, shown(config, item.id, protocol)))
     key = "id" if protocol == "1.0" and "/" not in rpc.method else "pushNotificationConfigId"
     config_id = rpc.params.get(key)
