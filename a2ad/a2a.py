@@ -560,13 +560,23 @@ class TaskAssembler:
         self.task["artifacts"] = artifacts
 
 
+PUSH_CONFIG_KEYS = ("taskPushNotificationConfig", "pushNotificationConfig")
+
+
 def without_push(body: bytes) -> bytes:
-    """A queued send as the agent gets it: without the caller's push config, which
-    is a2ad's to serve (the agent would push under its own task id, which the
-    caller does not know, or refuse the send when it has no push)."""
+    """A queued send as the agent gets it and operators see it: without the caller's
+    push config (its token and credentials), which is a2ad's to serve (the agent
+    would push under its own task id, which the caller does not know, or refuse
+    the send when it has no push). Unchanged when it carries none."""
+    if b"NotificationConfig" not in body:  # neither key: nothing to parse
+        return body
     parsed = json.loads(body)
-    configuration = parsed.get("params", {}).get("configuration")
-    if isinstance(configuration, dict):
-        for key in ("taskPushNotificationConfig", "pushNotificationConfig"):
-            configuration.pop(key, None)
+    params = parsed.get("params") if isinstance(parsed, dict) else None
+    configuration = params.get("configuration") if isinstance(params, dict) else None
+    if not isinstance(configuration, dict) or not any(
+        key in configuration for key in PUSH_CONFIG_KEYS
+    ):
+        return body
+    for key in PUSH_CONFIG_KEYS:
+        configuration.pop(key, None)
     return json.dumps(parsed).encode()

@@ -174,15 +174,23 @@ def _address(text: str) -> Address:
 # the host (a receiver on the same box or network).
 
 
+SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
+
+
 def _webhook_refusal(address: Address) -> str | None:
     why = _refusal(address)
     if why is not None:
         return why
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        # IPv4 inside IPv6 (mapped, 6to4, Teredo) is judged as that IPv4 address.
+        inner = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+        for v4 in filter(None, inner):
+            why = _webhook_refusal(v4)
+            if why is not None:
+                return why
     if address.is_loopback:
         return "a loopback address"
-    if address.is_private:
+    if address.is_private or address in SHARED_ADDRESS_SPACE:
         return "a private address"
     return None
 
@@ -216,10 +224,12 @@ async def webhook_refusal(url: str, allowed_hosts: Iterable[str]) -> str | None:
     """Why a push config may not use `url`, or None: `webhook_refused_now`, and a
     name refused when any address it resolves to is (at registration)."""
     why = webhook_refused_now(url, allowed_hosts)
-    parts = urlsplit(url)
-    host = _normal(parts.hostname or "")
-    if why or _literal(host) is not None or host in {_normal(h) for h in allowed_hosts}:
+    if why:
         return why
+    parts = urlsplit(url)  # it parsed above
+    host = _normal(parts.hostname or "")
+    if _literal(host) is not None or host in {_normal(h) for h in allowed_hosts}:
+        return None
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         addresses = await _resolve(host, port)

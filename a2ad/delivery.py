@@ -341,8 +341,7 @@ class Dispatcher:
                 if item.request_id:
                     headers["X-Request-Id"] = item.request_id
                 body = await self.agent_ids.body_for_agent(item.body, item.caller, item.workspace)
-                if item.push:
-                    body = a2a.without_push(body)  # a2ad pushes for the queue id
+                body = a2a.without_push(body)  # a2ad pushes for the queue id
                 started = self.clock.now()
                 if item.method in a2a.STREAM_METHODS:
                     answer = await self._send_stream(ws, item, body, headers)

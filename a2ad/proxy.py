@@ -187,9 +187,10 @@ async def _send_message(
         ttl = queue.info_ttl_seconds
     ttl = min(ttl, queue.max_age_seconds) if ttl is not None else queue.max_age_seconds
     item_id = new_queue_id()
-    configs = None
+    config = configs = None
     if push is not None:
-        configs = json.dumps([await push_methods.checked(daemon, push, protocol, item_id)])
+        config = await push_methods.checked(daemon, push, protocol, item_id)
+        configs = json.dumps([config])
     new = NewItem(
         id=item_id,
         push=configs,
@@ -208,8 +209,11 @@ async def _send_message(
     )
     queued = await daemon.dispatcher.enqueue(ws, new)
     item = queued.item
-    if queued.created and configs is not None:
-        daemon.pusher.expect(item.id, now=True)
+    if config is not None:
+        if queued.created:
+            daemon.pusher.expect(item.id, now=True)
+        else:
+            await push_methods.attach(daemon, item, config, item_id)
     if queued.created and log.isEnabledFor(logging.DEBUG):
         # DEBUG, as every per-message success line: thousands a second would
         # swamp the log (journald drops lines past its rate limit).

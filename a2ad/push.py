@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -65,14 +66,17 @@ def backoff(attempts: int) -> float:
     return ceiling * random.uniform(0.5, 1.0)
 
 
-def payload(item: Item, row: Push, config: dict[str, Any]) -> bytes:
-    """The body of one push: the task as this update left it, under the queue id."""
+def payload(item: Item, row: Push, config: dict[str, Any], latest: str | None = None) -> bytes:
+    """The body of one push: the task as this update left it, under the queue id.
+    `latest`: the agent's Task as a2ad last saw it while following it, which a
+    late config's first update ('current') carries."""
     protocol: a2a.Protocol = "0.3" if config.get("protocol") == "0.3" else "1.0"
-    if row.state == "update" and row.payload is not None:
-        task = as_queue_task(item, json.loads(row.payload), protocol)
+    told = latest if row.state == "current" else row.payload if row.state == "update" else None
+    if told is not None:
+        task = as_queue_task(item, json.loads(told), protocol)
     else:
         # The item may have moved on (a failed item retried): the state told of.
-        if item.state != row.state:
+        if row.state not in ("current", item.state):
             item = replace(item, state=row.state, updated_at=row.created_at)  # type: ignore[arg-type]
         task = item_task(item, protocol)
     return json.dumps({"task": task} if protocol == "1.0" else task).encode()
@@ -110,6 +114,7 @@ class Pusher:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._handling: set[int] = set()  # outbox rows this sender is working on
         self._wake = asyncio.Event()
         self._expected: set[str] = set()  # items with configs, to wake for when final
         self._counted_at = float("-inf")
@@ -177,17 +182,21 @@ class Pusher:
             except Exception:
                 log.exception("push: reading the outbox failed; continuing")
             for row in rows:
+                if row.seq in self._handling:
+                    continue  # its lease lapsed under a slow agent: this one still has it
+                self._handling.add(row.seq)
                 task = asyncio.create_task(self._handle(row), name=f"a2ad-push-{row.seq}")
                 self._sending.add(task)
-                task.add_done_callback(self._sent)
+                task.add_done_callback(functools.partial(self._sent, row.seq))
             if rows and len(rows) == free:
                 continue  # more may be due
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(POLL_SECONDS):
                     await self._wake.wait()
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _sent(self, seq: int, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
+        self._handling.discard(seq)
         self._wake.set()  # the task's next update may be due now
 
     async def _handle(self, row: Push) -> None:
@@ -209,9 +218,14 @@ class Pusher:
         if item is None or config is None:
             await self.store.push_sent(row.seq, now=self.clock.now())  # nothing to tell
             return
-        if row.state == "delivered":
-            await self._start_following(item)
-        body = payload(item, row, config)
+        latest = None
+        if row.state in ("delivered", "current") and item.state == "delivered":
+            followed = await self.store.followed(item.id)
+            if followed is None:
+                await self._start_following(item)  # the first config to hear of it
+            elif row.state == "current":
+                latest = followed.payload
+        body = payload(item, row, config, latest)
         error = webhook_refused_now(config["url"], self.settings.allowed_hosts)
         if error is None and len(body) > self.max_bytes:
             error = f"the update is {len(body)} bytes, over server.max_result_bytes"
@@ -248,6 +262,8 @@ class Pusher:
             return f"no answer within {self.settings.timeout_seconds:g} s"
         except (aiohttp.ClientError, OSError) as exc:
             return f"cannot reach the receiver: {exc or type(exc).__name__}"
+        except ValueError as exc:  # a header value aiohttp refuses: it never will take it
+            return f"cannot send it: {exc}"
 
     async def _failed(self, row: Push, item: Item, error: str, *, attempts_left: bool) -> None:
         self.metrics.pushes["failed"].inc()

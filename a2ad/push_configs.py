@@ -6,6 +6,7 @@ each update of the item into outbox rows for them, and push.py sends those."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from . import a2a
@@ -43,11 +44,19 @@ def configs_of(item: Item) -> list[dict[str, Any]]:
     return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
 
 
+# Control characters: a header value cannot carry them (CR/LF would split it, and
+# aiohttp refuses them), and PostgreSQL's jsonb refuses NUL.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_SCHEMES = 8
+
+
 def _text(value: Any, name: str, limit: int) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > limit:
         raise InvalidParams(f"{name} must be a string of at most {limit} characters")
+    if _CONTROL.search(value):
+        raise InvalidParams(f"{name} must not hold control characters (CR, LF, NUL …)")
     return value
 
 
@@ -69,17 +78,28 @@ def read_config(raw: Any, protocol: a2a.Protocol, task_id: str) -> dict[str, Any
         config["token"] = token
     auth = raw.get("authentication")
     if auth is not None:
-        if not isinstance(auth, dict):
-            raise InvalidParams("authentication must be an object")
-        _text(auth.get("credentials"), "authentication.credentials", MAX_SECRET)
-        schemes = auth.get("schemes")
-        if schemes is not None and not (
-            isinstance(schemes, list) and all(isinstance(s, str) for s in schemes)
-        ):
-            raise InvalidParams("authentication.schemes must be a list of strings")
-        _text(auth.get("scheme"), "authentication.scheme", 256)
-        config["authentication"] = auth
+        config["authentication"] = _authentication(auth)
     return config
+
+
+def _authentication(auth: Any) -> dict[str, Any]:
+    """1.0's {scheme, credentials} or v0.3's {schemes, credentials}: those keys only,
+    each a header-safe string of bounded size."""
+    if not isinstance(auth, dict):
+        raise InvalidParams("authentication must be an object")
+    kept: dict[str, Any] = {}
+    for key in ("scheme", "credentials"):
+        value = _text(
+            auth.get(key), f"authentication.{key}", 256 if key == "scheme" else MAX_SECRET
+        )
+        if value is not None:
+            kept[key] = value
+    schemes = auth.get("schemes")
+    if schemes is not None:
+        if not isinstance(schemes, list) or len(schemes) > MAX_SCHEMES:
+            raise InvalidParams(f"authentication.schemes must be a list of at most {MAX_SCHEMES}")
+        kept["schemes"] = [_text(s, "authentication.schemes[]", 256) or "" for s in schemes]
+    return kept
 
 
 def authorization(config: dict[str, Any]) -> str | None:

@@ -5,8 +5,10 @@ registered (agent_urls.webhook_refusal) and kept until the item is deleted."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import random
 from typing import Any
 
 from aiohttp import web
@@ -71,6 +73,16 @@ async def handle(
     return json_response(a2a.rpc_result(rpc.id, shown(found, item.id, protocol)))
 
 
+async def attach(daemon: Daemon, item: Item, config: dict[str, Any], new_id: str) -> None:
+    """A send answered by an item that exists (its messageId again) attaches the
+    config it carried to that item: every config a caller was answered for is
+    pushed to. A config without an id of its own takes that item's id."""
+    if config["id"] == new_id:
+        config = {**config, "id": item.id}
+    await _change(daemon, item, config["id"], config)
+    daemon.pusher.expect(item.id, now=True)
+
+
 async def _change(
     daemon: Daemon, item: Item, config_id: str, config: dict[str, Any] | None
 ) -> None:
@@ -90,6 +102,7 @@ async def _change(
         if latest is None:
             return
         item = latest
+        await asyncio.sleep(random.uniform(0, 0.01))  # many at once: spread them out
     raise StoreUnavailable("the task's push configs kept changing; try again", retry_after=1)
 
 
@@ -110,6 +123,7 @@ async def agent_pushed(request: web.Request) -> web.Response:
         item is None
         or item.workspace != ws.id
         or followed is None
+        or followed.status != "pending"
         or not followed.token
         or not hmac.compare_digest(given.encode(), followed.token.encode())
     ):

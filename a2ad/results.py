@@ -52,7 +52,7 @@ def item_view(item: Item, *, with_body: bool = False, with_result: bool = True) 
         view["result"] = stored_result(item)
     if with_body:
         # The caller's push config (its token, credentials) is never shown.
-        view["body"] = json.loads(a2a.without_push(item.body) if item.push else item.body)
+        view["body"] = json.loads(a2a.without_push(item.body))
     return view
 
 

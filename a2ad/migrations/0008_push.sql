@@ -10,7 +10,7 @@ CREATE TABLE push_outbox (
     seq         INTEGER PRIMARY KEY,
     item_id     TEXT NOT NULL,
     config_id   TEXT NOT NULL,
-    state       TEXT NOT NULL,            -- the item state told of, or 'update'/'follow'
+    state       TEXT NOT NULL,            -- the item state told of; 'current', 'update', 'follow'
     payload     TEXT,                     -- the agent's Task, for 'update' and 'follow'
     status      TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead')),
     attempts    INTEGER NOT NULL DEFAULT 0,
@@ -42,12 +42,13 @@ BEGIN
     FROM json_each(NEW.push);
 END;
 
--- A config registered after the item ended gets its final update at once.
+-- A config registered after the item ended gets the task as it is now ('current':
+-- the agent's Task as a2ad last saw it, when it follows one) at once.
 CREATE TRIGGER push_late_config AFTER UPDATE OF push ON items
 WHEN NEW.push IS NOT NULL AND NEW.state IN ('delivered', 'failed', 'expired', 'cancelled')
 BEGIN
     INSERT INTO push_outbox (item_id, config_id, state, next_at, created_at)
-    SELECT NEW.id, json_extract(n.value, '$.id'), NEW.state, NEW.updated_at, NEW.updated_at
+    SELECT NEW.id, json_extract(n.value, '$.id'), 'current', NEW.updated_at, NEW.updated_at
     FROM json_each(NEW.push) AS n
     WHERE json_extract(n.value, '$.id') NOT IN
         (SELECT json_extract(o.value, '$.id') FROM json_each(COALESCE(OLD.push, '[]')) AS o);

@@ -11,7 +11,7 @@ CREATE TABLE push_outbox (
     seq         bigserial PRIMARY KEY,
     item_id     text NOT NULL,
     config_id   text NOT NULL,
-    state       text NOT NULL,            -- the item state told of, or 'update'/'follow'
+    state       text NOT NULL,            -- the item state told of; 'current', 'update', 'follow'
     payload     text,                     -- the agent's Task, for 'update' and 'follow'
     status      text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dead')),
     attempts    integer NOT NULL DEFAULT 0,
@@ -28,7 +28,8 @@ CREATE INDEX push_dead ON push_outbox (seq) WHERE status = 'dead';
 CREATE FUNCTION push_outbox_add() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO push_outbox (item_id, config_id, state, next_at, created_at)
-    SELECT NEW.id, c->>'id', NEW.state, NEW.updated_at, NEW.updated_at
+    SELECT NEW.id, c->>'id', CASE TG_ARGV[0] WHEN 'push' THEN 'current' ELSE NEW.state END,
+           NEW.updated_at, NEW.updated_at
     FROM jsonb_array_elements(NEW.push::jsonb) AS c
     WHERE TG_OP = 'INSERT' OR TG_ARGV[0] = 'state'
        OR NOT COALESCE(OLD.push::jsonb, '[]'::jsonb) @> jsonb_build_array(
@@ -44,7 +45,8 @@ CREATE TRIGGER push_final AFTER UPDATE OF state ON items FOR EACH ROW
 WHEN (NEW.push IS NOT NULL AND OLD.state <> NEW.state
       AND NEW.state IN ('delivered', 'failed', 'expired', 'cancelled'))
 EXECUTE FUNCTION push_outbox_add('state');
--- A config registered after the item ended gets its final update at once.
+-- A config registered after the item ended gets the task as it is now ('current':
+-- the agent's Task as a2ad last saw it, when it follows one) at once.
 CREATE TRIGGER push_late_config AFTER UPDATE OF push ON items FOR EACH ROW
 WHEN (NEW.push IS NOT NULL AND NEW.state IN ('delivered', 'failed', 'expired', 'cancelled'))
 EXECUTE FUNCTION push_outbox_add('push');

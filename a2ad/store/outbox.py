@@ -52,10 +52,7 @@ FOLLOW = (
     " SELECT ?, '', 'follow', ?, ?, ?, ? WHERE NOT EXISTS"
     " (SELECT 1 FROM push_outbox WHERE item_id = ? AND config_id = '')"
 )
-FOLLOWED = (
-    f"SELECT {PUSH_COLUMNS} FROM push_outbox"
-    " WHERE item_id = ? AND config_id = '' AND status = 'pending'"
-)
+FOLLOWED = f"SELECT {PUSH_COLUMNS} FROM push_outbox WHERE item_id = ? AND config_id = ''"
 DEAD = f"SELECT {PUSH_COLUMNS} FROM push_outbox WHERE status = 'dead'"
 RETRY = (
     "UPDATE push_outbox SET status = 'pending', attempts = 0, next_at = ?, last_error = NULL"
@@ -129,7 +126,8 @@ class Outbox:
         return bool(made)
 
     async def followed(self, item_id: str) -> Push | None:
-        """The item's task as a2ad follows it at the agent, while it does."""
+        """The item's task as a2ad follows it at the agent (status pending), or
+        followed it (sent: to its end; dead: given up); None if it never did."""
         found = await self._run_outbox(FOLLOWED, (item_id,), rows=True, durable=False)
         return Push(*found[0]) if found else None
 
