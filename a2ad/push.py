@@ -350,7 +350,7 @@ class Pusher:
                 last, looks = latest, 0
             state = a2a.canonical_state(str((seen.get("status") or {}).get("state", "")))
             if state in a2a.FINAL_TASK_STATES:
-                await self.store.push_sent(row.seq, now=now)
+                await self.store.follow_done(row.seq, task=latest, now=now)
                 return
         wait = min(FOLLOW_MAX_SECONDS, FOLLOW_FIRST_SECONDS * 2 ** max(0, looks))
         await self.store.follow_again(

@@ -139,7 +139,7 @@ async def agent_pushed(request: web.Request) -> web.Response:
     await daemon.store.add_push_update(item.id, latest, now=now)
     state = a2a.canonical_state(str((task.get("status") or {}).get("state", "")))
     if state in a2a.FINAL_TASK_STATES:
-        await daemon.store.push_sent(followed.seq, now=now)  # nothing more to follow
+        await daemon.store.follow_done(followed.seq, task=latest, now=now)  # no more to follow
     else:
         await daemon.store.follow_again(
             followed.seq, next_at=now + FOLLOW_MAX_SECONDS, task=latest, attempts=0

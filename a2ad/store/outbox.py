@@ -47,6 +47,11 @@ FOLLOW_AGAIN = (
     "UPDATE push_outbox SET next_at = ?, payload = ?, last_error = ?, attempts = ?"
     " WHERE seq = ? AND status = 'pending'"
 )
+# Following ends: the agent's task is terminal, `payload` its last Task.
+FOLLOW_DONE = (
+    "UPDATE push_outbox SET status = 'sent', sent_at = ?, payload = ?, last_error = NULL"
+    " WHERE seq = ? AND status = 'pending'"
+)
 FOLLOW = (
     "INSERT INTO push_outbox (item_id, config_id, state, payload, next_at, created_at, token)"
     " SELECT ?, '', 'follow', ?, ?, ?, ? WHERE NOT EXISTS"
@@ -138,6 +143,9 @@ class Outbox:
         await self._run_outbox(
             FOLLOW_AGAIN, (next_at, task, error, attempts, seq), rows=False, durable=False
         )
+
+    async def follow_done(self, seq: int, *, task: str, now: float) -> None:
+        await self._run_outbox(FOLLOW_DONE, (now, task, seq), rows=False, durable=False)
 
     async def dead_pushes(self, *, item_id: str | None = None, limit: int = 100) -> list[Push]:
         statement = DEAD
