@@ -565,3 +565,92 @@ async def test_a_send_with_a_push_config_to_an_agent_that_pushes_goes_to_it_unch
         assert a2ad.daemon.registry.get("w").queued_total == 0
     finally:
         await server.close()
+
+
+# -- what an attack on the invariants found ------------------------------------------
+
+
+async def test_tokens_and_credentials_with_control_characters_are_refused(
+    a2ad_factory: A2adFactory, agent_factory: AgentFactory, receiver: Receiver
+) -> None:
+    """A NUL cannot go into PostgreSQL's jsonb (it stopped every expiry there) and a
+    CR/LF cannot go into a header (the push was never sent nor dead-lettered)."""
+    agent = await agent_factory()
+    a2ad = await setup(a2ad_factory, agent)
+    await busy(a2ad)
+    for config in (
+        {"url": receiver.url, "token": "x\u0000"},
+        {"url": receiver.url, "token": "a\r\nX-Injected: 1"},
+        {"url": receiver.url, "authentication": {"scheme": "Bearer\n", "credentials": "c"}},
+        {"url": "http://[::1/hook"},
+        {"url": "http://100.64.0.1/hook"},
+        {"url": "http://[2002:7f00:1::]/hook"},
+    ):
+        status, data = await send_with_push(a2ad, config)
+        assert status == 200 and data["error"]["code"] == -32602, (config, data)
+    assert a2ad.daemon.registry.get("w").queued_total == 0
+
+
+async def test_a_deleted_configs_token_is_shown_nowhere_nor_sent_to_the_agent(
+    a2ad_factory: A2adFactory, agent_factory: AgentFactory, receiver: Receiver
+) -> None:
+    agent = await agent_factory()
+    a2ad = await setup(a2ad_factory, agent)
+    await busy(a2ad)
+    auth = {"scheme": "Bearer", "credentials": "cred-secret"}
+    _, data = await send_with_push(
+        a2ad, {"url": receiver.url, "token": "tok-secret", "authentication": auth}
+    )
+    qid = jsonrpc_task(data)["id"]
+    deleted = await a2ad.rpc(
+        "w", "DeleteTaskPushNotificationConfig", {"taskId": qid, "id": qid}, V1
+    )
+    assert deleted["result"] is None
+    await free(a2ad)
+    await a2ad.final(qid)
+    for path in (f"/queue/{qid}", "/workspaces/w/queue?bodies=1", "/queue/pushes"):
+        text = await (await a2ad.client.get(path)).text()
+        assert "secret" not in text, path
+    assert "taskPushNotificationConfig" not in agent.served[0].body["params"]["configuration"]
+
+
+async def test_a_config_registered_after_a_followed_task_ended_gets_its_final_state(
+    a2ad_factory: A2adFactory, agent_factory: AgentFactory, receiver: Receiver
+) -> None:
+    agent = await agent_factory()
+    done = {**WORKING_1, "status": {"state": "TASK_STATE_COMPLETED"}}
+    agent.script = [
+        (200, {"jsonrpc": "2.0", "id": 1, "result": {"task": WORKING_1}}, {}),
+        (200, {"jsonrpc": "2.0", "id": 2, "result": done}, {}),
+    ]
+    a2ad = await setup(a2ad_factory, agent)
+    await busy(a2ad)
+    _, data = await send_with_push(a2ad, {"url": receiver.url, "id": "A"})
+    qid = jsonrpc_task(data)["id"]
+    await free(a2ad)
+    await receiver.wait(3)
+    create = "CreateTaskPushNotificationConfig"
+    params = {"taskId": qid, "id": "B", "url": receiver.url, "token": "b"}
+    assert "result" in await a2ad.rpc("w", create, params, V1)
+    await receiver.wait(4)
+    body, headers = receiver.got[3]
+    assert headers["X-A2A-Notification-Token"] == "b"
+    assert body["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
+
+
+async def test_a_send_answered_by_its_live_item_attaches_its_push_config(
+    a2ad_factory: A2adFactory, agent_factory: AgentFactory, receiver: Receiver
+) -> None:
+    agent = await agent_factory()
+    a2ad = await setup(a2ad_factory, agent)
+    await busy(a2ad)
+    _, first = await send_with_push(a2ad, {"url": receiver.url, "token": "first"})
+    _, again = await send_with_push(a2ad, {"url": receiver.url, "token": "second", "id": "2"})
+    qid = jsonrpc_task(first)["id"]
+    assert jsonrpc_task(again)["id"] == qid  # the same messageId: the same item
+    await free(a2ad)
+    await a2ad.final(qid)
+    await receiver.wait(3)  # SUBMITTED to the first; the final state to both
+    finals = {h["X-A2A-Notification-Token"] for _, h in receiver.got[1:]}
+    assert receiver.states(qid)[1:] == ["TASK_STATE_COMPLETED"] * 2
+    assert finals == {"first", "second"}
