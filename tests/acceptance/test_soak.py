@@ -1,7 +1,9 @@
 """Soak: kill -9 a2ad at random moments under concurrent load, restart it on the same
 store, again and again; then reconcile. Every send a2ad acknowledged (a 202 with a
 queue id, or the agent's own answer relayed with a 200) is delivered in the end:
-at least once (duplicates are allowed), never lost.
+at least once (duplicates are allowed), never lost. Every other send carries a push
+config: each of those acknowledged with a 202 also ends with its final update at
+the test's webhook, whatever the kills fell between.
 
 It runs on each store: the SQLite file, and a PostgreSQL server of its own, which
 is also stopped at once (as a crash would) and started again under load in some
@@ -14,6 +16,7 @@ A2AD_SOAK_SEED replays a run's kill schedule (the seed is printed)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -21,7 +24,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import fault_agent
 import pytest
+from aiohttp import web
 from pgserver import PgServer
 from queue_drain import PostgresRows, SqliteRows, StoreRows, wait_drained
 
@@ -54,6 +58,7 @@ DRAIN_STALL = 15.0
 DRAIN_CAP = 300.0
 SERVER_RESTART_SHARE = 0.5  # PostgreSQL trials that also crash and restart the server
 SERVER_DOWN = 0.5  # seconds the server stays down
+PUSH_DEADLINE = 30.0  # after the drain, for the last final updates (leases of 7 s lapse)
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Send:
     message_id: str
     rpc_id: str
     trial: int
+    webhook: str = ""  # a push config's URL, for every other send
     status: int = 0
     body: Any = None
     error: str = ""
@@ -102,11 +108,14 @@ async def post(session: aiohttp.ClientSession, base: str, send: Send) -> None:
         "messageId": send.message_id,
         "parts": [{"kind": "text", "text": "soak"}],
     }
+    configuration: dict[str, Any] = {"blocking": False}
+    if send.webhook:
+        configuration["pushNotificationConfig"] = {"url": send.webhook, "token": "soak"}
     payload = {
         "jsonrpc": "2.0",
         "id": send.rpc_id,
         "method": "message/send",
-        "params": {"message": message, "configuration": {"blocking": False}},
+        "params": {"message": message, "configuration": configuration},
     }
     try:
         async with session.post(f"{base}/workspaces/{WORKSPACE}/a2a", json=payload) as resp:
@@ -116,6 +125,47 @@ async def post(session: aiohttp.ClientSession, base: str, send: Send) -> None:
         send.error = f"{type(exc).__name__}: {exc}"
     else:
         send.status, send.body = status, body
+
+
+class Webhook:
+    """The callers' webhook: the queue ids whose final (completed) update arrived."""
+
+    def __init__(self) -> None:
+        self.completed: set[str] = set()
+        self.url = ""
+        self.changed = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        task = await request.json()  # registered in v0.3: the v0.3 Task itself
+        if task["status"]["state"] == "completed":
+            self.completed.add(task["id"])
+            self.changed.set()
+        return web.Response(status=200)
+
+    async def missing(self, queue_ids: set[str], *, within: float) -> set[str]:
+        """Those of `queue_ids` whose final update has not arrived within `within` s."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while queue_ids - self.completed:
+                    self.changed.clear()
+                    await self.changed.wait()
+        return queue_ids - self.completed
+
+
+@contextlib.asynccontextmanager
+async def webhook() -> AsyncIterator[Webhook]:
+    hook = Webhook()
+    app = web.Application()
+    app.router.add_post("/hook", hook.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hook.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    try:
+        yield hook
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -138,10 +188,22 @@ async def test_sigkill_at_random_moments_loses_nothing(
     soak_store: tuple[dict[str, Any] | None, StoreRows, PgServer | None],
 ) -> None:
     store_section, rows, pg = soak_store
+    print(f"\nA2AD_SOAK_SEED={SEED} ({'postgres' if pg else 'sqlite'}), {TRIALS} trials")
+    async with webhook() as hook:
+        await soak(launcher, tmp_path, store_section, rows, pg, hook)
+
+
+async def soak(
+    launcher: Launcher,
+    tmp_path: Path,
+    store_section: dict[str, Any] | None,
+    rows: StoreRows,
+    pg: PgServer | None,
+    hook: Webhook,
+) -> None:
     schedule = random.Random(SEED)  # which trials kill early, and when: replayable
     gaps = random.Random(SEED + 1)  # drawn by concurrent senders, so in no fixed order
     context = f"A2AD_SOAK_SEED={SEED} ({'postgres' if pg else 'sqlite'})"
-    print(f"\n{context}, {TRIALS} trials")
     agent_log = tmp_path / "agent.log"
     agent = await asyncio.to_thread(start_agent, launcher, agent_log)
     config: A2adConfig = launcher.config(
@@ -157,6 +219,9 @@ async def test_sigkill_at_random_moments_loses_nothing(
         ],
         # A kill mid-delivery costs the item an attempt; it must never run out.
         queue={"max_attempts": 1000, "lease_seconds": 10.0},
+        # A push taken by a killed a2ad is sent again once its lease lapses (on
+        # PostgreSQL; SQLite's only process takes it back at start-up).
+        push={"allowed_hosts": ["127.0.0.1"], "timeout_seconds": 2.0, "max_attempts": 1000},
     )
     if pg is not None:
         migrated = await asyncio.to_thread(launcher.run, "migrate", "--config", str(config.path))
@@ -171,6 +236,7 @@ async def test_sigkill_at_random_moments_loses_nothing(
                 return
             n = len(sends)
             send = Send(f"soak-{trial}-{n}-{uuid.uuid4().hex}", f"rpc-{n}", trial)
+            send.webhook = hook.url if n % 2 else ""
             sends.append(send)
             await post(session, base, send)
             await asyncio.sleep(gaps.uniform(0, SEND_GAP))
@@ -241,6 +307,11 @@ async def test_sigkill_at_random_moments_loses_nothing(
     report = [(s.trial, s.queue_id, items.get(s.queue_id or "")) for s in lost[:5]]
     assert not lost, f"{context}: {len(lost)} acknowledged sends lost: {report}"
     assert any(s.queue_id for s in sends), f"{context}: nothing was ever queued"
+    # Every acknowledged send with a push config: its final update at the webhook.
+    pushed = {s.queue_id for s in sends if s.webhook and s.queue_id}
+    unpushed = sorted(await hook.missing(pushed, within=PUSH_DEADLINE))
+    assert not unpushed, f"{context}: {len(unpushed)} of {len(pushed)} never pushed: {unpushed[:5]}"
+    print(f"pushes: {len(pushed)} tasks' final updates arrived")
     assert rows.healthy()
     # No a2ad process, killed or not, met an exception it did not expect.
     assert not tracebacks(tmp_path), f"{context}: {tracebacks(tmp_path)}"
