@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ log = logging.getLogger("a2ad.cards")
 CARD_PATH = "/.well-known/agent-card.json"
 LEGACY_CARD_PATH = "/.well-known/agent.json"
 FRESH_SECONDS = 30.0  # a cached card younger than this is served without asking the agent
+MISSING_SECONDS = 5.0  # an agent that served no card is not asked again sooner
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=5)
 MAX_CARD_BYTES = 1_048_576
 
@@ -89,12 +91,14 @@ class Cards:
         self.base_url = base_url.rstrip("/")
         self.clock = clock
         self._cache: dict[str, Card] = {}
+        self._missing: dict[str, float] = {}  # workspace → when its agent served no card
 
     def public_url(self, workspace_id: str) -> str:
         return f"{self.base_url}/workspaces/{workspace_id}/a2a"
 
     def forget(self, workspace_id: str) -> None:
         self._cache.pop(workspace_id, None)
+        self._missing.pop(workspace_id, None)
 
     async def get(self, upstream: Upstream, ws: Workspace, headers: dict[str, str]) -> Card | None:
         """The card: fresh from the agent when it answers, else the cached one."""
@@ -102,9 +106,14 @@ class Cards:
         now = self.clock.now()
         if cached is not None and now - cached.fetched_at < FRESH_SECONDS:
             return cached
+        if cached is None and now - self._missing.get(ws.id, -math.inf) < MISSING_SECONDS:
+            return None  # each send with a push config asks: not four requests each time
         card = await self._fetch(upstream, ws, headers)
         if card is None:
+            if cached is None:
+                self._missing[ws.id] = now
             return cached
+        self._missing.pop(ws.id, None)
         if cached is not None and cached.etag == card.etag:
             card = Card(cached.body, cached.etag, now, card.agent_pushes)
         self._cache[ws.id] = card
