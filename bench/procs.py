@@ -205,9 +205,10 @@ class Procs:
         self.started: list[Proc] = []
         self.profiles: list[Path] = []
 
-    def server(self, kind: str, *args: str) -> Proc:
-        """One of bench/servers.py's servers, ready to take requests."""
-        port = free_port()
+    def server(self, kind: str, *args: str, port: int | None = None) -> Proc:
+        """One of bench/servers.py's servers, ready to take requests (on `port`: one
+        picked before, e.g. a webhook a2ad was told of before it listens)."""
+        port = port or free_port()
         name = f"{kind}-{port}"
         proc = Proc(
             name,
@@ -229,10 +230,11 @@ class Procs:
         *,
         synchronous: str = "full",
         store: Path | dict[str, str] | None = None,
+        push: dict[str, Any] | None = None,
         ready_timeout: float = 120.0,
     ) -> Proc:
         """`a2ad serve` on a generated config, with its store in the run's work folder
-        (or `store` = {"url": …, "schema": …}: on PostgreSQL)."""
+        (or `store` = {"url": …, "schema": …}: on PostgreSQL); `push`: its [push] table."""
         port = free_port()
         folder = self.workdir / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -242,19 +244,49 @@ class Procs:
             store=store or folder / "a2ad.db",
             synchronous=synchronous,
             workspaces=workspaces,
+            push=push,
         )
+        proc = Proc(
+            name,
+            self._serve_cmd(config, folder),
+            self.workdir / "logs" / f"a2ad-{name}.log",
+            f"http://{HOST}:{port}",
+        )
+        proc.extra["config"] = config
+        proc.extra["folder"] = folder
+        return self._start_a2ad(proc, folder, ready_timeout)
+
+    def restart(self, proc: Proc, label: str = "again", ready_timeout: float = 120.0) -> Proc:
+        """Stop an a2ad of `a2ad()` and start it again on the same config (its port and
+        store too), as an operator's restart; its profile, if any, in a folder of its own."""
+        proc.stop()
+        folder = proc.extra["folder"] / label
+        folder.mkdir(parents=True, exist_ok=True)
+        config = proc.extra["config"]
+        again = Proc(
+            f"{proc.name}-{label}",
+            self._serve_cmd(config, folder),
+            self.workdir / "logs" / f"a2ad-{proc.name}-{label}.log",
+            proc.url,
+        )
+        again.extra["config"] = config
+        again.extra["folder"] = folder
+        return self._start_a2ad(again, folder, ready_timeout)
+
+    def _serve_cmd(self, config: Path, folder: Path) -> list[str]:
         serve = ["-m", "a2ad", "serve", "--config", str(config)]
         if self.profile == "cprofile":
             out = folder / "a2ad.prof"
             self.profiles.append(out)
-            cmd = [PYTHON, "-m", "cProfile", "-o", str(out), *serve]
-        else:
-            cmd = [PYTHON, *serve]
-        proc = Proc(name, cmd, self.workdir / "logs" / f"a2ad-{name}.log", f"http://{HOST}:{port}")
-        proc.extra["config"] = config
+            return [PYTHON, "-m", "cProfile", "-o", str(out), *serve]
+        return [PYTHON, *serve]
+
+    def _start_a2ad(self, proc: Proc, folder: Path, ready_timeout: float) -> Proc:
+        """Start it and wait until /readyz answers 200; `ready_at`: time.monotonic() then."""
         started = time.perf_counter()
         self.started.append(proc.start(self.a2ad_env))
         proc.wait_ready("/readyz", timeout=ready_timeout, want=200)
+        proc.extra["ready_at"] = time.monotonic()
         proc.extra["startup_s"] = round(time.perf_counter() - started, 3)
         if self.profile in ("py-spy", "py-spy-gil"):
             self._py_spy(proc, folder)
@@ -303,8 +335,10 @@ def write_config(
     store: Path | dict[str, str],
     synchronous: str,
     workspaces: list[dict[str, Any]],
+    push: dict[str, Any] | None = None,
 ) -> Path:
-    """An a2ad.toml for one benchmark a2ad: queue caps raised so nothing is refused."""
+    """An a2ad.toml for one benchmark a2ad: queue caps raised so nothing is refused;
+    `push`: a [push] table (e.g. allowed_hosts, so a webhook on 127.0.0.1 is taken)."""
     if isinstance(store, dict):
         where = [f"{key} = {json.dumps(value)}" for key, value in store.items()]
     else:
@@ -324,6 +358,9 @@ def write_config(
         "max_depth = 100000000",
         "",
     ]
+    if push:
+        # JSON's lists, strings and numbers are TOML's too.
+        lines += ["[push]", *(f"{key} = {json.dumps(value)}" for key, value in push.items()), ""]
     for ws in workspaces:
         lines.append("[[workspaces]]")
         for key, value in ws.items():

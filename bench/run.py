@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             "stream": bench.streaming,
             "postgres": bench.postgres,
             "replicas": bench.replicas,
+            "push": bench.push,
         }
         for key in SCENARIOS:
             if key not in chosen:

@@ -1,4 +1,5 @@
-"""The scenarios of issue 8, and the replicas scenario (bench/replicas.py). Each
+"""The scenarios of issue 8, the replicas scenario (bench/replicas.py) and the push
+scenario (bench/pushes.py). Each
 starts the a2ad processes it needs, drives them with a generator in its own
 process, and adds rows to the report."""
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fill, report, wrkdrive
+from . import pushes as push_scenario
 from . import replicas as replicas_scenario
 from .procs import PYTHON, REPO, Proc, Procs, cpu_seconds, http_json, workspace
 
@@ -84,7 +86,17 @@ QUICK = Plan(
     raw_sqlite_seconds=1.0,
 )
 
-SCENARIOS = ("proxy", "enqueue", "drain", "backlog", "scale", "stream", "postgres", "replicas")
+SCENARIOS = (
+    "proxy",
+    "enqueue",
+    "drain",
+    "backlog",
+    "scale",
+    "stream",
+    "postgres",
+    "replicas",
+    "push",
+)
 PG_BACKLOG_ITEMS = 30_000  # the PostgreSQL backlog: enough for a steady rate
 
 
@@ -682,6 +694,13 @@ class Bench:
         another waits for (bench/replicas.py)."""
         with PgServer(fsync=True) as pg:
             replicas_scenario.run(self, pg)
+
+    # -- 9. push notifications -----------------------------------------------------------
+
+    def push(self) -> None:
+        """Pushes per second draining a backlog after a restart, against the durable
+        enqueue of the same sends; a delivery's answer to its push (bench/pushes.py)."""
+        push_scenario.run(self)
 
     # -- 5. scale ------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
     python -m bench.servers accept   --port P                trivial aiohttp 202, stores nothing
     python -m bench.servers proxy    --port P --upstream URL bare aiohttp pass-through proxy
     python -m bench.servers sink     --port P                minimal non-aiohttp HTTP target
+    python -m bench.servers webhook  --port P                push receiver, records arrivals
 
 `proxy` and `accept` are the references a2ad is judged against: the floor for
 any aiohttp proxy and the ceiling for any aiohttp enqueue endpoint. `sink`
@@ -231,6 +232,71 @@ def busy_app() -> web.Application:
     return app
 
 
+# -- the webhook (push notifications) -------------------------------------------------
+
+
+@dataclass
+class Hooks:
+    """Per push received: (time.monotonic(), task id, state, token header). The
+    monotonic clock is the machine's, so it compares with the recorder's."""
+
+    received: list[tuple[float, str, str, str | None]] = field(default_factory=list)
+    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+HOOKS = web.AppKey("bench_hooks", Hooks)
+
+
+async def webhook_push(request: web.Request) -> web.Response:
+    """Take any update at once (200): the receiver must not be what is measured."""
+    at = time.monotonic()
+    update = json.loads(await request.read())
+    task = update.get("task", update)  # 1.0: {"task": …}; v0.3: the Task itself
+    state = str((task.get("status") or {}).get("state", ""))
+    hooks = request.app[HOOKS]
+    token = request.headers.get("X-A2A-Notification-Token")
+    hooks.received.append((at, str(task.get("id", "")), state, token))
+    async with hooks.arrived:
+        hooks.arrived.notify_all()
+    return web.Response(status=200)
+
+
+async def webhook_records(request: web.Request) -> web.Response:
+    """The pushes from index `after` on; with `wait` (seconds), held until there is
+    one, so a caller waiting for a push need not poll the receiver it measures."""
+    hooks = request.app[HOOKS]
+    after = int(request.query.get("after", "0"))
+    wait = float(request.query.get("wait", "0"))
+    if wait > 0 and len(hooks.received) <= after:
+        async with hooks.arrived:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    hooks.arrived.wait_for(lambda: len(hooks.received) > after), wait
+                )
+    return web.json_response({"records": hooks.received[after:]})
+
+
+async def webhook_stats(request: web.Request) -> web.Response:
+    """How many pushes, and when the first and last arrived (monotonic)."""
+    received = request.app[HOOKS].received
+    return web.json_response(
+        {
+            "received": len(received),
+            "first": received[0][0] if received else None,
+            "last": received[-1][0] if received else None,
+        }
+    )
+
+
+def webhook_app() -> web.Application:
+    app = web.Application()
+    app[HOOKS] = Hooks()
+    app.router.add_post("/hook", webhook_push)
+    app.router.add_get("/records", webhook_records)
+    app.router.add_get("/stats", webhook_stats)
+    return app
+
+
 # -- the references ------------------------------------------------------------------
 
 
@@ -324,7 +390,10 @@ async def run_sink(host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.servers")
-    parser.add_argument("kind", choices=["agent", "recorder", "busy", "accept", "proxy", "sink"])
+    parser.add_argument(
+        "kind",
+        choices=["agent", "recorder", "busy", "accept", "proxy", "sink", "webhook"],
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", help="the agent's URL (proxy)")
@@ -344,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
         app = recorder_app()
     elif args.kind == "busy":
         app = busy_app()
+    elif args.kind == "webhook":
+        app = webhook_app()
     else:
         app = accept_app()
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, backlog=1024)
