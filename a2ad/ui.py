@@ -480,15 +480,24 @@ async def logout(request: web.Request) -> web.Response:
     return response
 
 
-async def retry(request: web.Request) -> web.Response:
-    """POST /ui/items/{qid}/retry: a failed item back to the queue, as POST
-    /queue/{qid}/retry does."""
+async def _operator_form(request: web.Request) -> tuple[Visitor, web.Response | None]:
+    """The visitor of a form that changes something, and the page to answer instead
+    when they may not: not signed in, or the form's CSRF token does not match."""
     visitor = _visitor(request)
     form = await _form(request)
     if not visitor.allowed:
-        return _login_page(visitor, "Sign in first.", status=401)
+        return visitor, _login_page(visitor, "Sign in first.", status=401)
     if not _csrf_ok(request, visitor, form.get(CSRF_FIELD)):
-        return _refused(visitor)
+        return visitor, _refused(visitor)
+    return visitor, None
+
+
+async def retry(request: web.Request) -> web.Response:
+    """POST /ui/items/{qid}/retry: a failed item back to the queue, as POST
+    /queue/{qid}/retry does."""
+    visitor, refused = await _operator_form(request)
+    if refused is not None:
+        return refused
     try:
         item = await admin.retry(request.app[DAEMON], request.match_info["qid"])
     except (NotFound, Conflict) as exc:
@@ -499,12 +508,9 @@ async def retry(request: web.Request) -> web.Response:
 async def retry_pushes(request: web.Request) -> web.Response:
     """POST /ui/pushes/retry: every dead push update back to the outbox, as POST
     /queue/pushes/retry does."""
-    visitor = _visitor(request)
-    form = await _form(request)
-    if not visitor.allowed:
-        return _login_page(visitor, "Sign in first.", status=401)
-    if not _csrf_ok(request, visitor, form.get(CSRF_FIELD)):
-        return _refused(visitor)
+    _, refused = await _operator_form(request)
+    if refused is not None:
+        return refused
     daemon = request.app[DAEMON]
     count = await daemon.store.retry_pushes(now=daemon.clock.now())
     daemon.pusher.wake()

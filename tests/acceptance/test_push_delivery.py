@@ -9,11 +9,10 @@ import http.server
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from a2ad_http import http_json, item
+from a2ad_http import http_json, item, send_body
 
 if TYPE_CHECKING:
     from conftest import A2adConfig, Launcher
@@ -77,23 +76,10 @@ class Receiver:
 
 
 def send(base: str, webhook: str, text: str) -> str:
-    body = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "message/send",
-        "params": {
-            "message": {
-                "kind": "message",
-                "role": "user",
-                "messageId": str(uuid.uuid4()),
-                "parts": [{"kind": "text", "text": text}],
-            },
-            "configuration": {
-                "blocking": False,
-                "pushNotificationConfig": {"url": webhook, "token": f"tok-{text}"},
-            },
-        },
-    }
+    """A non-blocking v0.3 send with a push config; its queue id."""
+    body = send_body(text)
+    config = {"url": webhook, "token": f"tok-{text}"}
+    body["params"]["configuration"]["pushNotificationConfig"] = config
     status, data = http_json("POST", f"{base}/workspaces/{WORKSPACE}/a2a", body)
     assert status == 202, data
     qid: str = data["result"]["id"]

@@ -19,6 +19,7 @@ from a2a.compat.v0_3 import types as v03
 from a2a.types.a2a_pb2 import StreamResponse, Task, TaskPushNotificationConfig
 from aiohttp import web
 from google.protobuf.json_format import ParseDict
+from local_server import served
 from test_interop import (
     COMPLETED,
     PROTOCOLS,
@@ -77,16 +78,9 @@ async def webhook(protocol: str) -> AsyncIterator[Webhook]:
     hook = Webhook(protocol)
     app = web.Application()
     app.router.add_post("/hook", hook.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    hook.url = f"http://127.0.0.1:{port}/hook"
-    try:
+    async with served(app) as port:
+        hook.url = f"http://127.0.0.1:{port}/hook"
         yield hook
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize("agent_pushes", [False, True], ids=["agent-polled", "agent-pushes"])

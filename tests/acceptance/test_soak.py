@@ -33,6 +33,7 @@ import aiohttp
 import fault_agent
 import pytest
 from aiohttp import web
+from local_server import served
 from pgserver import PgServer
 from queue_drain import PostgresRows, SqliteRows, StoreRows, wait_drained
 
@@ -157,15 +158,9 @@ async def webhook() -> AsyncIterator[Webhook]:
     hook = Webhook()
     app = web.Application()
     app.router.add_post("/hook", hook.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    hook.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    try:
+    async with served(app) as port:
+        hook.url = f"http://127.0.0.1:{port}/hook"
         yield hook
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

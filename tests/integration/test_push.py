@@ -18,6 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from fakes import A2ad, FakeAgent, jsonrpc_task
 from google.protobuf import json_format
+from test_queue_id_methods import heartbeat
+from test_status_page import csrf_of
 
 from a2ad import push
 
@@ -80,23 +82,13 @@ async def receiver() -> AsyncIterator[Receiver]:
     await server.close()
 
 
-async def busy(a2ad: A2ad, workspace: str = "w") -> None:
+async def busy(a2ad: A2ad) -> None:
     """Someone else's work fills the workspace's only slot: sends queue."""
-    resp = await a2ad.client.post(
-        f"/workspaces/{workspace}/heartbeat",
-        json={"active_tasks": 1},
-        headers={"Authorization": f"Bearer hb-{workspace}"},
-    )
-    assert resp.status == 200
+    await heartbeat(a2ad, "w", 1)
 
 
-async def free(a2ad: A2ad, workspace: str = "w") -> None:
-    resp = await a2ad.client.post(
-        f"/workspaces/{workspace}/heartbeat",
-        json={"active_tasks": 0},
-        headers={"Authorization": f"Bearer hb-{workspace}"},
-    )
-    assert resp.status == 200
+async def free(a2ad: A2ad) -> None:
+    await heartbeat(a2ad, "w", 0)
 
 
 async def setup(a2ad_factory: A2adFactory, agent: FakeAgent, **push_settings: Any) -> A2ad:
@@ -340,8 +332,18 @@ async def test_an_update_past_its_attempts_is_a_dead_letter_that_a_retry_deliver
     listing = await resp.json()
     assert [p["item_id"] for p in listing["pushes"]] == [qid]
     assert listing["pushes"][0]["last_error"] == "the receiver answered HTTP 500"
-    resp = await a2ad.client.post(f"/queue/pushes/{listing['pushes'][0]['seq']}/retry")
-    assert resp.status == 200, await resp.text()
+    for seq in ("999999", "x"):
+        unknown = await a2ad.client.post(f"/queue/pushes/{seq}/retry")
+        assert unknown.status == 404 and (await unknown.json())["error"]["code"] == "not_found"
+    page = await (await a2ad.client.get("/ui")).text()
+    assert "Dead push updates <span class=muted>(1)</span>" in page
+    assert receiver.url in page and "the receiver answered HTTP 500" in page
+    refused = await a2ad.client.post("/ui/pushes/retry", data={}, allow_redirects=False)
+    assert refused.status == 403  # the status page's form needs its CSRF token
+    resp = await a2ad.client.post(
+        "/ui/pushes/retry", data={"csrf": csrf_of(page)}, allow_redirects=False
+    )
+    assert resp.status == 303 and resp.headers["Location"] == "/ui?retried=1"
     await receiver.wait(2)
     assert receiver.states(qid) == ["TASK_STATE_COMPLETED", "TASK_STATE_SUBMITTED"]
     assert await store.dead_pushes() == []
