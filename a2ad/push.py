@@ -344,7 +344,7 @@ class Pusher:
         looks = row.attempts  # looks at the agent since its task last changed
         if seen is not None:
             latest = json.dumps(seen)
-            if json.loads(latest) != json.loads(last):
+            if _gist(seen) != _gist(json.loads(last)):
                 await self.store.add_push_update(item.id, latest, now=now)
                 self._wake.set()
                 last, looks = latest, 0
@@ -379,6 +379,12 @@ class Pusher:
         headers = {k: v for k, v in item.headers.items() if k != "Accept"}
         headers["Content-Type"] = "application/json"
         return await self.upstream.send(ws.config, json.dumps(request).encode(), headers)
+
+
+def _gist(task: dict[str, Any]) -> tuple[Any, Any]:
+    """What a caller is told of when it changes: the status and the artifacts (a
+    GetTask that only adds history, as many agents' do, is no news)."""
+    return task.get("status"), task.get("artifacts")
 
 
 def _config(item: Item, config_id: str) -> dict[str, Any] | None:
