@@ -414,6 +414,13 @@ def convert_task(agent_task: dict[str, Any], protocol: Protocol) -> dict[str, An
 INTERRUPTED_TASK_STATES = frozenset({"input-required", "auth-required"})
 
 
+def is_terminal(task: dict[str, Any]) -> bool:
+    """Is a Task (either protocol's shape) completed, canceled, failed or rejected?"""
+    status = task.get("status")
+    state = status.get("state", "") if isinstance(status, dict) else ""
+    return canonical_state(str(state)) in FINAL_TASK_STATES
+
+
 def is_final_state(state: str) -> bool:
     key = canonical_state(state)
     return key in FINAL_TASK_STATES or key in INTERRUPTED_TASK_STATES

@@ -13,7 +13,7 @@ from .agent_urls import check_agent_url
 from .daemon import DAEMON, Daemon
 from .errors import Conflict, InvalidBody, InvalidRequest, NotFound
 from .http_io import json_response, read_body
-from .results import item_view, push_view
+from .results import dead_push_views, item_view
 from .settings import WorkspaceSettings
 from .store import STATES, Item
 from .workspaces import Workspace
@@ -263,11 +263,10 @@ async def list_pushes(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     daemon.auth.admin(request)
     limit = _int_param(request, "limit", 100, MAX_PAGE) or 100
-    dead = await daemon.store.dead_pushes(item_id=request.query.get("item"), limit=limit)
-    items = {i: await daemon.store.get(i) for i in {p.item_id for p in dead}}
+    views = await dead_push_views(daemon.store, item_id=request.query.get("item"), limit=limit)
     return json_response(
         {
-            "pushes": [push_view(p, items[p.item_id]) for p in dead],
+            "pushes": views,
             "counts": await daemon.store.push_counts(),
         }
     )

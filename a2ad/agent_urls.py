@@ -88,20 +88,34 @@ def refused_literal(url: str) -> str | None:
     return _refused_without_lookup(_host_of(url))
 
 
-async def check_agent_url(url: str, *, allow_link_local: bool) -> None:
-    """Raise InvalidBody when a run-time workspace may not use `url`."""
+class _NotReachable(ValueError):
+    """A URL a2ad does not reach, whatever its host: the message says why."""
+
+
+def _target(url: str, kind: str, instead: str) -> tuple[str, int]:
+    """The host (normalised) and port of an http(s) URL without credentials in it;
+    _NotReachable otherwise. `kind` names the URL, `instead` what carries credentials."""
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:  # an unmatched "[", a port that is not a number
-        raise InvalidBody(f"url: not a valid URL: {exc}") from None
+        raise _NotReachable(f"not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
-        raise InvalidBody("url: only http and https agent URLs are allowed")
+        raise _NotReachable(f"only http and https {kind} URLs are allowed")
     if parts.username or parts.password:
-        raise InvalidBody("url: credentials in the URL are not allowed; use a token")
+        raise _NotReachable(f"credentials in the URL are not allowed; use {instead}")
     host = _normal(parts.hostname or "")
     if not host:
-        raise InvalidBody("url: the URL has no host")
+        raise _NotReachable("the URL has no host")
+    return host, port
+
+
+async def check_agent_url(url: str, *, allow_link_local: bool) -> None:
+    """Raise InvalidBody when a run-time workspace may not use `url`."""
+    try:
+        host, port = _target(url, "agent", "a token")
+    except _NotReachable as exc:
+        raise InvalidBody(f"url: {exc}") from None
     if allow_link_local:
         return
     why = _refused_without_lookup(host)
@@ -195,48 +209,48 @@ def _webhook_refusal(address: Address) -> str | None:
     return None
 
 
-def webhook_refused_now(url: str, allowed_hosts: Iterable[str]) -> str | None:
-    """Why a push config may not use `url`, by the URL alone: its scheme, and a host
-    that is an address or a metadata service's name. A name passes here: it is
-    checked where it is looked up (WebhookResolver; aiohttp looks up no address)."""
+def _webhook_check(url: str, allowed_hosts: Iterable[str]) -> str | tuple[str, int] | None:
+    """Why a push config may not use `url` by the URL alone (its scheme, a host that
+    is an address or a metadata service's name); None when it passes outright; or
+    the (name, port) whose addresses are still to be checked."""
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (a port that is not a number raises here)
-    except ValueError as exc:
-        return f"not a valid URL: {exc}"
-    if parts.scheme not in ("http", "https"):
-        return "only http and https webhook URLs are allowed"
-    if parts.username or parts.password:
-        return "credentials in the URL are not allowed; use token or authentication"
-    host = _normal(parts.hostname or "")
-    if not host:
-        return "the URL has no host"
+        host, port = _target(url, "webhook", "token or authentication")
+    except _NotReachable as exc:
+        return str(exc)
     if host in {_normal(h) for h in allowed_hosts}:
         return None
     if host in METADATA_HOSTS:
         return f"{host} is a cloud metadata service"
     literal = _literal(host)
-    why = _webhook_refusal(literal) if literal is not None else None
+    if literal is None:
+        return host, port
+    return _webhook_refused(host, [literal])
+
+
+def _webhook_refused(host: str, addresses: Iterable[Address]) -> str | None:
+    why = next(filter(None, map(_webhook_refusal, addresses)), None)
     return f"{host} is {why}; a2ad refuses it unless push.allowed_hosts lists it" if why else None
+
+
+def webhook_refused_now(url: str, allowed_hosts: Iterable[str]) -> str | None:
+    """Why a push config may not use `url`, by the URL alone. A name passes here: it
+    is checked where it is looked up (WebhookResolver; aiohttp looks up no address)."""
+    checked = _webhook_check(url, allowed_hosts)
+    return checked if isinstance(checked, str) else None
 
 
 async def webhook_refusal(url: str, allowed_hosts: Iterable[str]) -> str | None:
     """Why a push config may not use `url`, or None: `webhook_refused_now`, and a
     name refused when any address it resolves to is (at registration)."""
-    why = webhook_refused_now(url, allowed_hosts)
-    if why:
-        return why
-    parts = urlsplit(url)  # it parsed above
-    host = _normal(parts.hostname or "")
-    if _literal(host) is not None or host in {_normal(h) for h in allowed_hosts}:
-        return None
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    checked = _webhook_check(url, allowed_hosts)
+    if not isinstance(checked, tuple):
+        return checked
+    host, port = checked
     try:
         addresses = await _resolve(host, port)
     except InvalidBody:
         return f"cannot resolve {host}"
-    why = next(filter(None, map(_webhook_refusal, addresses)), None)
-    return f"{host} is {why}; a2ad refuses it unless push.allowed_hosts lists it" if why else None
+    return _webhook_refused(host, addresses)
 
 
 class WebhookResolver(AbstractResolver):

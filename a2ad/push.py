@@ -87,8 +87,7 @@ def agent_task(item: Item) -> dict[str, Any] | None:
     answer = a2a.read_answer(stored_result(item))
     if answer.kind != "task" or not item.agent_task_id:
         return None
-    state = a2a.canonical_state(str((answer.value.get("status") or {}).get("state", "")))
-    return None if state in a2a.FINAL_TASK_STATES else answer.value
+    return None if a2a.is_terminal(answer.value) else answer.value
 
 
 class Pusher:
@@ -219,10 +218,13 @@ class Pusher:
             await self.store.push_sent(row.seq, now=self.clock.now())  # nothing to tell
             return
         latest = None
+        going_on = None  # the agent's unfinished Task the delivery answered with
         if row.state in ("delivered", "current") and item.state == "delivered":
+            going_on = agent_task(item)
+        if going_on is not None:
             followed = await self.store.followed(item.id)
             if followed is None:
-                await self._start_following(item)  # the first config to hear of it
+                await self._start_following(item, going_on)  # the first config to hear of it
             elif row.state == "current":
                 latest = followed.payload
         body = payload(item, row, config, latest)
@@ -287,23 +289,20 @@ class Pusher:
 
     # -- following a task the agent goes on with ---------------------------------
 
-    async def _start_following(self, item: Item) -> None:
-        """A delivered task the agent goes on with: follow it (before the delivery's
-        push, so a crash between the two loses nothing), and when the agent's card
-        says it pushes, ask it to push the task's updates to a2ad too."""
-        followed = agent_task(item)
-        if followed is None:
-            return
+    async def _start_following(self, item: Item, task: dict[str, Any]) -> None:
+        """A delivered task the agent goes on with (`task`, its answer): follow it
+        (before the delivery's push, so a crash between the two loses nothing), and
+        when the agent's card says it pushes, ask it to push its updates to a2ad too."""
         token = secrets.token_urlsafe(24)
         now = self.clock.now()
         made = await self.store.follow_push(
-            item.id, json.dumps(followed), next_at=now + FOLLOW_FIRST_SECONDS, now=now, token=token
+            item.id, json.dumps(task), next_at=now + FOLLOW_FIRST_SECONDS, now=now, token=token
         )
         ws = self.registry.find(item.workspace)
         if made and ws is not None and await self.agent_pushes(ws):
-            task = asyncio.create_task(self._register(item, ws, token))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            registering = asyncio.create_task(self._register(item, ws, token))
+            self._sending.add(registering)
+            registering.add_done_callback(self._sending.discard)
 
     async def _register(self, item: Item, ws: Workspace, token: str) -> None:
         """Give the agent a2ad's receiver for the item's task (push_methods.agent_pushed).
@@ -348,8 +347,7 @@ class Pusher:
                 await self.store.add_push_update(item.id, latest, now=now)
                 self._wake.set()
                 last, looks = latest, 0
-            state = a2a.canonical_state(str((seen.get("status") or {}).get("state", "")))
-            if state in a2a.FINAL_TASK_STATES:
+            if a2a.is_terminal(seen):
                 await self.store.follow_done(row.seq, task=latest, now=now)
                 return
         wait = min(FOLLOW_MAX_SECONDS, FOLLOW_FIRST_SECONDS * 2 ** max(0, looks))

@@ -137,8 +137,7 @@ async def agent_pushed(request: web.Request) -> web.Response:
     now = daemon.clock.now()
     latest = json.dumps(task)
     await daemon.store.add_push_update(item.id, latest, now=now)
-    state = a2a.canonical_state(str((task.get("status") or {}).get("state", "")))
-    if state in a2a.FINAL_TASK_STATES:
+    if a2a.is_terminal(task):
         await daemon.store.follow_done(followed.seq, task=latest, now=now)  # no more to follow
     else:
         await daemon.store.follow_again(

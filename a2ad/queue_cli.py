@@ -14,7 +14,7 @@ from typing import Any
 
 from .a2a import timestamp
 from .clock import Clock
-from .results import item_view, push_view
+from .results import dead_push_views, item_view
 from .settings import Settings
 from .store import FINAL_STATES, STATES, Item, QueueStore, migrations_for, open_store
 
@@ -209,9 +209,7 @@ async def _purge(store: QueueStore, args: argparse.Namespace, settings: Settings
 
 
 async def _pushes(store: QueueStore, args: argparse.Namespace, settings: Settings) -> int:
-    dead = await store.dead_pushes(item_id=args.item, limit=args.limit)
-    items = {i: await store.get(i) for i in {p.item_id for p in dead}}
-    views = [push_view(p, items[p.item_id]) for p in dead]
+    views = await dead_push_views(store, item_id=args.item, limit=args.limit)
     if args.json:
         _print_json(views)
         return 0

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 from . import a2a, a2a_params
 from .errors import InvalidParams
 from .push_configs import configs_of
-from .store import PRIORITY_NAMES, Item
+from .store import PRIORITY_NAMES, Item, QueueStore
 from .store.models import Push
 
 
@@ -56,7 +56,17 @@ def item_view(item: Item, *, with_body: bool = False, with_result: bool = True) 
     return view
 
 
-def push_view(push: Push, item: Item | None) -> dict[str, Any]:
+async def dead_push_views(
+    store: QueueStore, *, item_id: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """The newest dead letters of the push outbox (of one item, or all), as
+    operators see them: GET /queue/pushes, `a2ad queue pushes`, /ui."""
+    dead = await store.dead_pushes(item_id=item_id, limit=limit)
+    items = {i: await store.get(i) for i in {p.item_id for p in dead}}
+    return [_push_view(p, items[p.item_id]) for p in dead]
+
+
+def _push_view(push: Push, item: Item | None) -> dict[str, Any]:
     """A dead letter as an operator sees it: never the config's token or credentials,
     and its webhook URL without query or fragment (they may hold a secret)."""
     url = None

@@ -34,7 +34,7 @@ from .clock import Clock
 from .daemon import DAEMON, Daemon
 from .errors import A2adError, Conflict, NotFound
 from .http_io import read_body
-from .results import push_view
+from .results import dead_push_views
 from .store import STATES, Item
 
 SESSION_COOKIE = "a2ad_session"
@@ -367,9 +367,7 @@ async def _dead_pushes(daemon: Daemon) -> tuple[list[dict[str, Any]], int]:
     total = (await daemon.store.push_counts())["dead"]
     if total == 0:
         return [], 0
-    dead = await daemon.store.dead_pushes(limit=FAILED_SHOWN)
-    items = {i: await daemon.store.get(i) for i in {p.item_id for p in dead}}
-    return [push_view(p, items[p.item_id]) for p in dead], total
+    return await dead_push_views(daemon.store, limit=FAILED_SHOWN), total
 
 
 async def _newest_failed(daemon: Daemon, total: int) -> list[Item]:

@@ -14,8 +14,6 @@ from typing import Any
 
 from .models import PUSH_COLUMNS, Push
 
-FINAL = "('delivered', 'failed', 'expired', 'cancelled')"
-
 # Due rows, each the oldest pending one of its task and config (an update waits for
 # the one before it: per-task order), leased to this sender until `next_at`. The
 # attempt is counted as it is taken, so a push that kills its sender cannot loop.
