@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from . import a2a
+from .ids import is_queue_id
 from .store import QueueStore
 
 
@@ -52,7 +53,7 @@ class AgentIds:
                     continue
                 if key == "contextId" and value.startswith(a2a.CONTEXT_PREFIX):
                     mapped = await self.store.agent_context(value, caller, workspace)
-                elif key != "contextId" and value.startswith("q-"):
+                elif key != "contextId" and is_queue_id(value):
                     item = await self.store.get(value)
                     mapped = None
                     if item is not None and (item.caller, item.workspace) == (caller, workspace):

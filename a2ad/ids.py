@@ -16,3 +16,10 @@ _random = random.Random()  # seeded from os.urandom
 def random_hex(bits: int) -> str:
     """`bits` random bits as lower-case hex, zero-padded to bits / 4 digits."""
     return f"{_random.getrandbits(bits):0{bits // 4}x}"
+
+
+QUEUE_ID_PREFIX = "q-"  # a2ad's own task ids (store.models.new_queue_id)
+
+
+def is_queue_id(value: str | None) -> bool:
+    return value is not None and value.startswith(QUEUE_ID_PREFIX)

@@ -16,6 +16,7 @@ from .daemon import Daemon
 from .errors import UnsupportedOperation
 from .forward import forward, forwarded_headers
 from .http_io import REQUEST_ID, json_response
+from .ids import is_queue_id
 from .results import (
     as_queue_task,
     item_task,
@@ -34,9 +35,6 @@ log = logging.getLogger("a2ad.proxy")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 KEEPALIVE_SECONDS = 15.0
-
-
-QUEUE_ID_PREFIX = "q-"
 
 
 async def hold(daemon: Daemon, item: Item) -> Item:
@@ -316,7 +314,3 @@ async def cancel_task(
     return json_response(
         a2a.rpc_error(rpc.id, a2a.TASK_NOT_CANCELABLE, f"task {item.id} is already {item.state}")
     )
-
-
-def is_queue_id(value: str | None) -> bool:
-    return value is not None and value.startswith(QUEUE_ID_PREFIX)

@@ -21,6 +21,7 @@ from .errors import (
 )
 from .forward import forward, forwarded_headers, passed_headers, relay
 from .http_io import REQUEST_ID, RPC_ID, json_response, read_body
+from .ids import is_queue_id
 from .options import read_options
 from .own_tasks import (
     SSE_HEADERS,
@@ -29,7 +30,6 @@ from .own_tasks import (
     get_task,
     held_answer,
     hold,
-    is_queue_id,
     item_stream,
     list_tasks,
     refuse_ended_task,

@@ -11,6 +11,7 @@ from typing import Any
 
 from . import a2a
 from .errors import InvalidParams
+from .ids import is_queue_id
 from .store import Item
 
 CREATE = frozenset({"CreateTaskPushNotificationConfig", "tasks/pushNotificationConfig/set"})
@@ -34,8 +35,7 @@ def task_of(rpc: a2a.RpcRequest) -> str | None:
 
 
 def names_queue_id(rpc: a2a.RpcRequest) -> bool:
-    task_id = task_of(rpc)
-    return rpc.method in METHODS and task_id is not None and task_id.startswith("q-")
+    return rpc.method in METHODS and is_queue_id(task_of(rpc))
 
 
 def configs_of(item: Item) -> list[dict[str, Any]]:

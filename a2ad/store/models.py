@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from ..ids import random_hex
+from ..ids import QUEUE_ID_PREFIX, random_hex
 
 LIVE_STATES = ("queued", "dispatching")
 FINAL_STATES = ("delivered", "failed", "expired", "cancelled")
@@ -23,7 +23,7 @@ def new_queue_id() -> str:
     """`q-` + 32 hex digits: 13 of a microsecond timestamp, then 76 random bits. Ids
     that grow with time land at the end of the id index, so inserts and look-ups
     stay on hot pages however many items the store holds."""
-    return f"q-{time.time_ns() // 1000:013x}{random_hex(76)}"
+    return f"{QUEUE_ID_PREFIX}{time.time_ns() // 1000:013x}{random_hex(76)}"
 
 
 def answers_again(
