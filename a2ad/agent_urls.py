@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -137,11 +137,58 @@ def _host_of(url: str) -> str:
     return _normal(urlsplit(url).hostname or "")
 
 
-class AgentResolver(AbstractResolver):
-    """The resolver of a2ad's client session: a host name is checked at every
-    lookup, as at registration, and the addresses a2ad refuses are dropped; a
-    name left with none fails to resolve, so its workspace cannot connect and
-    says why. Hosts of the config file's workspaces pass unchecked, as there."""
+class _CheckedResolver(AbstractResolver):
+    """A resolver that checks a host name at every lookup, as at registration, and
+    drops the addresses `refusal` refuses; a name left with none fails to resolve,
+    so what would connect to it cannot, and says why (`unless`: how to allow it).
+    Names in `passes` are not checked; with `check` off, none is."""
+
+    def __init__(
+        self,
+        *,
+        passes: Iterable[str],
+        refusal: Callable[[Address], str | None],
+        unless: str,
+        check: bool = True,
+        inner: AbstractResolver | None = None,
+    ) -> None:
+        self._inner = inner if inner is not None else DefaultResolver()
+        self._passes = frozenset(passes)
+        self._refusal = refusal
+        self._unless = unless
+        self._check = check
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        name = _normal(host)
+        if not self._check or name in self._passes:
+            return await self._inner.resolve(host, port, family)
+        literal = _literal(name)
+        why = (  # a metadata service's name is not even looked up
+            "a cloud metadata service"
+            if name in METADATA_HOSTS
+            else self._refusal(literal)
+            if literal is not None
+            else None
+        )
+        if why is None:
+            results = await self._inner.resolve(host, port, family)
+            allowed = [r for r in results if self._refusal(_address(r["host"])) is None]
+            if allowed:
+                return allowed
+            refused = self._refusal(_address(results[0]["host"])) if results else "no address"
+            why = f"now resolving to {refused}"
+        raise OSError(f"{host} is {why}; {self._unless}")
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class AgentResolver(_CheckedResolver):
+    """The resolver of a2ad's client session, for agents: link-local and metadata
+    addresses are refused at every lookup. Hosts of the config file's workspaces
+    pass unchecked, as there; with auth.allow_link_local_agents, every host does."""
 
     def __init__(
         self,
@@ -150,31 +197,13 @@ class AgentResolver(AbstractResolver):
         allow_link_local: bool,
         inner: AbstractResolver | None = None,
     ) -> None:
-        self._inner = inner if inner is not None else DefaultResolver()
-        self._trusted = frozenset(_host_of(url) for url in trusted_urls)
-        self._allow = allow_link_local
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        name = _normal(host)
-        if self._allow or name in self._trusted:
-            return await self._inner.resolve(host, port, family)
-        why = _refused_without_lookup(name)  # a metadata service's name: not looked up
-        if why is None:
-            results = await self._inner.resolve(host, port, family)
-            allowed = [r for r in results if _refusal(_address(r["host"])) is None]
-            if allowed:
-                return allowed
-            refused = _refusal(_address(results[0]["host"])) if results else "no address"
-            why = f"now resolving to {refused}"
-        raise OSError(
-            f"{host} is {why}; a2ad refuses it for agents"
-            " unless auth.allow_link_local_agents = true"
+        super().__init__(
+            passes=(_host_of(url) for url in trusted_urls),
+            refusal=_refusal,
+            unless="a2ad refuses it for agents unless auth.allow_link_local_agents = true",
+            check=not allow_link_local,
+            inner=inner,
         )
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 def _address(text: str) -> Address:
@@ -253,29 +282,15 @@ async def webhook_refusal(url: str, allowed_hosts: Iterable[str]) -> str | None:
     return _webhook_refused(host, addresses)
 
 
-class WebhookResolver(AbstractResolver):
+class WebhookResolver(_CheckedResolver):
     """The resolver of a2ad's webhook session: each lookup drops the addresses a
     webhook may not reach, so a name cannot be pointed at one after it was
     registered (DNS rebinding). Hosts in push.allowed_hosts pass unchecked."""
 
     def __init__(self, allowed_hosts: Iterable[str], inner: AbstractResolver | None = None):
-        self._inner = inner if inner is not None else DefaultResolver()
-        self._allowed = frozenset(_normal(h) for h in allowed_hosts)
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        name = _normal(host)
-        if name in self._allowed:
-            return await self._inner.resolve(host, port, family)
-        if name in METADATA_HOSTS:
-            raise OSError(f"{host} is a cloud metadata service")
-        results = await self._inner.resolve(host, port, family)
-        allowed = [r for r in results if _webhook_refusal(_address(r["host"])) is None]
-        if not allowed:
-            refused = _webhook_refusal(_address(results[0]["host"])) if results else "no address"
-            raise OSError(f"{host} is {refused}; not in push.allowed_hosts")
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
+        super().__init__(
+            passes=(_normal(h) for h in allowed_hosts),
+            refusal=_webhook_refusal,
+            unless="not in push.allowed_hosts",
+            inner=inner,
+        )
