@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from fakes import A2ad, FakeAgent, jsonrpc_task
 from google.protobuf import json_format
-from test_queue_id_methods import heartbeat
+from test_queue_id_methods import heartbeat, queue
 from test_status_page import csrf_of
 
 from a2ad import push
@@ -156,9 +156,7 @@ async def test_the_push_config_methods_on_a_queue_id_in_1_0(
 ) -> None:
     agent = await agent_factory()
     a2ad = await setup(a2ad_factory, agent)
-    await busy(a2ad)
-    _, data = await a2ad.send("w", "hi", headers=V1)
-    qid = jsonrpc_task(data)["id"]
+    qid = await queue(a2ad, "w", "hi", V1)
     auth = {"scheme": "Bearer", "credentials": "cred-9"}
     created = await a2ad.rpc(
         "w",
@@ -198,9 +196,7 @@ async def test_the_push_config_methods_in_v0_3_push_the_v0_3_task(
 ) -> None:
     agent = await agent_factory()
     a2ad = await setup(a2ad_factory, agent)
-    await busy(a2ad)
-    _, data = await a2ad.send("w", "hi")
-    qid = jsonrpc_task(data)["id"]
+    qid = await queue(a2ad, "w", "hi")
     config = {
         "url": receiver.url,
         "token": "t3",
@@ -230,9 +226,7 @@ async def test_webhooks_at_loopback_private_or_metadata_addresses_are_refused(
 ) -> None:
     agent = await agent_factory()
     a2ad = await a2ad_factory([{"id": "w", "url": agent.url, "token": "hb-w"}])
-    await busy(a2ad)
-    _, data = await a2ad.send("w", "hi", headers=V1)
-    qid = jsonrpc_task(data)["id"]
+    qid = await queue(a2ad, "w", "hi", V1)
     for url in (
         "http://127.0.0.1:9/hook",
         "http://10.1.2.3/hook",
@@ -255,9 +249,7 @@ async def test_bad_configs_get_invalid_params_and_a_task_holds_at_most_its_limit
 ) -> None:
     agent = await agent_factory()
     a2ad = await setup(a2ad_factory, agent, max_configs_per_task=2)
-    await busy(a2ad)
-    _, data = await a2ad.send("w", "hi", headers=V1)
-    qid = jsonrpc_task(data)["id"]
+    qid = await queue(a2ad, "w", "hi", V1)
     for params in (
         {"taskId": qid},
         {"taskId": qid, "url": 5},
@@ -354,9 +346,7 @@ async def test_a_config_registered_after_the_task_ended_gets_its_final_update(
 ) -> None:
     agent = await agent_factory()
     a2ad = await setup(a2ad_factory, agent)
-    await busy(a2ad)
-    _, data = await a2ad.send("w", "hi", headers=V1)
-    qid = jsonrpc_task(data)["id"]
+    qid = await queue(a2ad, "w", "hi", V1)
     await free(a2ad)
     await a2ad.final(qid)
     await a2ad.rpc(

@@ -31,10 +31,12 @@ async def heartbeat(a2ad: A2ad, workspace: str, active_tasks: int) -> None:
     assert resp.status == 200
 
 
-async def queue(a2ad: A2ad, workspace: str, text: str) -> str:
+async def queue(
+    a2ad: A2ad, workspace: str, text: str, headers: dict[str, str] | None = None
+) -> str:
     """A queued item's id: someone else's work fills the workspace's only slot."""
     await heartbeat(a2ad, workspace, 1)
-    status, data = await a2ad.send(workspace, text)
+    status, data = await a2ad.send(workspace, text, headers=headers)
     assert status == 202, data
     return str(jsonrpc_task(data)["id"])
 
