@@ -8,7 +8,6 @@ import logging
 from typing import Any
 
 from aiohttp import ClientError, ClientResponse, web
-from aiohttp.typedefs import Handler
 
 from . import a2a, a2a_params, logs, push_configs, push_methods
 from .agent_routes import handle_card
@@ -53,15 +52,16 @@ log = logging.getLogger("a2ad.proxy")
 # -- POST /workspaces/{id}/a2a ------------------------------------------------
 
 
-@web.middleware
-async def version_from_query(request: web.Request, handler: Handler) -> web.StreamResponse:
+def version_from_query(request: web.Request) -> web.Request:
     """`A2A-Version` may come as a query parameter instead of a header (A2A 1.0,
     section 3.6.1); the header wins when both are given. Taken into the request's
     headers before anything reads them, so the protocol a2ad answers in, the
     headers it forwards and the ones it stores with a queued item all have it, and
-    the agent gets it as the header it needs. (Outermost middleware: the request
-    the error middleware and the handler share is this one.)"""
-    version = request.query.get("A2A-Version") if request.query_string else None
+    the agent gets it as the header it needs. (The first step of the one
+    middleware, not a middleware of its own: a layer costs every request.)"""
+    if not request.query_string:
+        return request
+    version = request.query.get("A2A-Version")
     if (
         version
         and "A2A-Version" not in request.headers
@@ -69,8 +69,8 @@ async def version_from_query(request: web.Request, handler: Handler) -> web.Stre
     ):
         headers = request.headers.copy()
         headers["A2A-Version"] = version
-        request = request.clone(headers=headers)
-    return await handler(request)
+        return request.clone(headers=headers)
+    return request
 
 
 async def handle_rpc(request: web.Request) -> web.StreamResponse:
