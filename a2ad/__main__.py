@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -79,6 +80,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# The first generation is collected after this many new container objects, not
+# CPython's 700: every send allocates dozens (the parsed request, its Task
+# answer, aiohttp's request objects), so at 700 a collection ran every few
+# sends. Measured with `make bench BENCH_ARGS="--only enqueue"` (wrk): CPU per
+# durable 202 -6 % at 50 callers and -9 % at 200, the same as with the collector
+# off, while cycles are still collected within a fraction of a second.
+GC_FIRST_GENERATION = 10_000
+
+
+def _tune_gc() -> None:
+    """Start-up's objects live as long as the process: frozen, no collection scans
+    them again; then the first generation's threshold (GC_FIRST_GENERATION)."""
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(GC_FIRST_GENERATION, second, third)
+
+
 async def _serve(settings: Settings, lock: StoreLock | None) -> None:
     """Run until SIGTERM or SIGINT; a second signal exits at once.
 
@@ -114,6 +133,7 @@ async def _serve(settings: Settings, lock: StoreLock | None) -> None:
         log.info(
             "a2ad %s listening on %s (store %s)", __version__, server.base_url, settings.store.where
         )
+        _tune_gc()
         systemd.notify("READY=1")
         interval = systemd.watchdog_interval()
         watchdog = asyncio.create_task(systemd.watchdog(interval)) if interval else None
