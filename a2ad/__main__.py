@@ -82,8 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # The first generation is collected after this many new container objects, not
 # CPython's 700: every send allocates dozens (the parsed request, its Task
-# answer, aiohttp's request objects), so at 700 a collection ran every few
-# sends. Measured with `make bench BENCH_ARGS="--only proxy,enqueue"` against
+# answer, aiohttp's request objects), so at 700 a collection ran every dozen
+# or so sends. Measured with `make bench BENCH_ARGS="--only proxy,enqueue"` against
 # the previous build in the same run: CPU per durable 202 -7 % at 50 callers and
 # -13 % at 200 (wrk), per relayed answer -9 % and -18 %, as with the collector
 # off, while cycles are still collected within a fraction of a second.
