@@ -392,6 +392,8 @@ class Bench:
         ws = [workspace("busy", self.busy.url)]
         full = self.procs.a2ad("enqueue-full", ws, synchronous="full")
         normal = self.procs.a2ad("enqueue-normal", ws, synchronous="normal")
+        # The floor of a2ad's design: the same INSERTs, batched on a writer thread.
+        stored_202 = self.procs.server("stored", "--db", str(folder / "stored.db"))
         acknowledged = {"full": 1, "normal": 1}
         try:
             for key, a2ad in (("full", full), ("normal", normal)):
@@ -407,6 +409,7 @@ class Bench:
                         f"{normal.url}/workspaces/busy/a2a", c, "normal", normal
                     ),
                     "accept_202": self.enqueue_load(self.accept.url, c, "accept", self.accept),
+                    "stored_202": self.enqueue_load(stored_202.url, c, "stored", stored_202),
                 }
                 raw[f"c={c}"] = got
                 for key in ("full", "normal"):
@@ -462,6 +465,16 @@ class Bench:
                         "FULL CPU per 202",
                         got["full"]["server_cpu_us_per_answer"],
                         "µs",
+                        "stored 202 server",
+                        got["stored_202"]["server_cpu_us_per_answer"],
+                        note=f"it stores {got['stored_202']['rps']:,.0f}/s: a2ad's INSERTs on a"
+                        " writer thread, nothing else",
+                    ),
+                    ratio_row(
+                        scenario,
+                        "FULL CPU per 202",
+                        got["full"]["server_cpu_us_per_answer"],
+                        "µs",
                         "202 server",
                         got["accept_202"]["server_cpu_us_per_answer"],
                         note="event loop {:.0f} µs, SQLite threads {:.0f} µs".format(
@@ -491,6 +504,7 @@ class Bench:
         finally:
             full.stop()
             normal.stop()
+            stored_202.stop()
         self.raw["enqueue"] = raw
 
     # -- 3. drain latency -------------------------------------------------------------

@@ -4,12 +4,16 @@
     python -m bench.servers recorder --port P                one slot, records arrival times
     python -m bench.servers busy     --port P                always 503 + Retry-After: 3600
     python -m bench.servers accept   --port P                trivial aiohttp 202, stores nothing
+    python -m bench.servers stored   --port P --db FILE      202 after a2ad's INSERT commits
     python -m bench.servers proxy    --port P --upstream URL bare aiohttp pass-through proxy
     python -m bench.servers sink     --port P                minimal non-aiohttp HTTP target
     python -m bench.servers webhook  --port P                push receiver, records arrivals
 
 `proxy` and `accept` are the references a2ad is judged against: the floor for
-any aiohttp proxy and the ceiling for any aiohttp enqueue endpoint. `sink`
+any aiohttp proxy and the ceiling for any aiohttp enqueue endpoint. `stored` is
+the floor of a2ad's own design: it writes each request as a row of a2ad's
+schema, batched on one writer thread with one COMMIT per batch at FULL, and
+answers 202 after the commit, with nothing else of a2ad's. `sink`
 answers from a bare asyncio protocol, so what a load generator reaches against
 it is the generator's own ceiling.
 """
@@ -18,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import re
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -311,6 +317,85 @@ def accept_app() -> web.Application:
     return app
 
 
+class StoredWriter:
+    """Rows of a2ad's items table, written in batches on one thread: each batch one
+    transaction and one COMMIT, as a2ad's writer does (without its checks)."""
+
+    def __init__(self, db: str) -> None:
+        from a2ad.store.schema import apply_migrations, bundled_migrations
+
+        self.conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        apply_migrations(self.conn, bundled_migrations(), time.time())
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self.wake = asyncio.Event()
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        from a2ad.store.sql import INSERT
+
+        self.conn.execute("BEGIN IMMEDIATE")
+        for row in rows:
+            self.conn.execute(INSERT, row)
+        self.conn.execute("COMMIT")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            batch, self.pending = self.pending, []
+            if batch:
+                await loop.run_in_executor(self.pool, self._write, [row for row, _ in batch])
+            for _, future in batch:
+                future.set_result(None)
+
+
+STORED = web.AppKey("bench_stored", StoredWriter)
+
+
+async def stored_rpc(request: web.Request) -> web.Response:
+    body = await request.read()
+    now = time.time()
+    row = {
+        "id": "q-" + uuid.uuid4().hex,
+        "workspace": "stored",
+        "caller": "",
+        "method": "message/send",
+        "body": body,
+        "headers": "{}",
+        "message_id": uuid.uuid4().hex,
+        "context_id": uuid.uuid4().hex,
+        "request_id": None,
+        "priority": 50,
+        "ttl_seconds": 3600.0,
+        "expires_at": now + 3600,
+        "busy_answers": 0,
+        "push": None,
+        "now": now,
+    }
+    writer = request.app[STORED]
+    future = asyncio.get_running_loop().create_future()
+    writer.pending.append((row, future))
+    writer.wake.set()
+    await future
+    return web.Response(status=202, body=ACCEPTED_BODY, content_type=JSON)
+
+
+def stored_app(db: str) -> web.Application:
+    async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[STORED] = writer = StoredWriter(db)
+        task = asyncio.create_task(writer.run())
+        yield
+        task.cancel()
+
+    app = web.Application()
+    app.cleanup_ctx.append(writer_ctx)
+    app.router.add_post("/{tail:.*}", stored_rpc)
+    return app
+
+
 SESSION = web.AppKey("bench_session", aiohttp.ClientSession)
 
 
@@ -392,11 +477,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.servers")
     parser.add_argument(
         "kind",
-        choices=["agent", "recorder", "busy", "accept", "proxy", "sink", "webhook"],
+        choices=["agent", "recorder", "busy", "accept", "stored", "proxy", "sink", "webhook"],
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", help="the agent's URL (proxy)")
+    parser.add_argument("--db", help="the SQLite file (stored)")
     parser.add_argument("--events", type=int, default=8, help="events per stream (agent)")
     args = parser.parse_args(argv)
     if args.kind == "sink":
@@ -415,6 +501,10 @@ def main(argv: list[str] | None = None) -> None:
         app = busy_app()
     elif args.kind == "webhook":
         app = webhook_app()
+    elif args.kind == "stored":
+        if not args.db:
+            parser.error("stored needs --db")
+        app = stored_app(args.db)
     else:
         app = accept_app()
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, backlog=1024)
