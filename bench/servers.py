@@ -323,7 +323,9 @@ class StoredWriter:
 
     def __init__(self, db: str) -> None:
         from a2ad.store.schema import apply_migrations, bundled_migrations
+        from a2ad.store.sql import INSERT
 
+        self.insert = INSERT
         self.conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
@@ -333,11 +335,9 @@ class StoredWriter:
         self.wake = asyncio.Event()
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        from a2ad.store.sql import INSERT
-
         self.conn.execute("BEGIN IMMEDIATE")
         for row in rows:
-            self.conn.execute(INSERT, row)
+            self.conn.execute(self.insert, row)
         self.conn.execute("COMMIT")
 
     async def run(self) -> None:
