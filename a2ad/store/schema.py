@@ -31,7 +31,11 @@ def bundled_migrations(kind: str = "migrations") -> list[Migration]:
 
 async def connect(path: str, synchronous: str, busy_timeout: float) -> aiosqlite.Connection:
     def configure() -> sqlite3.Connection:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
+        # Not only this thread: the writer runs short batches' statements on the
+        # event loop (writer.on_loop), one user at a time.
+        conn = sqlite3.connect(
+            path, isolation_level=None, timeout=busy_timeout, check_same_thread=False
+        )
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous.upper()}")

@@ -35,7 +35,7 @@ from .models import (
 from .outbox import Outbox
 from .reads import Reads
 from .schema import Migration, apply_migrations, bundled_migrations, connect, read_schema_version
-from .writer import Op, Writer, on_thread
+from .writer import Op, Writer, on_loop, on_thread
 
 log = logging.getLogger("a2ad.store")
 
@@ -198,7 +198,7 @@ class Store(Reads, Outbox):
             move = Move(new.workspace, new.id, new.priority, None, "queued", now)
             return Counted(Enqueued(Item.stored(new, seq, now), True), (move,), then=sql.place)
 
-        return self._submit(op)
+        return self._submit(on_loop(op))
 
     def submit_claim(
         self,
@@ -231,7 +231,7 @@ class Store(Reads, Outbox):
 
         if self._writer is None or self._writer.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
-        return self._writer.submit(op, durable=False, if_cancelled=if_cancelled)
+        return self._writer.submit(on_loop(op), durable=False, if_cancelled=if_cancelled)
 
     async def claim(
         self,
@@ -268,7 +268,7 @@ class Store(Reads, Outbox):
                     lost.add(item_id)
             return lost
 
-        return await self._write(op, durable=False)
+        return await self._write(on_loop(op), durable=False)
 
     async def settle(
         self,
@@ -353,7 +353,7 @@ class Store(Reads, Outbox):
                 True, (Move(workspace, item_id, priority, "dispatching", new, now, not_before),)
             )
 
-        return await self._write(op, durable=False)
+        return await self._write(on_loop(op), durable=False)
 
     async def _write_checked(
         self, statement: str, params: tuple[Any, ...], *, durable: bool = True

@@ -3,8 +3,12 @@ writes that arrive together share one transaction and one commit.
 
 Each write is a function of the connection alone (one thread hop, since each
 extra await inside a transaction costs about 100 µs); its caller's future
-resolves only after the commit. Ops that change the queue return `Counted`,
-and the writer applies their moves to the depths after the commit, in commit
+resolves only after the commit. A batch made only of short ops marked
+`on_loop` (a new item, a claim, an outcome) runs its statements on the event
+loop and hops to the thread only for the COMMIT, where the fsync waits: a
+thread running SQLite statements costs the event loop more in GIL hand-offs
+than the statements themselves (bench/README.md). Ops that change the queue
+return `Counted`, and the writer applies their moves to the depths after the commit, in commit
 order, before it resolves any future of the batch. Each batch first asks
 whether another process (the queue CLI) committed since the last one; if so,
 it reads the live items again in the same transaction, so no move is ever
@@ -58,9 +62,7 @@ def _run_batch(
             assert results is not None
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+        _roll_back(conn)
         raise
     return results, conn.total_changes != changes
 
@@ -87,6 +89,29 @@ def _run_ops(
         if savepoints:
             conn.execute("RELEASE op")
     return results
+
+
+def on_loop(op: Op[T]) -> Op[T]:
+    """Mark `op` as short and bounded (a few statements through an index): a batch
+    of such ops runs its statements on the event loop, only its COMMIT on the
+    writer thread. Anything that may scan or change many rows stays unmarked."""
+    op.on_loop = True  # type: ignore[attr-defined]
+    return op
+
+
+def _commit_or_roll_back(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        _roll_back(conn)
+        raise
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    """After a failure: end the transaction, unless SQLite already did."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 async def on_thread(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
@@ -191,6 +216,7 @@ class Writer(BatchLoop):
         self._live_snapshot = live_snapshot
         self._seen_version: int | None = None  # PRAGMA data_version at the last commit
         self._level: str | None = synchronous  # the connection's synchronous, if known
+        self._busy_ms: int | None = None  # the connection's busy_timeout, once read
 
     def _resync(self, conn: sqlite3.Connection) -> Counted[int]:
         """The first op of each batch: the live items read again when another
@@ -200,15 +226,76 @@ class Writer(BatchLoop):
             return Counted(version)
         return Counted(version, snapshot=self._live_snapshot(conn))
 
+    def _begin_on_loop(self, conn: sqlite3.Connection) -> bool:
+        """BEGIN IMMEDIATE on the event loop, if the write lock is free this
+        instant and no other process committed since this writer last did; else
+        False with nothing begun, and the batch goes to the thread, which may wait
+        for the lock (busy_timeout) and read the live items again."""
+        if self._busy_ms is None:
+            self._busy_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # any BUSY_*
+                raise
+            return False
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        if conn.execute("PRAGMA data_version").fetchone()[0] != self._seen_version:
+            conn.execute("ROLLBACK")
+            return False
+        return True
+
+    def _run_on_loop(
+        self, conn: sqlite3.Connection, ops: list[Op[Any]]
+    ) -> list[tuple[bool, Any]] | None:
+        """The batch's statements on the event loop, its transaction left open for
+        the COMMIT; None (rolled back, or never begun) when the batch must run on
+        the thread instead: the lock is taken, another process committed, or an op
+        failed and the batch runs again with savepoints."""
+        if not self._begin_on_loop(conn):
+            return None
+        results: list[tuple[bool, Any]] = []
+        try:
+            for op in ops:
+                try:
+                    results.append((True, op(conn)))
+                except Exception as exc:
+                    if is_store_failure(exc):
+                        raise
+                    conn.execute("ROLLBACK")
+                    return None
+        except BaseException:
+            _roll_back(conn)
+            raise
+        return results
+
     async def _commit(self, batch: list[Pending]) -> None:
-        ops: list[Op[Any]] = [self._resync, *(op for op, _, _, _ in batch)]
+        ops: list[Op[Any]] = [op for op, _, _, _ in batch]
         wanted = self.synchronous if any(d for _, _, d, _ in batch) else "normal"
         change = wanted if wanted != self._level else None
         # Unknown until the batch has run: a batch that fails part way must
         # not leave a level the next durable batch would wrongly trust.
         self._level = None
+        conn = self._conn._conn
+        seen: tuple[bool, Any] | None = None  # the resync's outcome, on the thread
         try:
-            outcomes, wrote = await on_thread(self._conn, _run_batch, self._conn._conn, ops, change)
+            results: list[tuple[bool, Any]] | None = None
+            if all(getattr(op, "on_loop", False) for op in ops):
+                if change is not None:
+                    conn.execute(f"PRAGMA synchronous={change}")
+                    change = None
+                changes = conn.total_changes
+                results = self._run_on_loop(conn, ops)
+            if results is not None:
+                await on_thread(self._conn, _commit_or_roll_back, conn)
+                wrote = conn.total_changes != changes
+            else:
+                outcomes, wrote = await on_thread(
+                    self._conn, _run_batch, conn, [self._resync, *ops], change
+                )
+                seen, *results = outcomes
             self._level = wanted
         except Exception as exc:
             error: BaseException = exc
@@ -225,8 +312,7 @@ class Writer(BatchLoop):
         if wrote and self.last_error is not None:
             log.warning("the store writes again")
             self.last_error = None
-        seen, *results = outcomes
-        if seen[0]:  # another process's commits counted first, then this batch's
+        if seen is not None and seen[0]:  # another process's commits first, then the batch's
             self._seen_version = seen[1].applied(self.depths)
         hand_out(batch, results, self.depths)
 

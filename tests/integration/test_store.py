@@ -899,6 +899,65 @@ async def test_an_error_in_one_op_fails_only_its_caller(store: Store) -> None:
     assert await store.counts() == {WS: {"queued": 2, "cancelled": 1}}
 
 
+async def test_an_error_in_a_batch_run_on_the_event_loop_fails_only_its_caller(
+    sqlite_store: Store,
+) -> None:
+    """New items alone make a batch whose statements run on the event loop; one
+    that breaks a constraint sends the batch to the writer thread, which runs it
+    again with savepoints: still one transaction, and only that caller fails."""
+    store = sqlite_store
+    existing = await put(store, T0)
+    commits = store.commits
+    ok_a, dup, ok_b = await asyncio.gather(
+        store.enqueue(new(message_id="a"), now=T0, replay_window=REPLAY),
+        store.enqueue(new(message_id="a-dup", id=existing.id), now=T0, replay_window=REPLAY),
+        store.enqueue(new(message_id="b"), now=T0, replay_window=REPLAY),
+        return_exceptions=True,
+    )
+    assert store.commits - commits == 1
+    assert isinstance(dup, sqlite3.IntegrityError)
+    assert not isinstance(ok_a, BaseException)
+    assert not isinstance(ok_b, BaseException)
+    assert await store.get(ok_a.item.id) == ok_a.item
+    assert await store.get(ok_b.item.id) == ok_b.item
+    assert await store.find_message(WS, "", "a-dup") is None
+    assert await store.counts() == {WS: {"queued": 3}}
+
+
+async def test_a_write_waiting_for_another_processs_lock_does_not_stop_the_event_loop(
+    db_path: Path,
+) -> None:
+    """The event loop never waits on SQLite's busy handler: while another process
+    holds the write lock, a new item waits for it on the writer thread (up to
+    busy_timeout) and other work goes on meanwhile."""
+    async with Store(str(db_path), busy_timeout=5.0) as s:
+        await s.migrate()
+        await put(s, T0)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            waiting = asyncio.ensure_future(put(s, T0 + 1))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            assert ticks >= 20  # the loop ran on while the write waited
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+            ticker.cancel()
+        item = await waiting
+        assert await s.get(item.id) == item
+        assert await s.counts() == {WS: {"queued": 2}}
+
+
 async def test_writes_after_close_are_refused(db_path: Path) -> None:
     s = Store(str(db_path))
     await s.open()
