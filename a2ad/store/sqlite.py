@@ -198,7 +198,7 @@ class Store(Reads, Outbox):
             move = Move(new.workspace, new.id, new.priority, None, "queued", now)
             return Counted(Enqueued(Item.stored(new, seq, now), True), (move,), then=sql.place)
 
-        return self._submit(on_loop(op))
+        return self._submit(on_loop(op, size=len(new.body)))
 
     def submit_claim(
         self,
@@ -231,7 +231,9 @@ class Store(Reads, Outbox):
 
         if self._writer is None or self._writer.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
-        return self._writer.submit(on_loop(op), durable=False, if_cancelled=if_cancelled)
+        return self._writer.submit(
+            on_loop(op, rows=limit), durable=False, if_cancelled=if_cancelled
+        )
 
     async def claim(
         self,
@@ -268,7 +270,7 @@ class Store(Reads, Outbox):
                     lost.add(item_id)
             return lost
 
-        return await self._write(on_loop(op), durable=False)
+        return await self._write(on_loop(op, rows=len(claims)), durable=False)
 
     async def settle(
         self,
@@ -306,6 +308,7 @@ class Store(Reads, Outbox):
             item_id,
             state,
             now,
+            size=len(result or b""),
         )
 
     async def hand_back(
@@ -341,8 +344,10 @@ class Store(Reads, Outbox):
         new: State,
         now: float,
         not_before: float = 0.0,
+        size: int = 0,
     ) -> bool:
-        """One claimed item out of `dispatching`, when its token still holds it."""
+        """One claimed item out of `dispatching`, when its token still holds it
+        (`size`: the bytes of the answer it stores)."""
 
         def op(conn: sqlite3.Connection) -> Counted[bool]:
             row = conn.execute(statement, params).fetchone()
@@ -353,7 +358,7 @@ class Store(Reads, Outbox):
                 True, (Move(workspace, item_id, priority, "dispatching", new, now, not_before),)
             )
 
-        return await self._write(on_loop(op), durable=False)
+        return await self._write(on_loop(op, size=size), durable=False)
 
     async def _write_checked(
         self, statement: str, params: tuple[Any, ...], *, durable: bool = True

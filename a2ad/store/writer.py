@@ -3,7 +3,7 @@ writes that arrive together share one transaction and one commit.
 
 Each write is a function of the connection alone (one thread hop, since each
 extra await inside a transaction costs about 100 µs); its caller's future
-resolves only after the commit. A batch made only of short ops marked
+resolves only after the commit. A small batch made only of short ops marked
 `on_loop` (a new item, a claim, an outcome) runs its statements on the event
 loop and hops to the thread only for the COMMIT, where the fsync waits: a
 thread running SQLite statements costs the event loop more in GIL hand-offs
@@ -91,12 +91,38 @@ def _run_ops(
     return results
 
 
-def on_loop(op: Op[T]) -> Op[T]:
-    """Mark `op` as short and bounded (a few statements through an index): a batch
-    of such ops runs its statements on the event loop, only its COMMIT on the
-    writer thread. Anything that may scan or change many rows stays unmarked."""
-    op.on_loop = True  # type: ignore[attr-defined]
+# The most a batch may write to run on the event loop. Statements on the loop
+# stop everything else a2ad does while they run (some 35 µs a new item, and SQLite
+# writes pages out once a transaction outgrows its page cache): 50 sends of 1 MiB
+# in one batch held the loop 60 ms. A bigger batch runs on the thread.
+LOOP_MAX_ROWS = 64
+LOOP_MAX_BYTES = 256 * 1024
+
+
+def on_loop(op: Op[T], *, rows: int = 1, size: int = 0) -> Op[T]:
+    """Mark `op` as short and bounded: it writes `rows` rows through an index and
+    `size` bytes of payload. A batch of such ops within LOOP_MAX_ROWS and
+    LOOP_MAX_BYTES runs its statements on the event loop and only its COMMIT on
+    the writer thread. Anything that may scan or change many rows stays unmarked."""
+    op.loop_cost = (rows, size)  # type: ignore[attr-defined]
     return op
+
+
+def loop_part(ops: list[Op[Any]]) -> int:
+    """How many of `ops`, from the first, make a batch to run on the event loop:
+    all of them when they are marked and within the limits, the most that are
+    within them when more are waiting, 0 when an op not marked (or one bigger
+    than the limits alone) comes first: then the batch runs on the thread."""
+    rows = size = 0
+    for n, op in enumerate(ops):
+        cost: tuple[int, int] | None = getattr(op, "loop_cost", None)
+        if cost is None:
+            return 0
+        rows += cost[0]
+        size += cost[1]
+        if rows > LOOP_MAX_ROWS or size > LOOP_MAX_BYTES:
+            return n
+    return len(ops)
 
 
 def _commit_or_roll_back(conn: sqlite3.Connection) -> None:
@@ -185,7 +211,7 @@ class BatchLoop:
                 if self.closing:
                     return
                 continue
-            batch, self._pending = self._pending, []
+            batch = self._take()
             self._committing = True
             try:
                 await self._commit(batch)
@@ -195,6 +221,11 @@ class BatchLoop:
                 self._wake.set()
             elif self.closing:
                 return
+
+    def _take(self) -> list[Pending]:
+        """The next batch: all that waits."""
+        batch, self._pending = self._pending, []
+        return batch
 
     async def _commit(self, batch: list[Pending]) -> None:
         raise NotImplementedError
@@ -226,11 +257,19 @@ class Writer(BatchLoop):
             return Counted(version)
         return Counted(version, snapshot=self._live_snapshot(conn))
 
+    def _take(self) -> list[Pending]:
+        """Small ops that fit on the event loop go in batches within its limits
+        (a burst of 200 sends: four transactions on the loop, each committed on
+        the thread, rather than one of 200 on the thread); anything else, and
+        all that waits with it, in one batch on the thread."""
+        n = loop_part([op for op, _, _, _ in self._pending]) or len(self._pending)
+        batch, self._pending = self._pending[:n], self._pending[n:]
+        return batch
+
     def _begin_on_loop(self, conn: sqlite3.Connection) -> bool:
         """BEGIN IMMEDIATE on the event loop, if the write lock is free this
-        instant and no other process committed since this writer last did; else
-        False with nothing begun, and the batch goes to the thread, which may wait
-        for the lock (busy_timeout) and read the live items again."""
+        instant; else False with nothing begun, and the batch goes to the thread,
+        which may wait for the lock (busy_timeout)."""
         if self._busy_ms is None:
             self._busy_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
         conn.execute("PRAGMA busy_timeout=0")
@@ -242,9 +281,6 @@ class Writer(BatchLoop):
             return False
         finally:
             conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
-        if conn.execute("PRAGMA data_version").fetchone()[0] != self._seen_version:
-            conn.execute("ROLLBACK")
-            return False
         return True
 
     def _run_on_loop(
@@ -252,12 +288,18 @@ class Writer(BatchLoop):
     ) -> list[tuple[bool, Any]] | None:
         """The batch's statements on the event loop, its transaction left open for
         the COMMIT; None (rolled back, or never begun) when the batch must run on
-        the thread instead: the lock is taken, another process committed, or an op
+        the thread instead: the lock is taken, another process committed since
+        this writer last did (the thread reads the live items again), or an op
         failed and the batch runs again with savepoints."""
         if not self._begin_on_loop(conn):
             return None
         results: list[tuple[bool, Any]] = []
         try:
+            # data_version moves only with other connections' commits (SQLite's
+            # pragma docs); read under the write lock, none can come in between.
+            if conn.execute("PRAGMA data_version").fetchone()[0] != self._seen_version:
+                conn.execute("ROLLBACK")
+                return None
             for op in ops:
                 try:
                     results.append((True, op(conn)))
@@ -282,7 +324,7 @@ class Writer(BatchLoop):
         seen: tuple[bool, Any] | None = None  # the resync's outcome, on the thread
         try:
             results: list[tuple[bool, Any]] | None = None
-            if all(getattr(op, "on_loop", False) for op in ops):
+            if loop_part(ops) == len(ops):
                 if change is not None:
                     conn.execute(f"PRAGMA synchronous={change}")
                     change = None

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
+import signal
 import sqlite3
+import threading
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,6 +16,7 @@ from typing import TypeVar
 
 import psycopg
 import pytest
+from fakes import write_lock
 from pgserver import PgServer
 
 from a2ad.errors import StoreUnavailable
@@ -27,6 +32,7 @@ from a2ad.store import (
 )
 from a2ad.store.lock import StoreLocked
 from a2ad.store.postgres import PostgresStore
+from a2ad.store.writer import on_loop
 
 T = TypeVar("T")
 T0 = 1_800_000_000.0
@@ -956,6 +962,110 @@ async def test_a_write_waiting_for_another_processs_lock_does_not_stop_the_event
         item = await waiting
         assert await s.get(item.id) == item
         assert await s.counts() == {WS: {"queued": 2}}
+
+
+def wal_size(db_path: Path) -> int:
+    return os.path.getsize(f"{db_path}-wal")
+
+
+@pytest.mark.parametrize(
+    ("sizes", "runs_on_loop", "commits"),
+    [
+        ([100] * 64, True, 1),  # up to LOOP_MAX_ROWS small writes: one batch
+        ([100] * 65, True, 2),  # more: batches of at most that many
+        ([200 * 1024, 56 * 1024], True, 1),  # up to LOOP_MAX_BYTES of payload
+        ([200 * 1024, 56 * 1024 + 1], True, 2),
+        ([300 * 1024, 100], False, 1),  # one bigger alone: on the thread, with the rest
+        ([100, None, 100], False, 1),  # one not marked: the same
+    ],
+)
+async def test_only_small_batches_run_on_the_event_loop(
+    sqlite_store: Store, sizes: list[int | None], runs_on_loop: bool, commits: int
+) -> None:
+    """A batch's statements run on the event loop only while they are few and
+    small: a burst of small writes is cut into batches within the limits, while
+    a big one (a 1 MiB send) and anything not marked run on the writer thread,
+    so the loop never stops long for them."""
+    store = sqlite_store
+    await put(store, T0)  # the first batch reads the live items, on the thread
+    threads: set[int] = set()
+
+    def probe(size: int | None) -> Callable[[sqlite3.Connection], None]:
+        def op(conn: sqlite3.Connection) -> None:
+            threads.add(threading.get_ident())
+            conn.execute("INSERT INTO write_probe (id, at) VALUES (1, ?)", (T0,))
+            conn.execute("DELETE FROM write_probe")
+
+        return op if size is None else on_loop(op, size=size)
+
+    assert store._writer is not None and store._conn is not None
+    before = store.commits
+    await asyncio.gather(*(store._writer.submit(probe(size)) for size in sizes))
+    loop_thread, writer_thread = threading.get_ident(), store._conn._thread.ident
+    assert threads == ({loop_thread} if runs_on_loop else {writer_thread})
+    assert store.commits - before == commits
+
+
+async def test_a_statement_failing_on_the_event_loop_leaves_the_store_writable(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """The file full while a batch's statements run on the loop: its callers are
+    told the store cannot write, nothing stays locked or half written, the
+    counts still match the rows, and the next write goes through."""
+    store = sqlite_store
+    for i in range(3):
+        await put(store, T0 + i)
+    conn = store._conn
+    assert conn is not None
+    pages = conn._conn.execute("PRAGMA page_count").fetchone()[0]
+    conn._conn.execute(f"PRAGMA max_page_count={pages}")
+    big = b"x" * 100_000
+    results = await asyncio.gather(
+        *(put(store, T0 + 5, message_id=f"big{i}", body=big) for i in range(2)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    assert "full" in (store.last_write_error or "")
+    with write_lock(db_path):  # another process can take the lock: none is held
+        pass
+    assert await store.counts() == {WS: {"queued": 3}}
+    assert depth_view(store, WS)[1] == 3
+    conn._conn.execute("PRAGMA max_page_count=1073741823")
+    await put(store, T0 + 6, message_id="after", body=big)
+    assert store.last_write_error is None
+    assert await store.counts() == {WS: {"queued": 4}}
+    assert depth_view(store, WS)[1] == 4
+
+
+async def test_a_commit_failing_on_the_writer_thread_leaves_the_store_writable(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """The COMMIT of a batch run on the loop fails on the thread (the WAL cannot
+    grow: a file size limit): the same as any failed write, and nothing stays open."""
+    store = sqlite_store
+    for i in range(3):
+        await put(store, T0 + i)
+    commits = store.commits
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    wal = wal_size(db_path)
+    default = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (wal, limit[1]))
+    try:
+        results = await asyncio.gather(
+            *(put(store, T0 + 5, message_id=f"m{i}") for i in range(3)), return_exceptions=True
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, default)
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    assert store.commits == commits
+    with write_lock(db_path):
+        pass
+    assert await store.counts() == {WS: {"queued": 3}}
+    assert depth_view(store, WS)[1] == 3
+    await put(store, T0 + 6, message_id="after")
+    assert store.last_write_error is None
+    assert await store.counts() == {WS: {"queued": 4}}
 
 
 async def test_writes_after_close_are_refused(db_path: Path) -> None:
