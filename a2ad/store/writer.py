@@ -1,17 +1,18 @@
-"""Group commit for SQLite: every write runs whole on one writer thread, and
-writes that arrive together share one transaction and one commit.
+"""Group commit for SQLite: every write runs whole in one go on the writer
+connection, and writes that arrive together share one transaction and one commit.
 
 Each write is a function of the connection alone (one thread hop, since each
 extra await inside a transaction costs about 100 µs); its caller's future
 resolves only after the commit. A small batch made only of short ops marked
 `on_loop` (a new item, a claim, an outcome) runs its statements on the event
-loop and hops to the thread only for the COMMIT, where the fsync waits: a
-thread running SQLite statements costs the event loop more in GIL hand-offs
-than the statements themselves (bench/README.md). Ops that change the queue
-return `Counted`, and the writer applies their moves to the depths after the commit, in commit
-order, before it resolves any future of the batch. Each batch first asks
-whether another process (the queue CLI) committed since the last one; if so,
-it reads the live items again in the same transaction, so no move is ever
+loop and hops to the writer thread only for the COMMIT, where the fsync waits:
+a thread running SQLite statements costs the event loop more in GIL hand-offs
+than the statements themselves (bench/README.md). Any other batch runs whole on
+the thread. Ops that change the queue return `Counted`, and the writer applies
+their moves to the depths after the commit, in commit order, before it
+resolves any future of the batch. Each batch first asks whether another
+process (the queue CLI) committed since the last one; if so, it reads the live
+items again in the same transaction (on the thread), so no move is ever
 applied to counts that miss another process's change.
 """
 
