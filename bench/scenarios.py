@@ -392,8 +392,12 @@ class Bench:
         ws = [workspace("busy", self.busy.url)]
         full = self.procs.a2ad("enqueue-full", ws, synchronous="full")
         normal = self.procs.a2ad("enqueue-normal", ws, synchronous="normal")
-        # The floor of a2ad's design: the same INSERTs, batched on a writer thread.
+        # The floor of a2ad's design: the same INSERTs, batched on a writer thread,
+        # or on the event loop with only the COMMIT on the thread (a2ad's writer now).
         stored_202 = self.procs.server("stored", "--db", str(folder / "stored.db"))
+        stored_loop_202 = self.procs.server(
+            "stored", "--db", str(folder / "stored-loop.db"), "--on-loop"
+        )
         acknowledged = {"full": 1, "normal": 1}
         try:
             for key, a2ad in (("full", full), ("normal", normal)):
@@ -410,6 +414,9 @@ class Bench:
                     ),
                     "accept_202": self.enqueue_load(self.accept.url, c, "accept", self.accept),
                     "stored_202": self.enqueue_load(stored_202.url, c, "stored", stored_202),
+                    "stored_loop_202": self.enqueue_load(
+                        stored_loop_202.url, c, "stored-loop", stored_loop_202
+                    ),
                 }
                 raw[f"c={c}"] = got
                 for key in ("full", "normal"):
@@ -465,6 +472,12 @@ class Bench:
                 full_loop = got["full"]["server_main_thread_cpu_us_per_answer"]
                 cpu_references = (
                     (
+                        "stored 202 server, on loop",
+                        "stored_loop_202",
+                        f"it stores {got['stored_loop_202']['rps']:,.0f}/s: a2ad's INSERTs on"
+                        " the event loop, COMMIT on a writer thread, nothing else",
+                    ),
+                    (
                         "stored 202 server",
                         "stored_202",
                         f"it stores {got['stored_202']['rps']:,.0f}/s: a2ad's INSERTs on a"
@@ -510,6 +523,7 @@ class Bench:
             full.stop()
             normal.stop()
             stored_202.stop()
+            stored_loop_202.stop()
         self.raw["enqueue"] = raw
 
     # -- 3. drain latency -------------------------------------------------------------

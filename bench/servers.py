@@ -4,7 +4,8 @@
     python -m bench.servers recorder --port P                one slot, records arrival times
     python -m bench.servers busy     --port P                always 503 + Retry-After: 3600
     python -m bench.servers accept   --port P                trivial aiohttp 202, stores nothing
-    python -m bench.servers stored   --port P --db FILE      202 after a2ad's INSERT commits
+    python -m bench.servers stored   --port P --db FILE [--on-loop]
+                                                             202 after a2ad's INSERT commits
     python -m bench.servers proxy    --port P --upstream URL bare aiohttp pass-through proxy
     python -m bench.servers sink     --port P                minimal non-aiohttp HTTP target
     python -m bench.servers webhook  --port P                push receiver, records arrivals
@@ -13,7 +14,9 @@
 any aiohttp proxy and the ceiling for any aiohttp enqueue endpoint. `stored` is
 the floor of a2ad's own design: it writes each request as a row of a2ad's
 schema, batched on one writer thread with one COMMIT per batch at FULL, and
-answers 202 after the commit, with nothing else of a2ad's. `sink`
+answers 202 after the commit, with nothing else of a2ad's; with `--on-loop` it
+runs the INSERTs on the event loop, at most 64 a batch, and only the COMMIT on
+the thread, as a2ad's SQLite writer does now. `sink`
 answers from a bare asyncio protocol, so what a load generator reaches against
 it is the generator's own ceiling.
 """
@@ -318,14 +321,18 @@ def accept_app() -> web.Application:
 
 
 class StoredWriter:
-    """Rows of a2ad's items table, written in batches on one thread: each batch one
-    transaction and one COMMIT, as a2ad's writer does (without its checks)."""
+    """Rows of a2ad's items table, written in batches: each batch one transaction
+    and one COMMIT on one thread, its INSERTs there too or (`on_loop`) on the event
+    loop, as a2ad's writer does (without its checks)."""
 
-    def __init__(self, db: str) -> None:
+    def __init__(self, db: str, on_loop: bool) -> None:
         from a2ad.store.schema import apply_migrations, bundled_migrations
         from a2ad.store.sql import INSERT
+        from a2ad.store.writer import LOOP_MAX_ROWS
 
         self.insert = INSERT
+        self.on_loop = on_loop
+        self.loop_max_rows = LOOP_MAX_ROWS
         self.conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
@@ -345,11 +352,19 @@ class StoredWriter:
         while True:
             await self.wake.wait()
             self.wake.clear()
-            batch, self.pending = self.pending, []
-            if batch:
-                await loop.run_in_executor(self.pool, self._write, [row for row, _ in batch])
-            for _, future in batch:
-                future.set_result(None)
+            while self.pending:
+                if self.on_loop:
+                    batch = self.pending[: self.loop_max_rows]
+                    self.pending = self.pending[self.loop_max_rows :]
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    for row, _ in batch:
+                        self.conn.execute(self.insert, row)
+                    await loop.run_in_executor(self.pool, self.conn.execute, "COMMIT")
+                else:
+                    batch, self.pending = self.pending, []
+                    await loop.run_in_executor(self.pool, self._write, [row for row, _ in batch])
+                for _, future in batch:
+                    future.set_result(None)
 
 
 STORED = web.AppKey("bench_stored", StoredWriter)
@@ -383,9 +398,9 @@ async def stored_rpc(request: web.Request) -> web.Response:
     return web.Response(status=202, body=ACCEPTED_BODY, content_type=JSON)
 
 
-def stored_app(db: str) -> web.Application:
+def stored_app(db: str, on_loop: bool) -> web.Application:
     async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[STORED] = writer = StoredWriter(db)
+        app[STORED] = writer = StoredWriter(db, on_loop)
         task = asyncio.create_task(writer.run())
         yield
         task.cancel()
@@ -483,6 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", help="the agent's URL (proxy)")
     parser.add_argument("--db", help="the SQLite file (stored)")
+    parser.add_argument("--on-loop", action="store_true", help="INSERTs on the event loop (stored)")
     parser.add_argument("--events", type=int, default=8, help="events per stream (agent)")
     args = parser.parse_args(argv)
     if args.kind == "sink":
@@ -504,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "stored":
         if not args.db:
             parser.error("stored needs --db")
-        app = stored_app(args.db)
+        app = stored_app(args.db, args.on_loop)
     else:
         app = accept_app()
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, backlog=1024)
