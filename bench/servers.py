@@ -341,10 +341,14 @@ class StoredWriter:
         self.pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self.wake = asyncio.Event()
 
-    def _write(self, rows: list[dict[str, Any]]) -> None:
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        """Begin the batch's transaction and insert its rows; the COMMIT is the caller's."""
         self.conn.execute("BEGIN IMMEDIATE")
         for row in rows:
             self.conn.execute(self.insert, row)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        self._insert(rows)
         self.conn.execute("COMMIT")
 
     async def run(self) -> None:
@@ -356,9 +360,7 @@ class StoredWriter:
                 if self.on_loop:
                     batch = self.pending[: self.loop_max_rows]
                     self.pending = self.pending[self.loop_max_rows :]
-                    self.conn.execute("BEGIN IMMEDIATE")
-                    for row, _ in batch:
-                        self.conn.execute(self.insert, row)
+                    self._insert([row for row, _ in batch])
                     await loop.run_in_executor(self.pool, self.conn.execute, "COMMIT")
                 else:
                     batch, self.pending = self.pending, []
