@@ -221,7 +221,12 @@ class Admission:
         self._enqueuing_all.total -= 1
         if not self.enqueuing:
             self._written.set()
-        self._wakeup.set()
+        # The pump claims the item if a slot is free; when none is, a slot's return,
+        # a heartbeat or the pause's end wakes it, and waking it for each of a
+        # burst of sends would only have it plan the same sleep again. The first
+        # queued item changes that plan (an empty queue's pump sleeps longest).
+        if self.depth.queued_total <= 1 or self.can_deliver(self._clock.monotonic()):
+            self._wakeup.set()
 
     # -- the busy pause ----------------------------------------------------------
 

@@ -200,17 +200,20 @@ class Dispatcher:
             admission.end_enqueue()
             raise
         # The store counts the item when it commits; until then admission counts it
-        # waiting, so no later send overtakes it. Settled by the write itself: a
-        # caller that leaves does not stop the write.
-        write.add_done_callback(lambda w: self._enqueue_done(ws, w))
-        done: Enqueued = await asyncio.shield(write)
+        # waiting, so no later send overtakes it. The write's future cannot be
+        # cancelled (a Settled): a caller that leaves still waits here for the
+        # write, so the count is ended once, after it, on every path.
+        try:
+            done: Enqueued = await write
+        finally:
+            self._enqueue_done(ws, write)
         if not done.created:
             return Queued(done.item, False, ws.depth.queued_total, 0)
         return Queued(done.item, True, done.depth, done.position)
 
     def _enqueue_done(self, ws: Workspace, write: asyncio.Future[Enqueued]) -> None:
         ws.admission.end_enqueue()
-        if not write.cancelled() and write.exception() is None and write.result().created:
+        if write.exception() is None and write.result().created:
             self.metrics.of(ws.id).enqueued.inc()
 
     async def cancel(self, item: Item) -> bool:

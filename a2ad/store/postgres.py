@@ -308,10 +308,11 @@ class PostgresStore(PgReads, Outbox):
         *,
         durable: bool = True,
         if_cancelled: Callable[[Any], None] | None = None,
+        settled: bool = False,
     ) -> asyncio.Future[Any]:
         if self._writer is None or self._writer.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
-        return self._writer.submit(op, durable=durable, if_cancelled=if_cancelled)
+        return self._writer.submit(op, durable=durable, if_cancelled=if_cancelled, settled=settled)
 
     async def _write(self, op: PgOp[Any], *, durable: bool = True) -> Any:
         return await self._submit(op, durable=durable)
@@ -404,7 +405,7 @@ class PostgresStore(PgReads, Outbox):
                 per_workspace if _near(here, per_workspace) else None,
                 total if _near(self.depths.live_total, total) else None,
             )
-        return self._submit(Enqueue(new, now, replay_window, checked))
+        return self._submit(Enqueue(new, now, replay_window, checked), settled=True)
 
     def submit_claim(
         self,

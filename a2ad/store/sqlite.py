@@ -118,11 +118,13 @@ class Store(Reads, Outbox):
         """Run `op` in the writer's next batch (see Writer.submit)."""
         return await self._submit(op, durable=durable)
 
-    def _submit(self, op: Op[T] | Op[Counted[T]], *, durable: bool = True) -> asyncio.Future[T]:
+    def _submit(
+        self, op: Op[T] | Op[Counted[T]], *, durable: bool = True, settled: bool = False
+    ) -> asyncio.Future[T]:
         """`_write` without the coroutine: the future of `op`'s outcome."""
         if self._writer is None or self._writer.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
-        return self._writer.submit(op, durable=durable)
+        return self._writer.submit(op, durable=durable, settled=settled)
 
     async def _run_outbox(
         self, statement: str, params: tuple[Any, ...], *, rows: bool, durable: bool
@@ -174,9 +176,10 @@ class Store(Reads, Outbox):
         replay_window: float,
         caps: tuple[int, int] | None = None,
     ) -> asyncio.Future[Enqueued]:
-        """`enqueue` as a future, which a caller can shield without a task of its own.
-        (`caps` is for a store replicas share: the one process that holds this file
-        has checked them against the counts it keeps.)"""
+        """`enqueue` as a future its waiter cannot cancel (a `Settled`): a caller
+        cancelled while it waits is told once the item is written, or not.
+        (`caps` is for a store replicas share: the one process that holds this
+        file has checked them against the counts it keeps.)"""
 
         def op(conn: sqlite3.Connection) -> Counted[Enqueued]:
             if new.message_id is not None:
@@ -198,7 +201,7 @@ class Store(Reads, Outbox):
             move = Move(new.workspace, new.id, new.priority, None, "queued", now)
             return Counted(Enqueued(Item.stored(new, seq, now), True), (move,), then=sql.place)
 
-        return self._submit(on_loop(op, size=len(new.body)))
+        return self._submit(on_loop(op, size=len(new.body)), settled=True)
 
     def submit_claim(
         self,

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from fakes import A2ad, FakeAgent, jsonrpc_task, store_query, wait_until
+from fakes import A2ad, FakeAgent, jsonrpc_task, store_query, store_write_lock, wait_until
 
 from a2ad.clock import ManualClock
 from a2ad.store import NewItem
@@ -447,6 +447,46 @@ async def test_a_send_whose_caller_left_mid_write_is_still_delivered(
     item = await a2ad.final(new.id)
     assert item["state"] == "delivered"
     assert workspace.queued_total == 0
+
+
+async def test_a_send_cancelled_while_its_item_waits_for_the_store_ends_after_the_write(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """A send's write cannot be cancelled by its caller: a handler cancelled while
+    its item waits for the store's lock (another process holds it) is told only
+    once the write is done, and only then stops counting as a send being written,
+    so no later send can overtake the item and no cap be overshot meanwhile."""
+    agent = await agent_factory(slots=1, gate=asyncio.Event())
+    assert agent.gate is not None
+    a2ad = await a2ad_factory(
+        [ws(agent, max_concurrent=1)],
+        clock=ManualClock(),
+        store={"busy_timeout_seconds": 3, "statement_timeout_seconds": 3},
+    )
+    workspace = a2ad.daemon.registry.get("w")
+    first = asyncio.create_task(a2ad.send("w", "first"))
+    await agent.wait_received(1)  # the one slot is taken: the next send is queued
+    body = (
+        b'{"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": {"message":'
+        b' {"role": "user", "messageId": "m-cut", "parts": [{"kind": "text", "text": "cut"}]}}}'
+    )
+    new = NewItem(workspace="w", method="message/send", body=body, message_id="m-cut")
+    async with store_write_lock(a2ad.daemon.settings.store):
+        send = asyncio.create_task(a2ad.daemon.dispatcher.enqueue(workspace, new))
+        await wait_until(lambda: workspace.admission.enqueuing == 1)
+        send.cancel()
+        await settle_loop()
+        assert not send.done()  # still waiting for its write
+        assert workspace.admission.enqueuing == 1
+    with pytest.raises(asyncio.CancelledError):
+        await send
+    assert workspace.admission.enqueuing == 0
+    assert workspace.queued_total == 1
+    agent.gate.set()
+    assert (await first)[0] == 200
+    item = await a2ad.final(new.id)
+    assert item["state"] == "delivered"
+    assert [r.text for r in agent.received] == ["first", "cut"]
 
 
 async def test_a_claim_that_outlived_its_outcome_is_delivered_once_its_lease_lapses(
