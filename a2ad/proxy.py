@@ -10,7 +10,6 @@ from typing import Any
 from aiohttp import ClientError, ClientResponse, web
 
 from . import a2a, a2a_params, logs, push_configs, push_methods
-from .agent_routes import handle_card
 from .cards import card_headers
 from .daemon import DAEMON, Daemon
 from .errors import (
@@ -57,16 +56,12 @@ def version_from_query(request: web.Request) -> web.Request:
     section 3.6.1); the header wins when both are given. Taken into the request's
     headers before anything reads them, so the protocol a2ad answers in, the
     headers it forwards and the ones it stores with a queued item all have it, and
-    the agent gets it as the header it needs. (The first step of the one
-    middleware, not a middleware of its own: a layer costs every request.)"""
+    the agent gets it as the header it needs. (A step of the A2A routes' error
+    handling, app.guarded, not a layer of its own: a layer costs every request.)"""
     if not request.query_string:
         return request
     version = request.query.get("A2A-Version")
-    if (
-        version
-        and "A2A-Version" not in request.headers
-        and request.match_info.handler in (handle_rpc, handle_card)
-    ):
+    if version and "A2A-Version" not in request.headers:
         headers = request.headers.copy()
         headers["A2A-Version"] = version
         return request.clone(headers=headers)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import admin
 from .a2a import timestamp
@@ -96,13 +97,19 @@ SESSIONS = web.AppKey("a2ad_ui_sessions", Sessions)
 
 
 def setup(app: web.Application) -> None:
-    """Routes and session state of the status page; call after app[DAEMON] is set."""
+    """The status page's session state; call after app[DAEMON] is set."""
     app[SESSIONS] = Sessions(app[DAEMON].clock)
-    app.router.add_get("/ui", page)
-    app.router.add_post("/ui/login", login)
-    app.router.add_post("/ui/logout", logout)
-    app.router.add_post("/ui/items/{qid}/retry", retry)
-    app.router.add_post("/ui/pushes/retry", retry_pushes)
+
+
+def routes() -> list[tuple[str, str, Handler]]:
+    """The status page's routes: method, path, handler."""
+    return [
+        ("GET", "/ui", page),
+        ("POST", "/ui/login", login),
+        ("POST", "/ui/logout", logout),
+        ("POST", "/ui/items/{qid}/retry", retry),
+        ("POST", "/ui/pushes/retry", retry_pushes),
+    ]
 
 
 def is_ui_path(path: str) -> bool:

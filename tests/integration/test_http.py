@@ -263,8 +263,13 @@ async def test_unknown_paths_and_methods_are_json_errors(
     a2ad = await a2ad_factory([{"id": "w", "url": agent.url, "heartbeat": False}])
     resp = await a2ad.client.get("/nothing/here")
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+    assert resp.headers["X-Request-Id"]
     resp = await a2ad.client.delete("/healthz")
     assert resp.status == 405 and (await resp.json())["error"]["code"] == "method_not_allowed"
+    assert (await resp.json())["error"]["message"] == "DELETE is not allowed here; use GET, HEAD"
+    resp = await a2ad.client.get("/workspaces/w/a2a")
+    assert resp.status == 405 and "use POST" in (await resp.json())["error"]["message"]
+    assert (await a2ad.client.head("/healthz")).status == 200
     resp = await a2ad.client.get("/queue/q-nothing")
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
     resp = await a2ad.client.get("/queue/x", params={"wait": "forever"})
