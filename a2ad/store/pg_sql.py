@@ -43,15 +43,26 @@ _GRANT = """INSERT INTO slots AS s (workspace, in_use, granted)
 _HEAD = """h{p} AS (SELECT seq, enqueued_at, {level} AS level FROM items
     WHERE workspace = %(workspace)s AND state = 'queued' AND priority BETWEEN {p} AND {p}
       AND not_before <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
+      AND EXISTS (SELECT 1 FROM turn)
     ORDER BY priority, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"""
-# Each priority's oldest `limit` due items (locked, skipping any another claimer
+# The workspace's claims take turns, over every replica: each first waits for a
+# lock of the workspace's (held to its commit), as a one-time filter of each
+# head, before it locks any row. Without it, two claims at once could each lock
+# the rows the other skips, and the one that got the free slot deliver a newer
+# item before an older one the other held (seen: three replicas and a 1-slot
+# agent, one item in five runs). Rows a claim before it took fail the recheck
+# PostgreSQL makes of every row it locks, so they are passed over.
+_TURN = """turn AS MATERIALIZED (SELECT pg_advisory_xact_lock(
+    hashtextextended(current_schema() || ':claim:' || %(workspace)s, 0)))"""
+# Each priority's oldest `limit` due items (locked, skipping any another statement
 # holds), ordered by the level they have risen to by waiting, then age. `priority
 # BETWEEN p AND p` and `ORDER BY priority, seq` keep each head on the index of
 # queued rows: with `priority = p` the planner may walk the primary key in seq
 # order instead and step over every row already claimed or delivered at its head
 # (while the table's statistics still say they are queued), a cost that grows
 # with the drain.
-CLAIM = f"""WITH {", ".join(_HEAD.format(p=p, level=lv) for p, lv in ((100, 2), (50, 1), (10, 0)))},
+CLAIM = f"""WITH {_TURN},
+{", ".join(_HEAD.format(p=p, level=lv) for p, lv in ((100, 2), (50, 1), (10, 0)))},
 heads AS (
     SELECT seq, row_number() OVER (
         ORDER BY LEAST(2, level + floor((%(now)s - enqueued_at) / %(promote)s)) DESC, seq

@@ -250,6 +250,27 @@ async def _drain(store: Store, limit: int, seen: list[str]) -> None:
             assert await store.settle(item.id, item.claim_token, state="delivered", now=T0 + 1)
 
 
+async def test_sends_waiting_for_a_writer_that_stops_are_told_not_left_waiting(
+    store: Store,
+) -> None:
+    """A send's future cannot be cancelled by its waiter (a Settled, so a caller
+    that hangs up still learns its item's fate). Should the writer itself ever
+    stop while writes wait (its task cancelled, or a bug), each waiting caller is
+    told the store is unavailable instead of waiting forever, later writes are
+    refused, and the store still closes."""
+    writer = store._writer
+    assert writer is not None and writer._task is not None
+    writes = [store.submit_enqueue(new(), now=1.0, replay_window=60) for _ in range(3)]
+    assert not writes[0].cancel()  # its waiter cannot cancel it
+    writer._task.cancel()
+    for write in writes:
+        with pytest.raises(StoreUnavailable, match="writer stopped"):
+            await asyncio.wait_for(asyncio.shield(write), 5)
+    with pytest.raises(StoreUnavailable):
+        store.submit_enqueue(new(), now=1.0, replay_window=60)
+    await asyncio.wait_for(store.close(), 5)
+
+
 async def test_concurrent_claimers_never_get_the_same_item(store: Store) -> None:
     ids = {(await put(store, T0 - 10 + i / 1000)).id for i in range(300)}
     seen: list[str] = []
@@ -306,6 +327,37 @@ async def test_claims_are_exclusive_across_two_writer_connections(
     assert seen_b
     assert Counter(seen_a + seen_b) == Counter(ids)
     assert await b.counts() == {WS: {"delivered": 300}}
+
+
+async def test_a_claim_waits_its_turn_instead_of_passing_the_head_another_holds(
+    pg_server: PgServer,
+) -> None:
+    """PostgreSQL, replicas: a claim holds the head of the queue locked while it
+    asks for a slot. A second claim of the same workspace waits for the first to
+    commit, then takes the head if the first did not (here it got no slot), never
+    the item behind it: skipping locked rows alone let a 1-slot agent get a newer
+    item before an older one."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    async with PostgresStore(pg_server.url, schema=schema) as store:
+        await store.migrate()
+        older, newer = await put(store, T0 - 2), await put(store, T0 - 1)
+        options = f"-c search_path={schema}"
+        async with await psycopg.AsyncConnection.connect(pg_server.url, options=options) as other:
+            # Another replica's claim, at the moment it holds the workspace's turn
+            # and the head row, before it learns there is no slot for it.
+            await other.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || %s, 0))",
+                (f":claim:{WS}",),
+            )
+            await other.execute("SELECT 1 FROM items WHERE id = %s FOR UPDATE", (older.id,))
+            claiming = asyncio.create_task(
+                store.claim(WS, now=T0, lease_seconds=LEASE, promote_after=PROMOTE, cap=1)
+            )
+            await asyncio.sleep(0.3)
+            assert not claiming.done()  # its turn comes after the other's
+            await other.rollback()
+        assert [i.id for i in await asyncio.wait_for(claiming, 5)] == [older.id]
+        assert newer.id != older.id
 
 
 async def test_claim_gives_each_item_its_own_token_and_lease(store: Store) -> None:
