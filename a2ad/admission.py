@@ -100,6 +100,7 @@ class Admission:
         # Another replica changed this workspace's queue (its NOTIFY): there may be
         # items due that this one has not counted yet, so its next claim looks.
         self.told = False
+        self.pump_idle = False  # the pump sleeps on an empty queue's plan (delivery.py)
 
     def bind(
         self,
@@ -221,11 +222,12 @@ class Admission:
         self._enqueuing_all.total -= 1
         if not self.enqueuing:
             self._written.set()
-        # The pump claims the item if a slot is free; when none is, a slot's return,
-        # a heartbeat or the pause's end wakes it, and waking it for each of a
-        # burst of sends would only have it plan the same sleep again. The first
-        # queued item changes that plan (an empty queue's pump sleeps longest).
-        if self.depth.queued_total <= 1 or self.can_deliver(self._clock.monotonic()):
+        # The pump claims the item if a slot is free. When none is, a slot's return,
+        # a heartbeat or the end of a pause it planned for wakes it, and waking it
+        # for each of a burst of sends would only have it plan the same sleep
+        # again; unless it sleeps on an empty queue's plan, which knows of no
+        # pause and rechecks only after a minute.
+        if self.pump_idle or self.can_deliver(self._clock.monotonic()):
             self._wakeup.set()
 
     # -- the busy pause ----------------------------------------------------------

@@ -254,13 +254,16 @@ class Dispatcher:
         if due is not None:
             delays.append(due - now)
         delay = max(0.0, min(delays))
-        if ws.depth.queued_total == 0 and not paused:
+        idle = ws.depth.queued_total == 0 and not paused
+        if idle:
             delay = IDLE_RECHECK_SECONDS * 12
         # A timer that sets the same event: no task per wait on the hot path.
         timer = self.clock.call_later(delay, ws.wakeup.set)
+        ws.admission.pump_idle = idle  # a send's item wakes it (Admission.end_enqueue)
         try:
             await ws.wakeup.wait()
         finally:
+            ws.admission.pump_idle = False
             timer.cancel()
 
     async def _fill(self, ws: Workspace) -> None:

@@ -68,7 +68,8 @@ def place(done: Enqueued, depths: Depths) -> Enqueued:
     """A new item's place in line as its commit left the queue."""
     depth = depths.of(done.item.workspace)
     position = sum(n for p, n in depth.queued.items() if p >= done.item.priority)
-    return Enqueued(done.item, done.created, depth.queued_total, position)  # replace(): 4x
+    # Built whole: dataclasses.replace takes four times as long, on every send.
+    return Enqueued(done.item, done.created, depth.queued_total, position)
 
 
 def released(rows: Iterable[Any], old: State, now: float) -> Counted[list[Released]]:

@@ -180,12 +180,12 @@ class BatchLoop:
         self._task = asyncio.create_task(self._run(), name="a2ad-store-writer")
 
     async def close(self) -> None:
-        """Commit what was submitted, then stop."""
+        """Commit what was submitted, then stop (at once, if the writer stopped already)."""
         self.closing = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            await task
 
     @property
     def idle(self) -> bool:
@@ -211,31 +211,43 @@ class BatchLoop:
         cannot cancel."""
         if self.closing:
             raise StoreUnavailable("the store is closed", retry_after=1)
-        future: asyncio.Future[Any] = (
-            Settled() if settled else asyncio.get_running_loop().create_future()
-        )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = Settled(loop=loop) if settled else loop.create_future()
         self._pending.append((op, future, durable, if_cancelled))
         self._wake.set()
         return future
 
     async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self._pending:
-                if self.closing:
+        batch: list[Pending] = []
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if not self._pending:
+                    if self.closing:
+                        return
+                    continue
+                batch = self._take()
+                self._committing = True
+                try:
+                    await self._commit(batch)
+                finally:
+                    self._committing = False
+                if self._pending:
+                    self._wake.set()
+                elif self.closing:
                     return
-                continue
-            batch = self._take()
-            self._committing = True
-            try:
-                await self._commit(batch)
-            finally:
-                self._committing = False
-            if self._pending:
-                self._wake.set()
-            elif self.closing:
-                return
+        except BaseException:
+            # The writer stops for good (cancelled, or a bug): no caller may wait
+            # for it forever, least of all one whose future it cannot cancel (a
+            # Settled). The batch being committed may or may not have landed.
+            self.closing = True
+            error = StoreUnavailable("the store's writer stopped", retry_after=1)
+            for _, future, _, _ in [*batch, *self._pending]:
+                if not future.done():
+                    future.set_exception(error)
+            self._pending = []
+            raise
 
     def _take(self) -> list[Pending]:
         """The next batch: all that waits."""

@@ -16,6 +16,7 @@ import pytest
 from fakes import A2ad, FakeAgent, jsonrpc_task, store_query, store_write_lock, wait_until
 
 from a2ad.clock import ManualClock
+from a2ad.errors import StoreUnavailable
 from a2ad.store import NewItem
 from a2ad.store.postgres import PostgresStore
 
@@ -487,6 +488,69 @@ async def test_a_send_cancelled_while_its_item_waits_for_the_store_ends_after_th
     item = await a2ad.final(new.id)
     assert item["state"] == "delivered"
     assert [r.text for r in agent.received] == ["first", "cut"]
+
+
+async def test_sends_queued_together_during_a_pause_are_delivered_when_it_ends(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """The pump slept on an empty queue's plan (a minute) when the agent said busy
+    to a send that would not queue; then several sends were stored in one commit
+    during the pause. Each send's item wakes such a pump, so it plans for the
+    pause's end and delivers then, not a minute later."""
+    agent = await agent_factory()
+    clock = ManualClock()
+    a2ad = await a2ad_factory(
+        [ws(agent, max_concurrent=1)],
+        clock=clock,
+        store={"busy_timeout_seconds": 5, "statement_timeout_seconds": 5},
+    )
+    workspace = a2ad.daemon.registry.get("w")
+    assert (await a2ad.send("w", "first"))[0] == 200  # direct: the agent is online
+    await settle_loop()  # the queue is empty: the pump sleeps on its longest plan
+    agent.script.append((503, {"error": "busy"}, {"Retry-After": "2"}))
+    status, _ = await a2ad.send("w", "refused", headers={"A2AD-Queue": "never"})
+    assert status == 503 and workspace.paused(clock.monotonic()) and workspace.queued_total == 0
+    async with store_write_lock(a2ad.daemon.settings.store):
+        # Another write holds the writer while three callers send: one commit takes all.
+        other = asyncio.create_task(a2ad.daemon.store.probe_write(clock.now()))
+        await asyncio.sleep(0.05)
+        sends = [asyncio.create_task(a2ad.send("w", f"s{i}")) for i in range(3)]
+        await wait_until(lambda: workspace.admission.enqueuing == 3)
+    await other
+    assert [(await s)[0] for s in sends] == [202, 202, 202]
+    assert workspace.queued_total == 3
+    for _ in range(3):  # past the 2 s pause, short of the 5 s re-check
+        await clock.advance(1)
+        await settle_loop()
+    await wait_until(lambda: workspace.queued_total == 0)
+    assert [r.text for r in agent.received][-3:] == ["s0", "s1", "s2"]
+
+
+@pytest.mark.sqlite_only
+async def test_a_send_waiting_for_a_writer_that_stopped_ends_and_is_counted_out(
+    agent_factory: AgentFactory, a2ad_factory: A2adFactory
+) -> None:
+    """A send's write cannot be cancelled by its caller, so it must end when the
+    writer ends: here the store's close is itself cancelled while a batch waits
+    for another process's lock (which cancels the writer). The send is told the
+    store is unavailable, and admission stops counting it."""
+    agent = await agent_factory()
+    a2ad = await a2ad_factory([ws(agent)], store={"busy_timeout_seconds": 2})
+    workspace = a2ad.daemon.registry.get("w")
+    new = NewItem(workspace="w", method="message/send", body=b"{}", message_id="x")
+    async with store_write_lock(a2ad.daemon.settings.store):
+        send = asyncio.create_task(a2ad.daemon.dispatcher.enqueue(workspace, new))
+        await wait_until(lambda: workspace.admission.enqueuing == 1)
+        await asyncio.sleep(0.1)  # the batch waits on the writer thread for the lock
+        closer = asyncio.create_task(a2ad.daemon.store.close())
+        await asyncio.sleep(0.05)
+        closer.cancel()  # a shutdown whose clean-up is itself cancelled
+        await asyncio.gather(closer, return_exceptions=True)
+    done, _ = await asyncio.wait({send}, timeout=5)
+    assert done, "the send still waits for a writer that is gone"
+    with pytest.raises(StoreUnavailable):
+        send.result()
+    assert workspace.admission.enqueuing == 0
 
 
 async def test_a_claim_that_outlived_its_outcome_is_delivered_once_its_lease_lapses(

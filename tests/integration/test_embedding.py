@@ -182,10 +182,16 @@ async def test_mounted_under_a_prefix(
     assert item["state"] == "delivered", item
     assert item["result"]["result"]["parts"][0]["text"] == "echo: three"
 
-    # Unknown paths inside a2ad get its JSON errors.
+    # Unknown paths inside a2ad get its JSON errors, its bare prefix too.
     resp = await client.get("/a2ad/queue/q-" + "0" * 32)
     assert resp.status == 404
     assert (await resp.json())["error"]["code"] == "not_found"
+    for path, status in (("/a2ad", 404), ("/a2ad/", 404), ("/a2ad/nothing", 404)):
+        resp = await client.post(path)
+        assert resp.status == status and resp.headers["X-Request-Id"], path
+        assert (await resp.json())["error"]["code"] == "not_found", path
+    resp = await client.delete("/a2ad/healthz")
+    assert (await resp.json())["error"]["code"] == "method_not_allowed"
 
     assert not store_is_free(settings)
     await client.close()  # the parent's clean-up runs a2ad's
