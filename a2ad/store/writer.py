@@ -57,8 +57,10 @@ def _run_batch(
         conn.execute(f"PRAGMA synchronous={synchronous}")
     changes = conn.total_changes
     try:
+        conn.execute("BEGIN IMMEDIATE")
         results = _run_ops(conn, ops, savepoints=False)
-        if results is None:
+        if results is None:  # rolled back: again, each op in a savepoint
+            conn.execute("BEGIN IMMEDIATE")
             results = _run_ops(conn, ops, savepoints=True)
             assert results is not None
         conn.execute("COMMIT")
@@ -71,9 +73,9 @@ def _run_batch(
 def _run_ops(
     conn: sqlite3.Connection, ops: list[Op[Any]], *, savepoints: bool
 ) -> list[tuple[bool, Any]] | None:
-    """Begin and run the ops; None (rolled back) when one failed without savepoints."""
+    """Run the ops in the transaction begun; None (rolled back) when one failed
+    without savepoints."""
     results: list[tuple[bool, Any]] = []
-    conn.execute("BEGIN IMMEDIATE")
     for op in ops:
         if savepoints:
             conn.execute("SAVEPOINT op")
@@ -320,25 +322,16 @@ class Writer(BatchLoop):
         failed and the batch runs again with savepoints."""
         if not self._begin_on_loop(conn):
             return None
-        results: list[tuple[bool, Any]] = []
         try:
             # data_version moves only with other connections' commits (SQLite's
             # pragma docs); read under the write lock, none can come in between.
             if conn.execute("PRAGMA data_version").fetchone()[0] != self._seen_version:
                 conn.execute("ROLLBACK")
                 return None
-            for op in ops:
-                try:
-                    results.append((True, op(conn)))
-                except Exception as exc:
-                    if is_store_failure(exc):
-                        raise
-                    conn.execute("ROLLBACK")
-                    return None
+            return _run_ops(conn, ops, savepoints=False)
         except BaseException:
             _roll_back(conn)
             raise
-        return results
 
     async def _commit(self, batch: list[Pending]) -> None:
         ops: list[Op[Any]] = [op for op, _, _, _ in batch]
